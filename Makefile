@@ -1,0 +1,92 @@
+# lua-qcow2: build the engine + binding as build/qcow2/core.so and run the
+# busted suite under Lua 5.4. Targets: all test demo sanitize valgrind
+# fuzz sweep bench install clean deps.
+
+LUA_VERSION ?= 5.4
+LUA         ?= lua$(LUA_VERSION)
+PKGS        := lua$(LUA_VERSION) zlib libcrypto libzstd
+CC          ?= cc
+PKG_CFLAGS  := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS    := $(shell pkg-config --libs zlib libcrypto libzstd 2>/dev/null)
+
+CFLAGS      ?= -O2 -g
+WARN        := -std=c11 -Wall -Wextra -Werror -Wshadow -Wvla
+ALL_CFLAGS  := $(WARN) -D_GNU_SOURCE -fPIC $(PKG_CFLAGS) $(CFLAGS)
+LDFLAGS     ?=
+
+BUILD       ?= build
+ENGINE_SRC  := $(sort $(wildcard csrc/engine/*.c))
+BINDING_SRC := $(sort $(wildcard csrc/lua/*.c))
+SRC         := $(ENGINE_SRC) $(BINDING_SRC)
+OBJ         := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(SRC))
+HEADERS     := csrc/qcow2.h $(wildcard csrc/engine/*.h) $(wildcard csrc/lua/*.h)
+MODULE      := $(BUILD)/qcow2/core.so
+
+export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;
+export LUA_CPATH := ./$(BUILD)/?.so;;
+
+.PHONY: all test demo sanitize valgrind fuzz sweep bench install clean deps
+
+all: $(MODULE)
+
+$(BUILD)/obj/%.o: csrc/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(MODULE): $(OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) -shared $(LDFLAGS) -o $@ $(OBJ) $(PKG_LIBS) $(EXTRA_LIBS)
+
+# Every spec file under Lua 5.4; ends with "N passed, N failed".
+test: $(MODULE)
+	@BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs $(SPECS)
+
+demo: $(MODULE)
+	@$(LUA) examples/demo.lua
+
+# The whole suite with ASan + UBSan; lua5.4 itself is not instrumented,
+# so the runtime is preloaded.
+sanitize:
+	$(MAKE) BUILD=build-san CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
+	        LDFLAGS="-fsanitize=address,undefined" all
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(MAKE) BUILD=build-san test
+
+valgrind: $(MODULE)
+	@BUILD=$(BUILD) LUA="valgrind -q --error-exitcode=99 --leak-check=no $(LUA)" sh spec/run-specs $(SPECS)
+
+fuzz: $(MODULE)
+	@QCOW2_FUZZ_ITERATIONS=$${QCOW2_FUZZ_ITERATIONS:-2000} BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs spec/fuzz_spec.lua
+
+sweep: $(MODULE)
+	@QCOW2_SWEEP=full BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs $(SPECS)
+
+bench: $(MODULE)
+	@$(LUA) bench/run.lua
+
+# Install into the Lua module folders (as luarocks would).
+PREFIX      ?= /usr/local
+LUA_LIBDIR  ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
+LUA_SHAREDIR?= $(PREFIX)/share/lua/$(LUA_VERSION)
+install: $(MODULE)
+	install -d $(DESTDIR)$(LUA_LIBDIR)/qcow2 $(DESTDIR)$(LUA_SHAREDIR)/qcow2 $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(MODULE) $(DESTDIR)$(LUA_LIBDIR)/qcow2/core.so
+	install -m 0644 lua/qcow2/*.lua $(DESTDIR)$(LUA_SHAREDIR)/qcow2/
+	install -m 0755 lua/qcow2-cli $(DESTDIR)$(PREFIX)/bin/qcow2
+
+clean:
+	rm -rf build build-san
+
+# The Debian packages the build, the tests and the oracle need.
+DEB_PKGS := lua5.4 liblua5.4-dev lua-busted lua-cjson zlib1g-dev libssl-dev \
+            libzstd-dev pkg-config qemu-utils luarocks gcc make
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	else echo "deps: all present"; fi

@@ -1,0 +1,226 @@
+/*
+ * Engine-internal types and the functions one engine file offers another.
+ * Nothing in here is seen by the binding except through csrc/qcow2.h.
+ *
+ * Ownership of work: io.c error.c header.c refcount.c snapshot.c image.c
+ * (open/close/chain/validation) and cache.c cluster.c compress.c read.c
+ * map.c (guest lookups) meet only through what is declared here.
+ */
+#ifndef QCOW2_INTERNAL_H
+#define QCOW2_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "../qcow2.h"
+#include "util.h"
+
+/* ---- Format constants (docs/qcow2-format.md) ---------------------------- */
+#define QCOW2_MAGIC                 0x514649FBu
+#define QCOW2_V2_HEADER_LENGTH      72u
+#define QCOW2_V3_MIN_HEADER_LENGTH  104u
+#define QCOW2_MIN_CLUSTER_BITS      9u
+#define QCOW2_MAX_CLUSTER_BITS      21u
+#define QCOW2_MAX_L1_BYTES          (32u * 1024 * 1024)
+#define QCOW2_MAX_REFTABLE_BYTES    (8u * 1024 * 1024)
+#define QCOW2_MAX_SNAPSHOTS         65536u
+#define QCOW2_MAX_SNAPSHOT_EXTRA    1024u
+#define QCOW2_MAX_SNAPSHOT_TABLE    (64u * 1024 * 1024)
+#define QCOW2_MAX_BACKING_NAME      1023u
+#define QCOW2_MAX_BACKING_FORMAT    15u     /* QEMU: length must be < 16 */
+#define QCOW2_MAX_CHAIN_DEPTH       16
+#define QCOW2_MAX_HOST_OFFSET       ((1ull << 56) - 1)
+
+#define L1E_OFFSET_MASK             0x00fffffffffffe00ull
+#define L1E_RESERVED_MASK           0x7f000000000001ffull
+#define L2E_OFFSET_MASK             0x00fffffffffffe00ull
+#define L2E_RESERVED_MASK           0x3f000000000001feull
+#define REFT_OFFSET_MASK            0xfffffffffffffe00ull
+#define REFT_RESERVED_MASK          0x00000000000001ffull
+#define QCOW_OFLAG_COPIED           (1ull << 63)
+#define QCOW_OFLAG_COMPRESSED       (1ull << 62)
+#define QCOW_OFLAG_ZERO             (1ull << 0)
+
+#define INCOMPAT_DIRTY              (1ull << 0)
+#define INCOMPAT_CORRUPT            (1ull << 1)
+#define INCOMPAT_DATA_FILE          (1ull << 2)
+#define INCOMPAT_COMPRESSION        (1ull << 3)
+#define INCOMPAT_EXTL2              (1ull << 4)
+#define INCOMPAT_KNOWN              0x1full
+#define COMPAT_LAZY_REFCOUNTS       (1ull << 0)
+#define AUTOCLEAR_BITMAPS           (1ull << 0)
+#define AUTOCLEAR_DATA_FILE_RAW     (1ull << 1)
+
+#define EXT_END                     0x00000000u
+#define EXT_BACKING_FORMAT          0xE2792ACAu
+#define EXT_FEATURE_TABLE           0x6803F857u
+#define EXT_BITMAPS                 0x23852875u
+#define EXT_CRYPTO_HEADER           0x0537BE77u
+#define EXT_DATA_FILE               0x44415441u
+
+#define COMPRESSION_ZLIB            0
+#define COMPRESSION_ZSTD            1
+
+#define CRYPT_NONE                  0u
+#define CRYPT_AES                   1u
+#define CRYPT_LUKS                  2u
+
+/* ---- I/O backends (io.c) ------------------------------------------------ */
+typedef struct qcow2_io qcow2_io;
+
+typedef struct qcow2_io_ops {
+    /* Up to len bytes at offset into buf: bytes read (fewer only at end of
+     * file), or a negative status. */
+    int64_t (*pread)(qcow2_io *io, void *buf, size_t len, uint64_t offset);
+    /* All len bytes, or a negative status (QCOW2_E_READONLY on a
+     * read-only backend). */
+    int (*pwrite)(qcow2_io *io, const void *buf, size_t len,
+                  uint64_t offset);
+    int (*flush)(qcow2_io *io);
+    int (*truncate)(qcow2_io *io, uint64_t size);
+    int (*size)(qcow2_io *io, uint64_t *out);
+    /* Bytes the host filesystem allocated (st_blocks * 512). */
+    int (*allocated)(qcow2_io *io, uint64_t *out);
+    void (*close)(qcow2_io *io);
+} qcow2_io_ops;
+
+struct qcow2_io {
+    const qcow2_io_ops *ops;
+    int read_only;
+    int last_errno;         /* errno of the last failed call, for messages */
+    uint64_t dev, ino;      /* file identity (loop detection); 0 in memory */
+};
+
+/* Open path O_RDONLY (read_write 0) or O_RDWR. Missing file:
+ * QCOW2_E_NOTFOUND; *sys_errno gets errno on failure. */
+int qcow2_io_open_file(const char *path, int read_write, qcow2_io **out,
+                       int *sys_errno);
+/* A growable in-memory file holding a copy of data. */
+int qcow2_io_open_memory(const void *data, size_t len, int read_write,
+                         qcow2_io **out);
+void qcow2_io_close(qcow2_io *io);
+
+/* ---- Errors (error.c) ------------------------------------------------- */
+/* Format one line into err; returns code. */
+int qcow2_error_set(qcow2_error *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Set img->err to "<path>: <message>"; returns code. */
+int qcow2_fail(qcow2_image *img, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* ---- Parsed structures ---------------------------------------------------- */
+typedef struct qcow2_snapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    char *id;
+    char *name;
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    uint32_t vm_state_size32;
+    uint64_t vm_state_size;     /* 64-bit extra field when present */
+    uint32_t extra_data_size;
+    uint8_t *extra_data;        /* all extra bytes, kept for rewrites */
+    int has_disk_size;
+    uint64_t disk_size;
+    int has_icount;
+    int64_t icount;
+    uint64_t entry_offset;      /* host offset of the entry */
+    uint32_t entry_length;      /* bytes, without the padding */
+} qcow2_snapshot;
+
+typedef struct qcow2_l2_cache qcow2_l2_cache;   /* cache.c */
+typedef struct qcow2_codec qcow2_codec;         /* compress.c */
+
+struct qcow2_image {
+    qcow2_error err;            /* last failure of a call on this handle */
+    char *path;                 /* as given by the caller */
+    char *dir;                  /* its folder: backing names resolve here */
+    qcow2_io *io;               /* the image file */
+    int owns_io;                /* 0 for snapshot views */
+    qcow2_io *data_io;          /* guest data clusters: io, or the external
+                                   data file */
+    int owns_data_io;
+    int is_raw;                 /* raw image (a backing file): no metadata */
+    int read_only;
+    int is_snapshot_view;
+    int depth;                  /* 0 = top of the chain */
+
+    qcow2_header hdr;           /* as parsed (v2 defaults filled in) */
+    uint64_t file_size;         /* at open */
+
+    /* Geometry derived from the header at open. */
+    uint32_t cluster_bits;
+    uint64_t cluster_size;
+    int extended_l2;
+    uint32_t l2_entry_bytes;    /* 8, or 16 with extended L2 */
+    uint32_t l2_bits;           /* log2 of entries per L2 table */
+    uint64_t l2_entries;
+    uint32_t subcluster_bits;   /* log2 of subcluster size (= cluster_bits
+                                   without extended L2) */
+    uint64_t subcluster_size;
+    uint32_t refcount_bits;
+    uint64_t refblock_entries;
+    uint64_t size;              /* virtual size (a view: the snapshot's) */
+    int compression_type;
+
+    qcow2_header_extension *exts;   /* every extension, in file order */
+    size_t n_exts;
+    qcow2_feature_name *features;
+    size_t n_features;
+    qcow2_ext_info ext;         /* pointers into owned strings below */
+    char *backing_format_ext;
+    char *data_file_ext;
+
+    uint64_t *l1;               /* active L1 (a view: the snapshot's) */
+    uint32_t l1_size;
+    uint64_t *reftable;
+    uint64_t reftable_entries;
+    qcow2_snapshot *snapshots;
+    uint32_t nb_snapshots;
+
+    char *backing_name;         /* from the header, NULL if none */
+    qcow2_image *backing;       /* opened chain, NULL if none/closed */
+    int owns_backing;           /* 0 for snapshot views */
+
+    qcow2_l2_cache *l2_cache;
+    uint64_t l2_cache_bytes;
+    qcow2_codec *codec;         /* created on the first compressed read */
+};
+
+/* ---- Metadata reads (image.c) ------------------------------------------- */
+/* Exactly len bytes at offset of the image file. A short file is
+ * QCOW2_E_CORRUPT naming `what` ("L2 table", ...); I/O error QCOW2_E_IO. */
+int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
+                    size_t len, const char *what);
+/* len bytes of guest data at host offset of img->data_io; bytes past the
+ * end of the file read as zeroes (QEMU does not pad the last cluster). */
+int qcow2_read_host_data(qcow2_image *img, uint64_t offset, void *buf,
+                         size_t len);
+
+/* ---- Caches and codecs (cache.c, compress.c) -------------------------- */
+/* An L2 table cache holding at most `bytes` of tables (at least 2). */
+int qcow2_l2_cache_new(qcow2_image *img, uint64_t bytes,
+                       qcow2_l2_cache **out);
+void qcow2_l2_cache_free(qcow2_l2_cache *cache);
+void qcow2_codec_free(qcow2_codec *codec);
+
+/* Default L2 cache bytes for img: enough to map the whole disk, capped at
+ * 32 MiB as QEMU 7.2 caps it, at least 2 tables. */
+uint64_t qcow2_default_l2_cache_bytes(const qcow2_image *img);
+
+/* ---- Header (header.c) ------------------------------------------------ */
+/* Parse and validate the header and extensions of img->io into img
+ * (geometry fields too). Refuses what QEMU refuses, naming the field. */
+int qcow2_header_load(qcow2_image *img);
+void qcow2_header_free(qcow2_image *img);
+
+/* ---- Refcounts (refcount.c) ------------------------------------------ */
+int qcow2_reftable_load(qcow2_image *img);
+
+/* ---- Snapshots (snapshot.c) -------------------------------------------- */
+int qcow2_snapshots_load(qcow2_image *img);
+void qcow2_snapshots_free(qcow2_image *img);
+
+#endif /* QCOW2_INTERNAL_H */

@@ -1,0 +1,244 @@
+/*
+ * lua-qcow2 engine: the one public header.
+ *
+ * Opaque handles, every call returns 0 (or a count) on success and a
+ * negative QCOW2_E_* code on failure; the failing call leaves one line in
+ * the handle's error buffer (qcow2_errmsg) naming the file and the field or
+ * offset at fault. Nothing here is global or static-mutable: two images,
+ * two threads, two Lua states never share state.
+ */
+#ifndef QCOW2_H
+#define QCOW2_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define QCOW2_LIB_VERSION "0.1.0"
+
+enum qcow2_status {
+    QCOW2_OK = 0,
+    QCOW2_E_IO = -1,
+    QCOW2_E_NOSPC = -2,
+    QCOW2_E_NOTFOUND = -3,
+    QCOW2_E_EXISTS = -4,
+    QCOW2_E_INVALID = -5,
+    QCOW2_E_CORRUPT = -6,
+    QCOW2_E_UNSUPPORTED = -7,
+    QCOW2_E_READONLY = -8,
+    QCOW2_E_KEY = -9,
+    QCOW2_E_NOMEM = -10,
+    QCOW2_E_BUSY = -11,
+};
+
+/* The API's code string for a status ("io", "corrupt", ...). */
+const char *qcow2_status_name(int status);
+
+#define QCOW2_ERRMSG_MAX 512
+typedef struct qcow2_error {
+    int code;                       /* QCOW2_E_* or 0 */
+    char msg[QCOW2_ERRMSG_MAX];     /* one line, no trailing newline */
+} qcow2_error;
+
+typedef struct qcow2_image qcow2_image;
+
+/*
+ * Backing-file resolver: given the name stored in the image, its format
+ * (may be NULL) and the depth of the image that names it (0 = top), write
+ * the path to open into out (NUL terminated) and return 0, or write a
+ * reason into why and return a negative status to refuse.
+ */
+typedef int (*qcow2_resolve_fn)(void *ctx, const char *name,
+                                const char *format, int depth,
+                                char *out, size_t out_len,
+                                char *why, size_t why_len);
+
+typedef struct qcow2_open_opts {
+    int read_write;             /* 0: O_RDONLY, never writes a byte */
+    int no_backing;             /* 1: leave the backing chain closed */
+    qcow2_resolve_fn resolve;   /* NULL: plain names next to the image */
+    void *resolve_ctx;
+    uint64_t l2_cache_size;     /* bytes; 0 = default */
+    uint64_t refcount_cache_size; /* bytes; 0 = default */
+} qcow2_open_opts;
+
+/* Fill opts with the defaults (read-only, backing chain opened). */
+void qcow2_open_opts_init(qcow2_open_opts *opts);
+
+/*
+ * Open an image file. A qcow2 file is parsed and validated; any other file
+ * is opened as a raw image (format "raw"). On failure *out is NULL and err
+ * holds the code and message.
+ */
+int qcow2_open(const char *path, const qcow2_open_opts *opts,
+               qcow2_image **out, qcow2_error *err);
+
+/* Idempotent release of the handle and everything it owns (backing chain,
+ * caches). Views opened from it must be closed first. */
+void qcow2_close(qcow2_image *img);
+
+/* "qcow2" (*version set) or "raw"; NULL with err set when unreadable. */
+const char *qcow2_probe(const char *path, uint32_t *version,
+                        qcow2_error *err);
+
+/* The message and code of the handle's last failure. */
+const char *qcow2_errmsg(const qcow2_image *img);
+int qcow2_errcode(const qcow2_image *img);
+
+/* --- Properties --------------------------------------------------------- */
+const char *qcow2_path(const qcow2_image *img);
+const char *qcow2_format(const qcow2_image *img);     /* "qcow2" | "raw" */
+uint64_t qcow2_virtual_size(const qcow2_image *img);
+uint64_t qcow2_cluster_size(const qcow2_image *img);  /* 0 for raw */
+uint32_t qcow2_version(const qcow2_image *img);       /* 0 for raw */
+int qcow2_is_read_only(const qcow2_image *img);
+const char *qcow2_backing_name(const qcow2_image *img);   /* NULL if none */
+const char *qcow2_backing_format(const qcow2_image *img); /* NULL if none */
+/* The opened backing image (NULL if none or not opened). Owned by img. */
+qcow2_image *qcow2_backing(const qcow2_image *img);
+/* Size of the file on disk in bytes (stat st_size). */
+int qcow2_file_size(qcow2_image *img, uint64_t *out);
+/* Bytes allocated on the host filesystem (st_blocks * 512), as qemu-img
+ * info's actual-size. */
+int qcow2_allocated_file_size(qcow2_image *img, uint64_t *out);
+
+/* --- Guest data ---------------------------------------------------------- */
+/*
+ * Read guest bytes [offset, offset+length) into buf, through the backing
+ * chain. The range must lie inside the virtual size (QCOW2_E_INVALID
+ * otherwise). A bad table entry met on the way fails with QCOW2_E_CORRUPT.
+ */
+int qcow2_read(qcow2_image *img, uint64_t offset, void *buf, size_t length);
+
+/* --- Map ------------------------------------------------------------------ */
+enum qcow2_extent_type {
+    QCOW2_EXTENT_DATA = 0,
+    QCOW2_EXTENT_ZERO = 1,
+    QCOW2_EXTENT_UNALLOCATED = 2,
+    QCOW2_EXTENT_COMPRESSED = 3,
+};
+
+typedef struct qcow2_extent {
+    uint64_t start;             /* guest offset */
+    uint64_t length;            /* guest bytes */
+    int type;                   /* enum qcow2_extent_type */
+    int depth;                  /* chain level holding it; for unallocated,
+                                   the deepest level looked at (qemu-img) */
+    int has_offset;             /* 1: offset is meaningful */
+    uint64_t offset;            /* host offset in the image at depth */
+    uint64_t compressed_size;   /* compressed: bytes of the stream's sectors */
+} qcow2_extent;
+
+/*
+ * Call fn once per extent covering guest [offset, offset+length), in order,
+ * with adjacent extents of the same type and depth and contiguous host
+ * offsets already merged (as qemu-img map merges). fn returns 0 to go on,
+ * non-zero to stop (that value is returned). Through the backing chain.
+ */
+typedef int (*qcow2_extent_fn)(void *ctx, const qcow2_extent *extent);
+int qcow2_map(qcow2_image *img, uint64_t offset, uint64_t length,
+              qcow2_extent_fn fn, void *ctx);
+
+/* --- Raw structures, for inspection ---------------------------------------- */
+typedef struct qcow2_header {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t backing_file_offset;
+    uint32_t backing_file_size;
+    uint32_t cluster_bits;
+    uint64_t size;
+    uint32_t crypt_method;
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_clusters;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    /* v3 (v2 images: features 0, refcount_order 4, header_length 72) */
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    uint8_t compression_type;   /* 0 when the field is absent */
+} qcow2_header;
+
+typedef struct qcow2_header_extension {
+    uint32_t magic;
+    uint32_t length;
+    uint64_t file_offset;       /* where its data starts in the file */
+    uint8_t *data;              /* length bytes */
+} qcow2_header_extension;
+
+typedef struct qcow2_feature_name {
+    uint8_t type;               /* 0 incompatible, 1 compatible, 2 autoclear */
+    uint8_t bit;
+    char name[47];              /* NUL terminated */
+} qcow2_feature_name;
+
+/* Raw views of the parsed header; NULL/0 for raw images. Owned by img. */
+const qcow2_header *qcow2_get_header(const qcow2_image *img);
+size_t qcow2_extension_count(const qcow2_image *img);
+const qcow2_header_extension *qcow2_extension(const qcow2_image *img,
+                                              size_t index);
+size_t qcow2_feature_name_count(const qcow2_image *img);
+const qcow2_feature_name *qcow2_feature_name_at(const qcow2_image *img,
+                                                size_t index);
+/* Name of a feature bit: from the image's table, else QEMU's known names,
+ * else NULL. kind: 0 incompatible, 1 compatible, 2 autoclear. */
+const char *qcow2_feature_bit_name(const qcow2_image *img, int kind, int bit);
+
+/* Parsed special extensions; fields are zero/NULL when absent. */
+typedef struct qcow2_ext_info {
+    const char *backing_format;     /* 0xE2792ACA */
+    const char *data_file;          /* 0x44415441 */
+    int has_crypto_header;          /* 0x0537BE77 */
+    uint64_t crypto_header_offset;
+    uint64_t crypto_header_length;
+    int has_bitmaps;                /* 0x23852875 */
+    uint32_t nb_bitmaps;
+    uint64_t bitmap_directory_size;
+    uint64_t bitmap_directory_offset;
+} qcow2_ext_info;
+const qcow2_ext_info *qcow2_get_ext_info(const qcow2_image *img);
+
+/* Active L1 entries (raw on-disk values, host byte order). */
+uint32_t qcow2_l1_size(const qcow2_image *img);
+int qcow2_l1_entry(qcow2_image *img, uint32_t l1_index, uint64_t *entry);
+/*
+ * Raw entries of the L2 table that l1_index points to: *count entries of
+ * 64 bits (2 per guest cluster with extended L2) written into out, which
+ * must hold cluster_size/8 words. *count is 0 when the L1 entry is empty.
+ */
+int qcow2_l2_table(qcow2_image *img, uint32_t l1_index, uint64_t *out,
+                   size_t *count);
+/* Refcount of a host cluster (0 past the refcount table). */
+int qcow2_refcount(qcow2_image *img, uint64_t host_cluster, uint64_t *out);
+
+/* --- Snapshots --------------------------------------------------------------- */
+typedef struct qcow2_snapshot_info {
+    const char *id;
+    const char *name;
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t vm_state_size;
+    uint64_t disk_size;         /* the image size when absent from the entry */
+    int has_icount;
+    int64_t icount;
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    uint32_t extra_data_size;
+} qcow2_snapshot_info;
+
+uint32_t qcow2_snapshot_count(const qcow2_image *img);
+int qcow2_snapshot_get(const qcow2_image *img, uint32_t index,
+                       qcow2_snapshot_info *out);
+/*
+ * A read-only view of the disk as it was at snapshot `index`: its own L1,
+ * the snapshot's disk size, the parent's backing chain. Borrows from
+ * parent: close the view (qcow2_close) before the parent.
+ */
+int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
+                        qcow2_image **view);
+
+#endif /* QCOW2_H */
