@@ -1,0 +1,139 @@
+-- Shared spec helpers: temporary folders, qemu-img/qemu-io wrappers (the
+-- oracle), JSON, and byte-level pokes into image files.
+local M = {}
+
+local json_ok, cjson = pcall(require, "cjson")
+M.json = json_ok and cjson or require("dkjson")
+
+-- Quote a string for /bin/sh.
+function M.q(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Run a shell command; returns ok, stdout (stderr merged when merge is true).
+function M.sh(cmd, merge)
+  local p = assert(io.popen(cmd .. (merge and " 2>&1" or " 2>/dev/null")))
+  local out = p:read("a")
+  local ok, _, code = p:close()
+  return ok == true, out, code
+end
+
+-- Run and insist on success; returns stdout.
+function M.must(cmd)
+  local ok, out, code = M.sh(cmd, true)
+  if not ok then error(("command failed (%s): %s\n%s"):format(tostring(code), cmd, out), 2) end
+  return out
+end
+
+-- A fresh temporary folder, removed by M.cleanup() (call in teardown).
+local made = {}
+function M.tmpdir()
+  local d = M.must("mktemp -d /tmp/lua-qcow2-spec.XXXXXX"):gsub("%s+$", "")
+  made[#made + 1] = d
+  return d
+end
+function M.cleanup()
+  for _, d in ipairs(made) do os.execute("rm -rf " .. M.q(d)) end
+  made = {}
+end
+
+-- qemu-img with arguments (a string already quoted by the caller).
+function M.qemu_img(args) return M.must("qemu-img " .. args) end
+-- qemu-io -c commands on an image: qemu_io(path, {"write -P 0xab 0 64k", ...}, fmt_opts)
+function M.qemu_io(path, cmds, extra)
+  local parts = { "qemu-io", extra or "-f qcow2" }
+  for _, c in ipairs(cmds) do parts[#parts + 1] = "-c " .. M.q(c) end
+  parts[#parts + 1] = M.q(path)
+  return M.must(table.concat(parts, " "))
+end
+
+-- qemu-img create -f qcow2 [-o opts] [-b backing -F fmt] path size
+function M.create(path, size, opts, backing, backing_fmt)
+  local a = "create -q -f qcow2"
+  if opts and opts ~= "" then a = a .. " -o " .. M.q(opts) end
+  if backing then a = a .. " -b " .. M.q(backing) .. " -F " .. (backing_fmt or "qcow2") end
+  return M.qemu_img(a .. " " .. M.q(path) .. " " .. tostring(size))
+end
+
+function M.info_json(path, extra)
+  return M.json.decode(M.qemu_img("info --output=json " .. (extra or "") .. " " .. M.q(path)))
+end
+function M.map_json(path, extra)
+  return M.json.decode(M.qemu_img("map --output=json " .. (extra or "") .. " " .. M.q(path)))
+end
+-- qemu-img check: returns the decoded JSON result and the exit code.
+function M.check_json(path)
+  local ok, out, code = M.sh("qemu-img check --output=json " .. M.q(path))
+  local okj, res = pcall(M.json.decode, out)
+  return okj and res or nil, ok and 0 or code, out
+end
+-- The guest disk as raw bytes through qemu-img (optionally a snapshot).
+function M.raw_bytes(path, snapshot)
+  local out = path .. ".oracle.raw"
+  local snap = snapshot and (" -l " .. M.q("snapshot.name=" .. snapshot)) or ""
+  M.qemu_img("convert -O raw" .. snap .. " " .. M.q(path) .. " " .. M.q(out))
+  local data = M.read_file(out)
+  os.remove(out)
+  return data
+end
+
+function M.read_file(path)
+  local f = assert(io.open(path, "rb"))
+  local d = f:read("a")
+  f:close()
+  return d
+end
+function M.write_file(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+function M.copy(src, dst) M.write_file(dst, M.read_file(src)) end
+
+-- Overwrite bytes at a file offset (a "poke").
+function M.poke(path, offset, bytes)
+  local f = assert(io.open(path, "r+b"))
+  f:seek("set", offset)
+  f:write(bytes)
+  f:close()
+end
+function M.peek(path, offset, len)
+  local f = assert(io.open(path, "rb"))
+  f:seek("set", offset)
+  local d = f:read(len)
+  f:close()
+  return d
+end
+function M.truncate(path, size) M.must("truncate -s " .. size .. " " .. M.q(path)) end
+
+-- Big-endian packing of header-sized integers.
+function M.be16(v) return string.pack(">I2", v) end
+function M.be32(v) return string.pack(">I4", v) end
+function M.be64(v) return string.pack(">I8", v) end
+function M.get_be32(path, off) return (string.unpack(">I4", M.peek(path, off, 4))) end
+function M.get_be64(path, off) return (string.unpack(">I8", M.peek(path, off, 8))) end
+
+-- Size and mtime (ns) of a file, for read-only proofs.
+function M.stat(path)
+  local out = M.must("stat -c '%s %Y %y' " .. M.q(path))
+  return out
+end
+function M.sha256_file(path)
+  return (M.must("sha256sum " .. M.q(path)):match("^(%x+)"))
+end
+
+-- Seeded pseudo-random bytes (deterministic, not cryptographic).
+function M.random_bytes(n, seed)
+  local x = seed or 12345
+  local t = {}
+  for i = 1, n do
+    x = (x * 1103515245 + 12345) % 2147483648
+    t[i] = string.char((x >> 16) & 0xff)
+  end
+  return table.concat(t)
+end
+
+-- The library, with the LUA_CPATH the Makefile exports.
+function M.qcow2() return require("qcow2") end
+
+return M
