@@ -55,6 +55,8 @@ typedef int (*qcow2_resolve_fn)(void *ctx, const char *name,
 typedef struct qcow2_open_opts {
     int read_write;             /* 0: O_RDONLY, never writes a byte */
     int no_backing;             /* 1: leave the backing chain closed */
+    int allow_raw;              /* 1: a file without the qcow2 magic opens
+                                   as a raw image; 0: refused ("invalid") */
     qcow2_resolve_fn resolve;   /* NULL: plain names next to the image */
     void *resolve_ctx;
     uint64_t l2_cache_size;     /* bytes; 0 = default */
