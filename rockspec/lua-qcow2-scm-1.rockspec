@@ -1,0 +1,43 @@
+rockspec_format = "3.0"
+package = "lua-qcow2"
+version = "scm-1"
+source = {
+   url = "git+file:///dev/null",   -- built from a checkout with `luarocks make`
+}
+description = {
+   summary = "QEMU qcow2 disk images from Lua: a native engine for forensic reading and image testing",
+   detailed = [[
+A C engine for the qcow2 format (v2/v3, every cluster size and refcount
+width, backing chains, zero and compressed clusters, extended L2, internal
+snapshots) exposed as Lua userdata. JSON output uses lua-cjson or dkjson
+when installed.
+]],
+   license = "MIT",
+}
+dependencies = {
+   "lua >= 5.4",
+}
+external_dependencies = {
+   ZLIB = { header = "zlib.h" },
+   OPENSSL = { header = "openssl/evp.h" },
+   ZSTD = { header = "zstd.h" },
+}
+build = {
+   type = "builtin",
+   modules = {
+      ["qcow2.core"] = {
+         sources = {
+            -- @SOURCES@ (kept in step with csrc/ by spec/build_spec.lua)
+         },
+         defines = { "_GNU_SOURCE" },
+         incdirs = { "csrc", "$(ZLIB_INCDIR)", "$(OPENSSL_INCDIR)", "$(ZSTD_INCDIR)" },
+         libdirs = { "$(ZLIB_LIBDIR)", "$(OPENSSL_LIBDIR)", "$(ZSTD_LIBDIR)" },
+         libraries = { "z", "crypto", "zstd" },
+      },
+      ["qcow2"] = "lua/qcow2/init.lua",
+      ["qcow2.cli"] = "lua/qcow2/cli.lua",
+   },
+   install = {
+      bin = { qcow2 = "lua/qcow2-cli" },
+   },
+}
