@@ -1,0 +1,31 @@
+/* Fault-injection wrapper around an I/O backend (the Lua `io` option). */
+#ifndef QCOW2_IO_FAULT_H
+#define QCOW2_IO_FAULT_H
+
+#include "internal.h"
+
+typedef struct qcow2_fault_plan {
+    int64_t fail_after_writes;  /* -1: never; N: the N+1th write fails */
+    int fail_status;            /* QCOW2_E_IO or QCOW2_E_NOSPC */
+    int64_t stop_after_writes;  /* -1: never; N: writes after the Nth vanish */
+    int trace;                  /* record every write */
+} qcow2_fault_plan;
+
+typedef struct qcow2_io_trace_entry {
+    uint64_t offset;
+    uint64_t length;
+    const char *what;           /* static string: "header", "l2", "data"... */
+} qcow2_io_trace_entry;
+
+void qcow2_fault_plan_init(qcow2_fault_plan *plan);
+/* Wrap inner (ownership passes to the wrapper). */
+int qcow2_io_wrap_faults(qcow2_io *inner, const qcow2_fault_plan *plan,
+                         qcow2_io **out);
+int qcow2_io_is_fault(const qcow2_io *io);
+/* Name the structure the following writes target, for the trace. */
+void qcow2_io_set_label(qcow2_io *io, const char *what);
+size_t qcow2_io_trace_count(const qcow2_io *io);
+const qcow2_io_trace_entry *qcow2_io_trace_at(const qcow2_io *io,
+                                              size_t index);
+
+#endif

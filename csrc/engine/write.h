@@ -1,0 +1,134 @@
+/*
+ * The write engine's shared state and internal API (issue: write engine).
+ *
+ * Crash-safe order, always: guest data -> refcount increase (flushed) ->
+ * L2 entry (flushed) -> L1 entry; frees in the reverse order (the
+ * reference goes first, flushed, then the refcount drops). Every write goes
+ * through qcow2_write_checked so the overlap check, the trace label and
+ * handle poisoning are applied in one place.
+ *
+ *   alloc.c         refcount updates of any width, cluster and byte
+ *                   allocation, refcount table growth, frees
+ *   overlap.c       metadata overlap check, checked writes, poisoning
+ *   header_write.c  header/extension serialization, feature-bit updates
+ *   create.c        qcow2_create (every option, preallocation)
+ *   resize.c        qcow2_resize (grow, shrink where QEMU allows)
+ *   write.c         guest writes, COW, zero writes, discard, compressed
+ *                   writes, flush, lazy-refcount dirty bit
+ */
+#ifndef QCOW2_WRITE_H
+#define QCOW2_WRITE_H
+
+#include "internal.h"
+#include "io_fault.h"
+
+/* Structures the overlap check guards (QEMU's QCOW2_OL_* in spirit). */
+enum qcow2_overlap {
+    OVERLAP_HEADER          = 1 << 0,
+    OVERLAP_ACTIVE_L1       = 1 << 1,
+    OVERLAP_ACTIVE_L2       = 1 << 2,
+    OVERLAP_REFCOUNT_TABLE  = 1 << 3,
+    OVERLAP_REFCOUNT_BLOCK  = 1 << 4,
+    OVERLAP_SNAPSHOT_TABLE  = 1 << 5,
+    OVERLAP_INACTIVE_L1     = 1 << 6,
+    OVERLAP_INACTIVE_L2     = 1 << 7,
+    OVERLAP_BITMAP_DIR      = 1 << 8,
+    OVERLAP_CRYPTO_HEADER   = 1 << 9,
+};
+#define OVERLAP_CONSTANT  (OVERLAP_HEADER | OVERLAP_ACTIVE_L1 | \
+                           OVERLAP_REFCOUNT_TABLE | OVERLAP_SNAPSHOT_TABLE | \
+                           OVERLAP_INACTIVE_L1 | OVERLAP_CRYPTO_HEADER | \
+                           OVERLAP_BITMAP_DIR)
+#define OVERLAP_CACHED    (OVERLAP_CONSTANT | OVERLAP_ACTIVE_L2 | \
+                           OVERLAP_REFCOUNT_BLOCK)
+#define OVERLAP_ALL       (OVERLAP_CACHED | OVERLAP_INACTIVE_L2)
+
+typedef struct qcow2_write_state {
+    uint64_t free_cluster_hint;  /* lowest cluster index that may be free */
+    uint64_t free_byte_offset;   /* compressed packing: next free byte in
+                                    the last compressed host cluster, 0 =
+                                    start a new one */
+    int lazy_refcounts;          /* runtime option: refcount updates of
+                                    data clusters may lag, dirty bit set */
+    int dirty_on_disk;           /* the dirty bit is set in the file */
+    int overlap_checks;          /* OVERLAP_* mask (default CACHED) */
+    int discard_passthrough;     /* runtime "discard" option */
+    int poisoned;                /* a metadata write failed midway: every
+                                    later call fails with `poison` */
+    qcow2_error poison;
+} qcow2_write_state;
+
+/* ---- overlap.c ---------------------------------------------------------- */
+/* 0, or QCOW2_E_CORRUPT when [offset, offset+length) hits a structure in
+ * img->ws->overlap_checks other than those in `ignore` (the structure being
+ * written); the image is then marked corrupt (incompatible bit 1). */
+int qcow2_overlap_check(qcow2_image *img, int ignore, uint64_t offset,
+                        uint64_t length);
+/* Every write of the engine: overlap check (ignore mask), trace label
+ * `what`, pwrite; a failure is returned with a message naming `what`. */
+int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
+                        uint64_t offset, const void *buf, size_t length);
+/* fsync of the image file (and data file): a barrier between dependent
+ * steps. */
+int qcow2_barrier(qcow2_image *img);
+/* Poison the handle after a half-done metadata update; returns code. */
+int qcow2_poison(qcow2_image *img, int code);
+
+/* ---- alloc.c ------------------------------------------------------------ */
+/* Read one refcount (any width) — the engine-side reader is qcow2_refcount
+ * in refcount.c; these are the writers. */
+/* Add delta to the refcount of every host cluster touched by
+ * [offset, offset+length). Refuses to go below 0 or above the width's
+ * maximum (QCOW2_E_CORRUPT / QCOW2_E_UNSUPPORTED, nothing changed). New
+ * refcount blocks and refcount-table growth happen here, in crash-safe
+ * order. Refcount blocks are written (not flushed): call qcow2_barrier
+ * before writing anything that depends on an increase. A cluster reaching
+ * 0 lowers free_cluster_hint. */
+int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
+                          int64_t delta);
+/* Allocate `count` contiguous free clusters (refcount 0 -> 1), first fit
+ * from the lowest free cluster, as QEMU does; the file grows as needed.
+ * *host_offset gets the first cluster's offset. */
+int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
+                         uint64_t *host_offset);
+/* Allocate `length` bytes for a compressed stream (packed after the
+ * previous stream where it fits; a stream may not cross into a cluster
+ * that is not freshly allocated and contiguous). Refcount +1 on each host
+ * cluster touched. */
+int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
+                      uint64_t *host_offset);
+/* Refcount -1 on every cluster of [offset, offset+length). */
+int qcow2_free_clusters(qcow2_image *img, uint64_t offset, uint64_t length);
+/* Total host clusters covered by the refcount table. */
+uint64_t qcow2_refcount_coverage(const qcow2_image *img);
+
+/* ---- header_write.c ----------------------------------------------------- */
+/* Serialize img->hdr, every extension (unknown ones kept) and the backing
+ * name into cluster 0 and write it (one write), then barrier. Fails with
+ * QCOW2_E_INVALID when they do not fit in cluster 0. */
+int qcow2_header_rewrite(qcow2_image *img);
+/* Set or clear an incompatible/compatible/autoclear bit with one synced
+ * 8-byte write (v3 only). kind: 0 incompatible, 1 compatible, 2 autoclear. */
+int qcow2_header_set_feature(qcow2_image *img, int kind, int bit, int on);
+/* The three 12-byte pointer pairs QEMU switches in one write each. */
+int qcow2_header_set_l1(qcow2_image *img, uint64_t l1_offset,
+                        uint32_t l1_size);
+int qcow2_header_set_reftable(qcow2_image *img, uint64_t offset,
+                              uint32_t clusters);
+int qcow2_header_set_snapshots(qcow2_image *img, uint64_t offset,
+                               uint32_t count);
+int qcow2_header_set_size(qcow2_image *img, uint64_t size);
+
+/* ---- write.c ------------------------------------------------------------- */
+/* Make the handle writable: state, lazy refcounts (sets the dirty bit before
+ * the first deferred update), unknown autoclear bits cleared. Called by
+ * qcow2_open for read_write and by qcow2_create. */
+int qcow2_write_state_init(qcow2_image *img, const qcow2_open_opts *opts);
+/* Flush, clear the dirty bit when everything is on disk, release. */
+int qcow2_write_state_close(qcow2_image *img);
+/* Set the entry of one guest cluster in its L2 table (allocating the L2
+ * table and its L1 entry when missing, COWing a shared L2 table). */
+int qcow2_set_l2_entry(qcow2_image *img, uint64_t guest_offset,
+                       uint64_t entry, uint64_t bitmap);
+
+#endif /* QCOW2_WRITE_H */
