@@ -79,7 +79,7 @@ clean:
 	rm -rf build build-san
 
 # The Debian packages the build, the tests and the oracle need.
-DEB_PKGS := lua5.4 liblua5.4-dev lua-busted lua-cjson zlib1g-dev libssl-dev \
+DEB_PKGS := lua5.4 liblua5.4-dev lua-busted lua-cjson lua-dkjson zlib1g-dev libssl-dev \
             libzstd-dev pkg-config qemu-utils luarocks gcc make
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \

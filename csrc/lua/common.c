@@ -1,0 +1,149 @@
+/* lua-qcow2 binding: shared helpers (errors, values, ranges, types). */
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common.h"
+
+int ql_push_engine_error(lua_State *L, qcow2_image *h, int status)
+{
+    const char *msg = h ? qcow2_errmsg(h) : NULL;
+    luaL_pushfail(L);
+    lua_pushstring(L, msg && *msg ? msg : qcow2_status_name(status));
+    lua_pushstring(L, qcow2_status_name(status));
+    return 3;
+}
+
+int ql_push_error(lua_State *L, const qcow2_error *err)
+{
+    int code = err->code ? err->code : QCOW2_E_IO;
+    luaL_pushfail(L);
+    lua_pushstring(L, err->msg[0] ? err->msg : qcow2_status_name(code));
+    lua_pushstring(L, qcow2_status_name(code));
+    return 3;
+}
+
+int ql_push_fail(lua_State *L, int status, const char *fmt, ...)
+{
+    char msg[QCOW2_ERRMSG_MAX];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    luaL_pushfail(L);
+    lua_pushstring(L, msg);
+    lua_pushstring(L, qcow2_status_name(status));
+    return 3;
+}
+
+void ql_push_u64(lua_State *L, uint64_t v)
+{
+    lua_pushinteger(L, (lua_Integer)v);
+}
+
+void ql_set_int(lua_State *L, const char *key, uint64_t v)
+{
+    ql_push_u64(L, v);
+    lua_setfield(L, -2, key);
+}
+
+void ql_set_str(lua_State *L, const char *key, const char *s)
+{
+    lua_pushstring(L, s);
+    lua_setfield(L, -2, key);
+}
+
+void ql_set_bool(lua_State *L, const char *key, int b)
+{
+    lua_pushboolean(L, b);
+    lua_setfield(L, -2, key);
+}
+
+int ql_clamp_range(lua_State *L, const char *who, const char *what,
+                   lua_Integer offset, lua_Integer length, uint64_t limit,
+                   uint64_t *out_off, uint64_t *out_len)
+{
+    if (offset < 0) {
+        ql_push_fail(L, QCOW2_E_INVALID, "%s: %s offset %lld is negative",
+                     who, what, (long long)offset);
+        return 0;
+    }
+    if (length < 0) {
+        ql_push_fail(L, QCOW2_E_INVALID, "%s: %s length %lld is negative",
+                     who, what, (long long)length);
+        return 0;
+    }
+    if ((uint64_t)offset > limit) {
+        ql_push_fail(L, QCOW2_E_INVALID,
+                     "%s: %s offset %lld is past the end (%" PRIu64 " bytes)",
+                     who, what, (long long)offset, limit);
+        return 0;
+    }
+    *out_off = (uint64_t)offset;
+    *out_len = (uint64_t)length;
+    if (*out_len > limit - *out_off)
+        *out_len = limit - *out_off;
+    return 1;
+}
+
+void ql_human_size(char *buf, size_t len, uint64_t bytes)
+{
+    /* QEMU's util/cutils.c size_to_str: switch to the next unit once the
+     * integer part would reach 1000, print 3 significant digits. */
+    static const char *const suffixes[] = {
+        "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"
+    };
+    int unit = 0;
+
+    /* frexp-free form of QEMU's exponent rule: unit u once bytes reach
+     * 1000 * 1024^(u-1). */
+    while (unit < 6 && bytes >= (uint64_t)1000 << (10 * unit))
+        unit++;
+    snprintf(buf, len, "%0.3g %sB",
+             (double)bytes / (double)(1ull << (unit * 10)), suffixes[unit]);
+}
+
+const char *ql_basename(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash && slash[1] ? slash + 1 : path;
+}
+
+/* __index of every type: methods first (upvalue 1), then the type's
+ * field function (upvalue 2) with (ud, key). */
+static int ql_index(lua_State *L)
+{
+    lua_CFunction fields;
+
+    lua_pushvalue(L, 2);
+    if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL)
+        return 1;
+    lua_pop(L, 1);
+    fields = lua_tocfunction(L, lua_upvalueindex(2));
+    if (fields == NULL) {
+        lua_pushnil(L);
+        return 1;
+    }
+    return fields(L);
+}
+
+void ql_register_type(lua_State *L, const char *tname,
+                      const char *methods_key, const luaL_Reg *methods,
+                      const luaL_Reg *metamethods, lua_CFunction fields)
+{
+    luaL_newmetatable(L, tname);            /* mt */
+    luaL_setfuncs(L, metamethods, 0);
+    lua_newtable(L);                        /* mt methods */
+    luaL_setfuncs(L, methods, 0);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, methods_key);
+    if (fields)
+        lua_pushcfunction(L, fields);
+    else
+        lua_pushnil(L);
+    lua_pushcclosure(L, ql_index, 2);       /* mt __index */
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+}

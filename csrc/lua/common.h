@@ -1,0 +1,141 @@
+/*
+ * lua-qcow2 binding: what the per-type files (image.c, snapshot.c, map.c,
+ * module.c) share. The binding holds no format logic: it checks arguments,
+ * calls csrc/qcow2.h and turns engine failures into nil, message, code.
+ */
+#ifndef QCOW2_LUA_COMMON_H
+#define QCOW2_LUA_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <lua.h>
+#include <lauxlib.h>
+
+#include "../qcow2.h"
+
+/* One metatable per userdata type, registered once under these names. */
+#define QL_IMAGE        "qcow2.Image"
+#define QL_SNAPSHOT     "qcow2.Snapshot"
+#define QL_MAP          "qcow2.ClusterMap"
+
+/*
+ * How an Image userdata relates to the engine handle it wraps.
+ *
+ *   QL_OWNED    qcow2.open's result: closing it releases the engine handle
+ *               and, inside the engine, the whole backing chain.
+ *   QL_BACKING  img:backing(): the handle belongs to `from`'s chain. It is
+ *               usable only while every image up the `from` chain is; its
+ *               own close or __gc never frees anything.
+ *   QL_VIEW     Snapshot:open(): a handle of its own that borrows the file
+ *               of `from`; the owner of the chain closes it first.
+ */
+enum ql_kind { QL_OWNED, QL_BACKING, QL_VIEW };
+
+typedef struct ql_image ql_image;
+struct ql_image {
+    qcow2_image *img;       /* NULL once closed */
+    int kind;               /* enum ql_kind */
+    ql_image *from;         /* BACKING/VIEW: the Image it came from; its
+                               userdata is user value 1, so it outlives us */
+    /* Snapshot views opened on this handle's chain (OWNED/VIEW only):
+     * they must be closed before this handle is. Plain C links, so close
+     * never allocates or raises; a view unlinks itself when it closes. */
+    ql_image *views;
+    ql_image *next_view;
+    ql_image **prev_view;   /* the link pointing at us, NULL if unlinked */
+};
+
+/* User values of an Image userdata. */
+#define QL_UV_FROM      1   /* the Image this one came from (or nil) */
+#define QL_UV_BACKING   2   /* cached img:backing() userdata (or nil) */
+
+/* --- Image handles (image.c) ------------------------------------------ */
+/* Push a new Image userdata wrapping h. from_idx: stack index of the Image
+ * it came from (0 for QL_OWNED). A VIEW is linked into the view list of
+ * the handle that owns the chain. Raises only on memory errors, and only
+ * before h is stored: on such an error the caller's h would leak, so the
+ * caller creates the userdata first (ql_image_alloc) when h is fresh. */
+ql_image *ql_image_alloc(lua_State *L, int kind, int from_idx);
+void ql_image_attach(ql_image *q, qcow2_image *h);
+/* The Image at idx, open (raises "attempt to use a closed image"). */
+ql_image *ql_check_image(lua_State *L, int idx);
+/* The Image at idx, open or not (raises on another type only). */
+ql_image *ql_to_image(lua_State *L, int idx);
+int ql_image_live(const ql_image *q);
+/* Close q's handle (idempotent, never raises). */
+void ql_image_close(ql_image *q);
+void ql_image_register(lua_State *L);
+
+/* --- Snapshots (snapshot.c) ---------------------------------------------- */
+/* Push a Snapshot of entry `index` of the Image at image_idx. */
+void ql_snapshot_push(lua_State *L, int image_idx, uint32_t index,
+                      const qcow2_snapshot_info *info);
+void ql_snapshot_register(lua_State *L);
+
+/* --- Cluster maps (map.c) -------------------------------------------------- */
+typedef struct ql_map ql_map;
+/* Push an empty ClusterMap owned by the userdata at owner_idx (kept as its
+ * user value, so the owner outlives the map). May raise (memory). */
+ql_map *ql_map_new(lua_State *L, int owner_idx);
+/* Collect the extents of guest [offset, offset+length) of h into m. Calls
+ * no Lua, so it is safe while a borrowed engine handle is open. Returns 0,
+ * or a negative status with its one-line message copied into msg
+ * (QCOW2_E_NOMEM when the extent array could not grow). */
+int ql_map_fill(ql_map *m, qcow2_image *h, uint64_t offset, uint64_t length,
+                char *msg, size_t msg_len);
+/* ql_map_new + ql_map_fill: returns 1 with the map pushed, or 3 (fail,
+ * message, code). */
+int ql_map_push(lua_State *L, int owner_idx, qcow2_image *h,
+                uint64_t offset, uint64_t length);
+void ql_map_register(lua_State *L);
+
+/* --- Errors ------------------------------------------------------------------ */
+/* nil, qcow2_errmsg(h), code name of status: returns 3. */
+int ql_push_engine_error(lua_State *L, qcow2_image *h, int status);
+/* nil, message, code name from an error struct: returns 3. */
+int ql_push_error(lua_State *L, const qcow2_error *err);
+/* nil, formatted message, code name of status: returns 3. */
+int ql_push_fail(lua_State *L, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* --- Values ---------------------------------------------------------------- */
+/* A 64-bit unsigned engine value as a Lua integer (the same bits: values
+ * with bit 63 set, such as L2 entries with QCOW_OFLAG_COPIED, come out
+ * negative, and bit operations on them work as on the raw entry). */
+void ql_push_u64(lua_State *L, uint64_t v);
+void ql_set_int(lua_State *L, const char *key, uint64_t v);
+void ql_set_str(lua_State *L, const char *key, const char *s);
+void ql_set_bool(lua_State *L, const char *key, int b);
+
+/*
+ * Guest (or file) range argument checking, shared by read, map, digest
+ * and raw_read. [offset, offset+length) against `limit` bytes: a negative
+ * value or an offset past limit is refused ("invalid", message naming
+ * `who` and `what`); a length running past limit is clamped to it, as
+ * io's reads are short at the end of a file. Returns 1 with *out_off and
+ * *out_len set, or 0 with fail, message, code pushed (3 values).
+ */
+int ql_clamp_range(lua_State *L, const char *who, const char *what,
+                   lua_Integer offset, lua_Integer length, uint64_t limit,
+                   uint64_t *out_off, uint64_t *out_len);
+
+/* QEMU's size_to_str: "0 B", "64 MiB", "1.5 GiB" (3 significant digits). */
+void ql_human_size(char *buf, size_t len, uint64_t bytes);
+/* The file name part of a path (pointer into path). */
+const char *ql_basename(const char *path);
+
+/* A method table (name -> C function) of each type, kept in the registry
+ * under these keys so qcow2.core can hand them to init.lua for extension. */
+#define QL_METHODS_IMAGE    "qcow2.Image.methods"
+#define QL_METHODS_SNAPSHOT "qcow2.Snapshot.methods"
+#define QL_METHODS_MAP      "qcow2.ClusterMap.methods"
+
+/* Create the metatable `tname` with __index = a function that looks up
+ * the methods table (created from `methods`, stored in the registry under
+ * `methods_key`) first and then calls `fields(L)` with (ud, key). */
+void ql_register_type(lua_State *L, const char *tname,
+                      const char *methods_key, const luaL_Reg *methods,
+                      const luaL_Reg *metamethods, lua_CFunction fields);
+
+#endif /* QCOW2_LUA_COMMON_H */

@@ -1,0 +1,840 @@
+/*
+ * lua-qcow2 binding: the Image userdata ("qcow2.Image").
+ *
+ * A handle's userdata outlives the engine handle (liolib's discipline):
+ * after close the pointer inside is NULL and every use raises "attempt to
+ * use a closed image". Backing images and snapshot views borrow from the
+ * image they came from; see enum ql_kind in common.h.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <openssl/evp.h>
+
+#include "common.h"
+
+/* Guest bytes hashed per engine read by img:digest: large enough that the
+ * engine moves whole runs of clusters per call. */
+#define QL_DIGEST_CHUNK ((size_t)4 << 20)
+
+/* ---- Handle lifetime ------------------------------------------------------- */
+
+ql_image *ql_image_alloc(lua_State *L, int kind, int from_idx)
+{
+    ql_image *q;
+
+    if (from_idx != 0)
+        from_idx = lua_absindex(L, from_idx);
+    q = lua_newuserdatauv(L, sizeof *q, 2);
+    memset(q, 0, sizeof *q);
+    q->kind = kind;
+    if (from_idx != 0) {
+        q->from = lua_touserdata(L, from_idx);
+        lua_pushvalue(L, from_idx);
+        lua_setiuservalue(L, -2, QL_UV_FROM);
+    }
+    luaL_setmetatable(L, QL_IMAGE);
+    return q;
+}
+
+/* The handle that owns the engine chain q's handle lives in: closing it
+ * frees q's engine handle too. */
+static ql_image *chain_owner(ql_image *q)
+{
+    while (q->kind == QL_BACKING && q->from)
+        q = q->from;
+    return q;
+}
+
+static void view_unlink(ql_image *q)
+{
+    if (q->prev_view) {
+        *q->prev_view = q->next_view;
+        if (q->next_view)
+            q->next_view->prev_view = q->prev_view;
+        q->prev_view = NULL;
+        q->next_view = NULL;
+    }
+}
+
+void ql_image_attach(ql_image *q, qcow2_image *h)
+{
+    q->img = h;
+    if (q->kind == QL_VIEW && q->from) {
+        /* The view borrows the file of its parent's chain: the chain's
+         * owner closes it first. */
+        ql_image *owner = chain_owner(q->from);
+        q->next_view = owner->views;
+        if (owner->views)
+            owner->views->prev_view = &q->next_view;
+        owner->views = q;
+        q->prev_view = &owner->views;
+    }
+}
+
+int ql_image_live(const ql_image *q)
+{
+    /* A borrowed backing handle is usable while every image it came from
+     * is: their close released it inside the engine. */
+    for (; q != NULL; q = q->from) {
+        if (q->img == NULL)
+            return 0;
+        if (q->kind != QL_BACKING)
+            return 1;
+    }
+    return 0;
+}
+
+void ql_image_close(ql_image *q)
+{
+    if (q->kind == QL_BACKING) {
+        /* Borrowed: the engine frees it with the top of the chain. */
+        q->img = NULL;
+        return;
+    }
+    while (q->views)
+        ql_image_close(q->views);   /* unlinks itself */
+    if (q->img) {
+        qcow2_close(q->img);
+        q->img = NULL;
+    }
+    view_unlink(q);
+}
+
+ql_image *ql_to_image(lua_State *L, int idx)
+{
+    return luaL_checkudata(L, idx, QL_IMAGE);
+}
+
+ql_image *ql_check_image(lua_State *L, int idx)
+{
+    ql_image *q = ql_to_image(L, idx);
+    if (!ql_image_live(q)) {
+        q->img = NULL;
+        luaL_error(L, "attempt to use a closed image");
+    }
+    return q;
+}
+
+/* ---- Fields --------------------------------------------------------------------- */
+
+static int image_fields(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    qcow2_image *h = q->img;
+    int is_qcow2 = qcow2_version(h) != 0;
+    const char *key;
+
+    if (lua_type(L, 2) != LUA_TSTRING) {
+        lua_pushnil(L);
+        return 1;
+    }
+    key = lua_tostring(L, 2);
+    if (strcmp(key, "size") == 0)
+        ql_push_u64(L, qcow2_virtual_size(h));
+    else if (strcmp(key, "cluster_size") == 0 && is_qcow2)
+        ql_push_u64(L, qcow2_cluster_size(h));
+    else if (strcmp(key, "version") == 0 && is_qcow2)
+        lua_pushinteger(L, qcow2_version(h));
+    else if (strcmp(key, "read_only") == 0)
+        lua_pushboolean(L, qcow2_is_read_only(h));
+    else if (strcmp(key, "path") == 0)
+        lua_pushstring(L, qcow2_path(h));
+    else if (strcmp(key, "format") == 0)
+        lua_pushstring(L, qcow2_format(h));
+    else if (strcmp(key, "backing_file") == 0)
+        lua_pushstring(L, qcow2_backing_name(h));   /* NULL -> nil */
+    else if (strcmp(key, "backing_format") == 0)
+        lua_pushstring(L, qcow2_backing_format(h));
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+/* ---- Guest data ------------------------------------------------------------------ */
+
+static int image_read(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    lua_Integer length = luaL_checkinteger(L, 3);
+    uint64_t guest_offset, bytes;
+    luaL_Buffer b;
+    char *dst;
+    int rc;
+
+    if (!ql_clamp_range(L, qcow2_path(q->img), "read", offset, length,
+                        qcow2_virtual_size(q->img), &guest_offset, &bytes))
+        return 3;
+    if (bytes == 0) {
+        lua_pushliteral(L, "");
+        return 1;
+    }
+    if (bytes > (uint64_t)(SIZE_MAX / 2))
+        return luaL_error(L, "not enough memory");
+    /* The engine reads straight into the string being built. */
+    dst = luaL_buffinitsize(L, &b, (size_t)bytes);
+    rc = qcow2_read(q->img, guest_offset, dst, (size_t)bytes);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    luaL_pushresultsize(&b, (size_t)bytes);
+    return 1;
+}
+
+static int image_digest(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    const char *algo = luaL_optstring(L, 2, "sha256");
+    lua_Integer offset = luaL_optinteger(L, 3, 0);
+    uint64_t size = qcow2_virtual_size(q->img);
+    lua_Integer length;
+    uint64_t guest_offset, bytes;
+    const EVP_MD *md;
+    EVP_MD_CTX *ctx;
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int digest_len = 0;
+    char hex[2 * EVP_MAX_MD_SIZE + 1];
+    size_t chunk;
+    void *buf;
+    int rc = 0, evp_ok;
+
+    length = luaL_optinteger(L, 4, offset >= 0 && (uint64_t)offset < size
+                                       ? (lua_Integer)(size - (uint64_t)offset)
+                                       : 0);
+    if (!ql_clamp_range(L, qcow2_path(q->img), "digest", offset, length,
+                        size, &guest_offset, &bytes))
+        return 3;
+    md = EVP_get_digestbyname(algo);
+    if (md == NULL)
+        return ql_push_fail(L, QCOW2_E_INVALID,
+                            "%s: unknown digest algorithm '%s'",
+                            qcow2_path(q->img), algo);
+    chunk = bytes < QL_DIGEST_CHUNK ? (size_t)bytes : QL_DIGEST_CHUNK;
+    /* Allocated by Lua before the OpenSSL context exists, so nothing below
+     * raises while ctx is live. */
+    buf = lua_newuserdatauv(L, chunk ? chunk : 1, 0);
+
+    ctx = EVP_MD_CTX_new();
+    evp_ok = ctx != NULL && EVP_DigestInit_ex(ctx, md, NULL);
+    while (evp_ok && bytes > 0) {
+        size_t n = bytes < chunk ? (size_t)bytes : chunk;
+        rc = qcow2_read(q->img, guest_offset, buf, n);
+        if (rc < 0)
+            break;
+        evp_ok = EVP_DigestUpdate(ctx, buf, n);
+        guest_offset += n;
+        bytes -= n;
+    }
+    if (rc >= 0 && evp_ok)
+        evp_ok = EVP_DigestFinal_ex(ctx, digest, &digest_len);
+    EVP_MD_CTX_free(ctx);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    if (!evp_ok)
+        return ql_push_fail(L, QCOW2_E_NOMEM, "%s: %s digest failed",
+                            qcow2_path(q->img), algo);
+    for (unsigned int i = 0; i < digest_len; i++)
+        snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+    lua_pushlstring(L, hex, 2 * (size_t)digest_len);
+    return 1;
+}
+
+/* The file a handle reads: a snapshot view's path names the snapshot
+ * ("disk.qcow2@snap"), its bytes are its parent's file. */
+static const char *file_path(const ql_image *q)
+{
+    while (q->kind == QL_VIEW && q->from)
+        q = q->from;
+    return qcow2_path(q->img);
+}
+
+/*
+ * The image file's own bytes. The engine's public header has no raw read
+ * yet, so this reads the file by its path with a fresh O_RDONLY descriptor
+ * (never writes; allowed on read-only handles for forensic use).
+ * TODO(engine): replace with a qcow2_raw_read through the handle's I/O
+ * backend once csrc/qcow2.h offers one (memory backends, data files).
+ */
+static int image_raw_read(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    lua_Integer length = luaL_checkinteger(L, 3);
+    const char *path = file_path(q);
+    uint64_t file_size, host_offset, bytes;
+    size_t done = 0;
+    luaL_Buffer b;
+    char *dst;
+    int fd, rc, saved_errno = 0;
+
+    rc = qcow2_file_size(q->img, &file_size);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    if (!ql_clamp_range(L, path, "raw read", offset, length, file_size,
+                        &host_offset, &bytes))
+        return 3;
+    if (bytes == 0) {
+        lua_pushliteral(L, "");
+        return 1;
+    }
+    if (bytes > (uint64_t)(SIZE_MAX / 2))
+        return luaL_error(L, "not enough memory");
+    dst = luaL_buffinitsize(L, &b, (size_t)bytes);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return ql_push_fail(L, errno == ENOENT ? QCOW2_E_NOTFOUND : QCOW2_E_IO,
+                            "%s: cannot open for a raw read: %s", path,
+                            strerror(errno));
+    while (done < bytes) {
+        ssize_t n = pread(fd, dst + done, (size_t)bytes - done,
+                          (off_t)(host_offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            saved_errno = errno;
+        if (n <= 0)
+            break;      /* error, or the file shrank: a short read */
+        done += (size_t)n;
+    }
+    close(fd);
+    if (saved_errno)
+        return ql_push_fail(L, QCOW2_E_IO,
+                            "%s: raw read at offset %" PRIu64 ": %s", path,
+                            host_offset + done, strerror(saved_errno));
+    luaL_pushresultsize(&b, done);
+    return 1;
+}
+
+/* ---- info() --------------------------------------------------------------------- */
+
+/* QEMU's path_has_protocol: "nbd://..." or "json:{...}", a colon before
+ * any slash. */
+static int has_protocol(const char *name)
+{
+    const char *colon = strchr(name, ':');
+    const char *slash = strchr(name, '/');
+    return colon && (!slash || colon < slash);
+}
+
+/* full-backing-filename as qemu-img info prints it: the name combined with
+ * the image's folder (bdrv_get_full_backing_filename / path_combine). */
+static void push_full_backing_name(lua_State *L, const char *image_path,
+                                   const char *backing)
+{
+    const char *slash;
+
+    if (backing[0] == '/' || has_protocol(backing)) {
+        lua_pushstring(L, backing);
+        return;
+    }
+    slash = strrchr(image_path, '/');
+    if (slash)
+        lua_pushlstring(L, image_path, (size_t)(slash + 1 - image_path));
+    else
+        lua_pushliteral(L, "");
+    lua_pushstring(L, backing);
+    lua_concat(L, 2);
+}
+
+/* "format-specific" of qemu-img info for a qcow2 image (QEMU 7.2's
+ * qcow2_get_specific_info). */
+static void push_format_specific(lua_State *L, qcow2_image *h,
+                                 const qcow2_header *hdr)
+{
+    const qcow2_ext_info *ext = qcow2_get_ext_info(h);
+
+    lua_createtable(L, 0, 2);
+    ql_set_str(L, "type", "qcow2");
+    lua_createtable(L, 0, 8);
+    ql_set_str(L, "compression-type",
+               hdr->compression_type == 1 ? "zstd" : "zlib");
+    ql_set_int(L, "refcount-bits", (uint64_t)1 << hdr->refcount_order);
+    if (hdr->version == 2) {
+        ql_set_str(L, "compat", "0.10");
+    } else {
+        ql_set_str(L, "compat", "1.1");
+        ql_set_bool(L, "lazy-refcounts",
+                    (hdr->compatible_features & 1) != 0);
+        ql_set_bool(L, "corrupt",
+                    (hdr->incompatible_features & (1u << 1)) != 0);
+        ql_set_bool(L, "extended-l2",
+                    (hdr->incompatible_features & (1u << 4)) != 0);
+        if (ext && ext->data_file)
+            ql_set_str(L, "data-file", ext->data_file);
+        /* QEMU prints data-file-raw whenever an external data file is in
+         * use (incompatible bit 2); its value is autoclear bit 1. */
+        if (hdr->incompatible_features & (1u << 2))
+            ql_set_bool(L, "data-file-raw",
+                        (hdr->autoclear_features & (1u << 1)) != 0);
+        /* TODO(engine): "bitmaps" (name, granularity, flags per bitmap)
+         * needs the bitmap directory, which csrc/qcow2.h does not expose:
+         * only qcow2_ext_info.nb_bitmaps. */
+    }
+    if (hdr->crypt_method != 0) {
+        /* TODO(engine): LUKS details (cipher-alg, slots, ...) need the
+         * parsed crypto header; only the format is known here. */
+        lua_createtable(L, 0, 1);
+        ql_set_str(L, "format", hdr->crypt_method == 1 ? "aes" : "luks");
+        lua_setfield(L, -2, "encrypt");
+    }
+    lua_setfield(L, -2, "data");
+}
+
+static int push_snapshot_infos(lua_State *L, qcow2_image *h, uint32_t count)
+{
+    lua_createtable(L, (int)count, 0);
+    for (uint32_t i = 0; i < count; i++) {
+        qcow2_snapshot_info sn;
+        int rc = qcow2_snapshot_get(h, i, &sn);
+        if (rc < 0)
+            return rc;
+        lua_createtable(L, 0, 8);
+        ql_set_str(L, "id", sn.id);
+        ql_set_str(L, "name", sn.name);
+        ql_set_int(L, "date-sec", sn.date_sec);
+        ql_set_int(L, "date-nsec", sn.date_nsec);
+        ql_set_int(L, "vm-clock-sec", sn.vm_clock_nsec / 1000000000u);
+        ql_set_int(L, "vm-clock-nsec", sn.vm_clock_nsec % 1000000000u);
+        ql_set_int(L, "vm-state-size", sn.vm_state_size);
+        /* QEMU omits icount when the entry has none (-1). */
+        if (sn.has_icount && sn.icount != -1)
+            ql_set_int(L, "icount", (uint64_t)sn.icount);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 0;
+}
+
+static int image_info(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    qcow2_image *h = q->img;
+    const qcow2_header *hdr = qcow2_get_header(h);
+    const char *backing = qcow2_backing_name(h);
+    const char *backing_format = qcow2_backing_format(h);
+    uint32_t nb_snapshots = qcow2_snapshot_count(h);
+    uint64_t allocated;
+    int rc;
+
+    lua_createtable(L, 0, 12);
+    /* QEMU counts a raw file's size in whole 512-byte sectors.
+     * TODO(engine): qcow2_virtual_size of a raw image should round the
+     * same way, so that img.size, read and map agree with this. */
+    ql_set_int(L, "virtual-size",
+               hdr ? qcow2_virtual_size(h)
+                   : (qcow2_virtual_size(h) + 511) / 512 * 512);
+    ql_set_str(L, "filename", qcow2_path(h));
+    ql_set_str(L, "format", qcow2_format(h));
+    /* qemu-img leaves actual-size out when the size is unknown. */
+    if (qcow2_allocated_file_size(h, &allocated) == 0)
+        ql_set_int(L, "actual-size", allocated);
+    ql_set_bool(L, "dirty-flag",
+                hdr && (hdr->incompatible_features & 1) != 0);
+    if (hdr) {
+        ql_set_int(L, "cluster-size", qcow2_cluster_size(h));
+        push_format_specific(L, h, hdr);
+        lua_setfield(L, -2, "format-specific");
+        if (hdr->crypt_method != 0)
+            ql_set_bool(L, "encrypted", 1);
+    }
+    if (backing) {
+        ql_set_str(L, "backing-filename", backing);
+        push_full_backing_name(L, qcow2_path(h), backing);
+        lua_setfield(L, -2, "full-backing-filename");
+        if (backing_format)
+            ql_set_str(L, "backing-filename-format", backing_format);
+    }
+    if (nb_snapshots > 0) {
+        rc = push_snapshot_infos(L, h, nb_snapshots);
+        if (rc < 0)
+            return ql_push_engine_error(L, h, rc);
+        lua_setfield(L, -2, "snapshots");
+    }
+    return 1;
+}
+
+/* ---- header() ------------------------------------------------------------------- */
+
+static void push_feature_names(lua_State *L, qcow2_image *h, int kind,
+                               uint64_t bits)
+{
+    lua_Integer n = 0;
+
+    lua_newtable(L);
+    for (int bit = 0; bit < 64; bit++) {
+        const char *name;
+        if (!(bits & ((uint64_t)1 << bit)))
+            continue;
+        name = qcow2_feature_bit_name(h, kind, bit);
+        if (name)
+            lua_pushstring(L, name);
+        else
+            lua_pushfstring(L, "bit %d", bit);
+        lua_rawseti(L, -2, ++n);
+    }
+}
+
+static int image_header(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    qcow2_image *h = q->img;
+    const qcow2_header *hdr = qcow2_get_header(h);
+    size_t n_ext;
+
+    if (hdr == NULL)
+        return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
+                            "%s: a raw image has no qcow2 header",
+                            qcow2_path(h));
+    lua_createtable(L, 0, 22);
+    ql_set_int(L, "magic", hdr->magic);
+    ql_set_int(L, "version", hdr->version);
+    ql_set_int(L, "backing_file_offset", hdr->backing_file_offset);
+    ql_set_int(L, "backing_file_size", hdr->backing_file_size);
+    ql_set_int(L, "cluster_bits", hdr->cluster_bits);
+    ql_set_int(L, "size", hdr->size);
+    ql_set_int(L, "crypt_method", hdr->crypt_method);
+    ql_set_int(L, "l1_size", hdr->l1_size);
+    ql_set_int(L, "l1_table_offset", hdr->l1_table_offset);
+    ql_set_int(L, "refcount_table_offset", hdr->refcount_table_offset);
+    ql_set_int(L, "refcount_table_clusters", hdr->refcount_table_clusters);
+    ql_set_int(L, "nb_snapshots", hdr->nb_snapshots);
+    ql_set_int(L, "snapshots_offset", hdr->snapshots_offset);
+    /* v2 images: the engine fills QEMU's implied values (features 0,
+     * refcount_order 4, header_length 72, compression_type 0). */
+    ql_set_int(L, "incompatible_features", hdr->incompatible_features);
+    ql_set_int(L, "compatible_features", hdr->compatible_features);
+    ql_set_int(L, "autoclear_features", hdr->autoclear_features);
+    ql_set_int(L, "refcount_order", hdr->refcount_order);
+    ql_set_int(L, "header_length", hdr->header_length);
+    ql_set_int(L, "compression_type", hdr->compression_type);
+
+    n_ext = qcow2_extension_count(h);
+    lua_createtable(L, (int)n_ext, 0);
+    for (size_t i = 0; i < n_ext; i++) {
+        const qcow2_header_extension *e = qcow2_extension(h, i);
+        if (e == NULL)
+            continue;
+        lua_createtable(L, 0, 4);
+        ql_set_int(L, "magic", e->magic);
+        ql_set_int(L, "length", e->length);
+        ql_set_int(L, "offset", e->file_offset);
+        lua_pushlstring(L, (const char *)e->data, e->length);
+        lua_setfield(L, -2, "data");
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_setfield(L, -2, "extensions");
+
+    lua_createtable(L, 0, 3);
+    push_feature_names(L, h, 0, hdr->incompatible_features);
+    lua_setfield(L, -2, "incompatible");
+    push_feature_names(L, h, 1, hdr->compatible_features);
+    lua_setfield(L, -2, "compatible");
+    push_feature_names(L, h, 2, hdr->autoclear_features);
+    lua_setfield(L, -2, "autoclear");
+    lua_setfield(L, -2, "features");
+    return 1;
+}
+
+/* ---- Raw tables ------------------------------------------------------------------- */
+
+static int image_l1(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    uint32_t n = qcow2_l1_size(q->img);
+
+    lua_createtable(L, (int)n, 0);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t entry;
+        int rc = qcow2_l1_entry(q->img, i, &entry);
+        if (rc < 0)
+            return ql_push_engine_error(L, q->img, rc);
+        ql_push_u64(L, entry);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+/* img:l2(l1_index): the raw 64-bit words of the L2 table, in file order.
+ * With extended L2 that is a flat array of pairs: entry, then its
+ * subcluster bitmap (words 2k+1 and 2k+2 describe cluster k). */
+static int image_l2(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    lua_Integer l1_index = luaL_checkinteger(L, 2);
+    uint64_t cluster_size = qcow2_cluster_size(q->img);
+    uint64_t *words;
+    size_t count = 0;
+    int rc;
+
+    if (cluster_size == 0)
+        return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
+                            "%s: a raw image has no L2 tables",
+                            qcow2_path(q->img));
+    if (l1_index < 0 || (uint64_t)l1_index >= qcow2_l1_size(q->img))
+        return ql_push_fail(L, QCOW2_E_INVALID,
+                            "%s: L1 index %lld is outside the L1 table "
+                            "(%" PRIu32 " entries)", qcow2_path(q->img),
+                            (long long)l1_index, qcow2_l1_size(q->img));
+    words = lua_newuserdatauv(L, (size_t)cluster_size, 0);
+    rc = qcow2_l2_table(q->img, (uint32_t)l1_index, words, &count);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    if (count > cluster_size / 8)
+        count = (size_t)(cluster_size / 8);
+    lua_createtable(L, (int)count, 0);
+    for (size_t i = 0; i < count; i++) {
+        ql_push_u64(L, words[i]);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+static int image_refcount(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    lua_Integer host_cluster = luaL_checkinteger(L, 2);
+    uint64_t refcount;
+    int rc;
+
+    if (host_cluster < 0)
+        return ql_push_fail(L, QCOW2_E_INVALID,
+                            "%s: host cluster %lld is negative",
+                            qcow2_path(q->img), (long long)host_cluster);
+    rc = qcow2_refcount(q->img, (uint64_t)host_cluster, &refcount);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    ql_push_u64(L, refcount);
+    return 1;
+}
+
+/* ---- Map, snapshots, backing --------------------------------------------------- */
+
+static int image_map(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    uint64_t size = qcow2_virtual_size(q->img);
+    lua_Integer offset = luaL_optinteger(L, 2, 0);
+    lua_Integer length;
+    uint64_t guest_offset, bytes;
+
+    length = luaL_optinteger(L, 3, offset >= 0 && (uint64_t)offset < size
+                                       ? (lua_Integer)(size - (uint64_t)offset)
+                                       : 0);
+    if (!ql_clamp_range(L, qcow2_path(q->img), "map", offset, length, size,
+                        &guest_offset, &bytes))
+        return 3;
+    return ql_map_push(L, 1, q->img, guest_offset, bytes);
+}
+
+static int image_snapshots(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    uint32_t n = qcow2_snapshot_count(q->img);
+
+    lua_createtable(L, (int)n, 0);
+    for (uint32_t i = 0; i < n; i++) {
+        qcow2_snapshot_info info;
+        int rc = qcow2_snapshot_get(q->img, i, &info);
+        if (rc < 0)
+            return ql_push_engine_error(L, q->img, rc);
+        ql_snapshot_push(L, 1, i, &info);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+/* img:snapshot(id_or_name): by id first, then by name, as QEMU's
+ * bdrv_snapshot_find does; nil when neither matches. */
+static int image_snapshot(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    const char *key = luaL_checkstring(L, 2);
+    uint32_t n = qcow2_snapshot_count(q->img);
+    qcow2_snapshot_info info;
+
+    for (int by_name = 0; by_name <= 1; by_name++) {
+        for (uint32_t i = 0; i < n; i++) {
+            int rc = qcow2_snapshot_get(q->img, i, &info);
+            const char *s;
+            if (rc < 0)
+                return ql_push_engine_error(L, q->img, rc);
+            s = by_name ? info.name : info.id;
+            if (s && strcmp(s, key) == 0) {
+                ql_snapshot_push(L, 1, i, &info);
+                return 1;
+            }
+        }
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+/* img:backing(): the engine's open backing image, borrowed (the same
+ * userdata on every call while it stays the chain's backing handle). */
+static int image_backing(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    qcow2_image *backing = qcow2_backing(q->img);
+    ql_image *b;
+
+    if (backing == NULL) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (lua_getiuservalue(L, 1, QL_UV_BACKING) == LUA_TUSERDATA) {
+        b = lua_touserdata(L, -1);
+        if (b->img == backing)
+            return 1;
+    }
+    lua_pop(L, 1);
+    b = ql_image_alloc(L, QL_BACKING, 1);
+    ql_image_attach(b, backing);
+    lua_pushvalue(L, -1);
+    lua_setiuservalue(L, 1, QL_UV_BACKING);
+    return 1;
+}
+
+/* ---- Writes: refused on read-only handles ---------------------------------------- */
+
+/* The write side of the API exists so scripts see the contract's answer:
+ * "readonly" on a read-only handle. The engine's public header has no
+ * write calls yet, so a read-write handle answers "unsupported".
+ * TODO(write side): bind the engine's write calls when qcow2.h has them. */
+static int refuse_write(lua_State *L, const char *what)
+{
+    ql_image *q = ql_check_image(L, 1);
+
+    if (qcow2_is_read_only(q->img))
+        return ql_push_fail(L, QCOW2_E_READONLY,
+                            "%s: %s: the image is open read-only",
+                            qcow2_path(q->img), what);
+    return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
+                        "%s: %s is not implemented yet", qcow2_path(q->img),
+                        what);
+}
+
+#define QL_WRITE_METHOD(name) \
+    static int image_##name(lua_State *L) { return refuse_write(L, #name); }
+QL_WRITE_METHOD(write)
+QL_WRITE_METHOD(write_zeroes)
+QL_WRITE_METHOD(discard)
+QL_WRITE_METHOD(write_compressed)
+QL_WRITE_METHOD(resize)
+QL_WRITE_METHOD(amend)
+QL_WRITE_METHOD(make_empty)
+QL_WRITE_METHOD(create_snapshot)
+QL_WRITE_METHOD(save_vmstate)
+QL_WRITE_METHOD(raw_write)
+QL_WRITE_METHOD(commit)
+QL_WRITE_METHOD(rebase)
+#undef QL_WRITE_METHOD
+
+static int image_load_vmstate(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    /* TODO(vmstate): needs an engine call to read the VM state area. */
+    return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
+                        "%s: load_vmstate is not implemented yet",
+                        qcow2_path(q->img));
+}
+
+static int image_flush(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+
+    /* Nothing is ever dirty on a read-only handle. */
+    if (qcow2_is_read_only(q->img)) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    /* TODO(write side): qcow2.h has no flush call yet. */
+    return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
+                        "%s: flush is not implemented yet",
+                        qcow2_path(q->img));
+}
+
+/* ---- Close and metamethods ------------------------------------------------------ */
+
+static int image_close(lua_State *L)
+{
+    ql_image *q = ql_to_image(L, 1);
+    ql_image_close(q);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* __gc and __close: the same idempotent close; a borrowed backing handle
+ * is left to the engine (its top image frees it). */
+static int image_gc(lua_State *L)
+{
+    ql_image *q = ql_to_image(L, 1);
+    if (q->kind != QL_BACKING)
+        ql_image_close(q);
+    return 0;
+}
+
+static int image_tostring(lua_State *L)
+{
+    ql_image *q = ql_to_image(L, 1);
+    char size[32];
+
+    if (!ql_image_live(q)) {
+        lua_pushliteral(L, "qcow2.Image (closed)");
+        return 1;
+    }
+    ql_human_size(size, sizeof size, qcow2_virtual_size(q->img));
+    if (qcow2_version(q->img) != 0)
+        lua_pushfstring(L, "qcow2.Image (%s, %s, v%d)",
+                        ql_basename(qcow2_path(q->img)), size,
+                        (int)qcow2_version(q->img));
+    else
+        lua_pushfstring(L, "qcow2.Image (%s, %s, %s)",
+                        ql_basename(qcow2_path(q->img)), size,
+                        qcow2_format(q->img));
+    return 1;
+}
+
+void ql_image_register(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        {"read", image_read},
+        {"digest", image_digest},
+        {"raw_read", image_raw_read},
+        {"info", image_info},
+        {"header", image_header},
+        {"map", image_map},
+        {"snapshots", image_snapshots},
+        {"snapshot", image_snapshot},
+        {"backing", image_backing},
+        {"l1", image_l1},
+        {"l2", image_l2},
+        {"refcount", image_refcount},
+        {"flush", image_flush},
+        {"close", image_close},
+        {"write", image_write},
+        {"write_zeroes", image_write_zeroes},
+        {"discard", image_discard},
+        {"write_compressed", image_write_compressed},
+        {"resize", image_resize},
+        {"amend", image_amend},
+        {"make_empty", image_make_empty},
+        {"create_snapshot", image_create_snapshot},
+        {"save_vmstate", image_save_vmstate},
+        {"load_vmstate", image_load_vmstate},
+        {"raw_write", image_raw_write},
+        {"commit", image_commit},
+        {"rebase", image_rebase},
+        {NULL, NULL}
+    };
+    static const luaL_Reg metamethods[] = {
+        {"__gc", image_gc},
+        {"__close", image_gc},
+        {"__tostring", image_tostring},
+        {NULL, NULL}
+    };
+    ql_register_type(L, QL_IMAGE, QL_METHODS_IMAGE, methods, metamethods,
+                     image_fields);
+}

@@ -1,0 +1,219 @@
+/*
+ * lua-qcow2 binding: the ClusterMap userdata ("qcow2.ClusterMap").
+ *
+ * The engine's extents (already merged as qemu-img merges them) are copied
+ * into one C array while qcow2_map runs: the callback allocates with
+ * realloc and never calls Lua, so no Lua error can unwind through the
+ * engine. m[i] builds the extent's table on demand.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+#define QL_UV_OWNER 1   /* the Image the map was taken from */
+
+struct ql_map {
+    qcow2_extent *extents;      /* malloc'd; freed by __gc */
+    size_t count;
+    size_t capacity;
+    int out_of_memory;          /* the collector could not grow the array */
+};
+
+static const char *const extent_type_names[] = {
+    "data", "zero", "unallocated", "compressed"
+};
+
+static const char *extent_type_name(int type)
+{
+    if (type >= 0 && type <= QCOW2_EXTENT_COMPRESSED)
+        return extent_type_names[type];
+    return "unknown";
+}
+
+ql_map *ql_map_new(lua_State *L, int owner_idx)
+{
+    ql_map *m;
+
+    owner_idx = lua_absindex(L, owner_idx);
+    m = lua_newuserdatauv(L, sizeof *m, 1);
+    memset(m, 0, sizeof *m);
+    lua_pushvalue(L, owner_idx);
+    lua_setiuservalue(L, -2, QL_UV_OWNER);
+    luaL_setmetatable(L, QL_MAP);
+    return m;
+}
+
+static int collect_extent(void *ctx, const qcow2_extent *extent)
+{
+    ql_map *m = ctx;
+
+    if (m->count == m->capacity) {
+        size_t capacity = m->capacity ? m->capacity * 2 : 64;
+        qcow2_extent *grown;
+        if (capacity > SIZE_MAX / sizeof *grown) {
+            m->out_of_memory = 1;
+            return 1;
+        }
+        grown = realloc(m->extents, capacity * sizeof *grown);
+        if (grown == NULL) {
+            m->out_of_memory = 1;
+            return 1;   /* stop the walk; reported as "nomem" */
+        }
+        m->extents = grown;
+        m->capacity = capacity;
+    }
+    m->extents[m->count++] = *extent;
+    return 0;
+}
+
+int ql_map_fill(ql_map *m, qcow2_image *h, uint64_t offset, uint64_t length,
+                char *msg, size_t msg_len)
+{
+    int rc;
+
+    if (length == 0)
+        return 0;
+    rc = qcow2_map(h, offset, length, collect_extent, m);
+    if (m->out_of_memory) {
+        snprintf(msg, msg_len, "%s: out of memory collecting the map",
+                 qcow2_path(h));
+        return QCOW2_E_NOMEM;
+    }
+    if (rc < 0) {
+        snprintf(msg, msg_len, "%s", qcow2_errmsg(h));
+        return rc;
+    }
+    return 0;
+}
+
+int ql_map_push(lua_State *L, int owner_idx, qcow2_image *h,
+                uint64_t offset, uint64_t length)
+{
+    char msg[QCOW2_ERRMSG_MAX];
+    ql_map *m = ql_map_new(L, owner_idx);
+    int rc = ql_map_fill(m, h, offset, length, msg, sizeof msg);
+
+    if (rc < 0)
+        return ql_push_fail(L, rc, "%s", msg);
+    return 1;
+}
+
+static ql_map *check_map(lua_State *L, int idx)
+{
+    return luaL_checkudata(L, idx, QL_MAP);
+}
+
+/* {start=, length=, type=, offset=, depth=, compressed_size=}: offset only
+ * when the engine knows a meaningful host offset, compressed_size only for
+ * compressed extents. */
+static void push_extent(lua_State *L, const qcow2_extent *e)
+{
+    lua_createtable(L, 0, 6);
+    ql_set_int(L, "start", e->start);
+    ql_set_int(L, "length", e->length);
+    ql_set_str(L, "type", extent_type_name(e->type));
+    lua_pushinteger(L, e->depth);
+    lua_setfield(L, -2, "depth");
+    if (e->has_offset)
+        ql_set_int(L, "offset", e->offset);
+    if (e->type == QCOW2_EXTENT_COMPRESSED)
+        ql_set_int(L, "compressed_size", e->compressed_size);
+}
+
+/* m[i], 1-based; nil outside 1..#m. */
+static int map_fields(lua_State *L)
+{
+    ql_map *m = check_map(L, 1);
+    lua_Integer i;
+    int is_int = 0;
+
+    i = lua_tointegerx(L, 2, &is_int);
+    if (is_int && i >= 1 && (uint64_t)i <= m->count)
+        push_extent(L, &m->extents[i - 1]);
+    else
+        lua_pushnil(L);
+    return 1;
+}
+
+static int map_len(lua_State *L)
+{
+    ql_map *m = check_map(L, 1);
+    lua_pushinteger(L, (lua_Integer)m->count);
+    return 1;
+}
+
+static int map_iter(lua_State *L)
+{
+    ql_map *m = check_map(L, lua_upvalueindex(1));
+    lua_Integer next = lua_tointeger(L, lua_upvalueindex(2));
+
+    if (next < 0 || (uint64_t)next >= m->count)
+        return 0;
+    lua_pushinteger(L, next + 1);
+    lua_replace(L, lua_upvalueindex(2));
+    push_extent(L, &m->extents[next]);
+    return 1;
+}
+
+/* for e in m:extents() do ... end */
+static int map_extents(lua_State *L)
+{
+    check_map(L, 1);
+    lua_pushvalue(L, 1);
+    lua_pushinteger(L, 0);
+    lua_pushcclosure(L, map_iter, 2);
+    return 1;
+}
+
+/* Bytes per extent type: {data=, zero=, unallocated=, compressed=}. */
+static int map_stats(lua_State *L)
+{
+    ql_map *m = check_map(L, 1);
+    uint64_t bytes[4] = {0, 0, 0, 0};
+
+    for (size_t i = 0; i < m->count; i++) {
+        int type = m->extents[i].type;
+        if (type >= 0 && type <= QCOW2_EXTENT_COMPRESSED)
+            bytes[type] += m->extents[i].length;
+    }
+    lua_createtable(L, 0, 4);
+    for (int type = 0; type <= QCOW2_EXTENT_COMPRESSED; type++)
+        ql_set_int(L, extent_type_names[type], bytes[type]);
+    return 1;
+}
+
+static int map_gc(lua_State *L)
+{
+    ql_map *m = check_map(L, 1);
+    free(m->extents);
+    m->extents = NULL;
+    m->count = m->capacity = 0;
+    return 0;
+}
+
+static int map_tostring(lua_State *L)
+{
+    ql_map *m = check_map(L, 1);
+    lua_pushfstring(L, "qcow2.ClusterMap (%I extents)",
+                    (lua_Integer)m->count);
+    return 1;
+}
+
+void ql_map_register(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        {"extents", map_extents},
+        {"stats", map_stats},
+        {NULL, NULL}
+    };
+    static const luaL_Reg metamethods[] = {
+        {"__len", map_len},
+        {"__gc", map_gc},
+        {"__tostring", map_tostring},
+        {NULL, NULL}
+    };
+    ql_register_type(L, QL_MAP, QL_METHODS_MAP, methods, metamethods,
+                     map_fields);
+}

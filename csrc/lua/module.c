@@ -1,0 +1,319 @@
+/*
+ * lua-qcow2 binding: the qcow2.core module (open, probe, version) and the
+ * translation of open options into qcow2_open_opts.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "common.h"
+
+/* ---- Option helpers ------------------------------------------------------ */
+
+/* Push opts[name]; raise unless it is nil or of type `type`. Returns the
+ * Lua type found (LUA_TNIL when absent). */
+static int opt_field(lua_State *L, int opts, const char *name, int type)
+{
+    int found = lua_getfield(L, opts, name);
+    if (found != LUA_TNIL && found != type)
+        luaL_error(L, "bad option '%s' to 'open' (%s expected, got %s)",
+                   name, lua_typename(L, type), luaL_typename(L, -1));
+    return found;
+}
+
+static int opt_bool(lua_State *L, int opts, const char *name, int dflt)
+{
+    int value = dflt;
+    if (opt_field(L, opts, name, LUA_TBOOLEAN) != LUA_TNIL)
+        value = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return value;
+}
+
+/* A byte count: a non-negative integer. Returns 1 when given. */
+static int opt_bytes(lua_State *L, int opts, const char *name, uint64_t *out)
+{
+    int given = 0;
+    if (opt_field(L, opts, name, LUA_TNUMBER) != LUA_TNIL) {
+        int is_int = 0;
+        lua_Integer v = lua_tointegerx(L, -1, &is_int);
+        if (!is_int || v < 0)
+            luaL_error(L, "bad option '%s' to 'open' (non-negative integer "
+                       "expected)", name);
+        *out = (uint64_t)v;
+        given = 1;
+    }
+    lua_pop(L, 1);
+    return given;
+}
+
+/* A string among `choices` (NULL terminated), or nil. */
+static void opt_choice(lua_State *L, int opts, const char *name,
+                       const char *const choices[])
+{
+    if (opt_field(L, opts, name, LUA_TSTRING) != LUA_TNIL) {
+        const char *value = lua_tostring(L, -1);
+        int ok = 0;
+        for (int i = 0; choices[i]; i++)
+            ok |= strcmp(choices[i], value) == 0;
+        if (!ok)
+            luaL_error(L, "bad option '%s' to 'open' (invalid value '%s')",
+                       name, value);
+    }
+    lua_pop(L, 1);
+}
+
+/* ---- Backing resolver ----------------------------------------------------- */
+
+typedef struct resolve_ctx {
+    lua_State *L;
+    int fn_idx;         /* stack index of the Lua resolve function */
+} resolve_ctx;
+
+/* Runs inside lua_pcall: fn, name, format (light userdata), depth. Makes
+ * the strings here, so a memory error is caught by the pcall and never
+ * unwinds through the engine. */
+static int resolve_call(lua_State *L)
+{
+    const char *name = lua_touserdata(L, 2);
+    const char *format = lua_touserdata(L, 3);
+
+    lua_pushvalue(L, 1);
+    lua_pushstring(L, name);
+    if (format)
+        lua_pushstring(L, format);
+    else
+        lua_pushnil(L);
+    lua_pushvalue(L, 4);
+    lua_call(L, 3, 2);
+    return 2;
+}
+
+/* qcow2_resolve_fn calling opts.backing(name, format, depth): a string is
+ * the path to open; nil, why (or a Lua error) refuses the backing file. */
+static int resolve_backing(void *vctx, const char *name, const char *format,
+                           int depth, char *out, size_t out_len, char *why,
+                           size_t why_len)
+{
+    resolve_ctx *ctx = vctx;
+    lua_State *L = ctx->L;
+    int top = lua_gettop(L);
+
+    if (!lua_checkstack(L, 8)) {
+        snprintf(why, why_len, "resolver: Lua stack overflow");
+        return QCOW2_E_NOMEM;
+    }
+    lua_pushcfunction(L, resolve_call);
+    lua_pushvalue(L, ctx->fn_idx);
+    lua_pushlightuserdata(L, (void *)name);
+    lua_pushlightuserdata(L, (void *)format);
+    lua_pushinteger(L, depth);
+    if (lua_pcall(L, 4, 2, 0) != LUA_OK) {
+        const char *err = lua_type(L, -1) == LUA_TSTRING
+                              ? lua_tostring(L, -1)
+                              : "(error object is not a string)";
+        snprintf(why, why_len, "resolver failed: %s", err);
+        lua_settop(L, top);
+        return QCOW2_E_INVALID;
+    }
+    if (lua_type(L, -2) == LUA_TSTRING) {
+        size_t len;
+        const char *path = lua_tolstring(L, -2, &len);
+        if (len == 0 || len >= out_len || strlen(path) != len) {
+            snprintf(why, why_len, "resolver returned an unusable path");
+            lua_settop(L, top);
+            return QCOW2_E_INVALID;
+        }
+        memcpy(out, path, len + 1);
+        lua_settop(L, top);
+        return 0;
+    }
+    snprintf(why, why_len, "%s",
+             lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1)
+                                            : "refused by the resolver");
+    lua_settop(L, top);
+    return QCOW2_E_NOTFOUND;
+}
+
+/* ---- qcow2.open ------------------------------------------------------------- */
+
+/*
+ * Cache sizes as QEMU's read_cache_sizes combines them: cache_size is the
+ * total; with one of l2/refcount given the other gets the rest; with
+ * neither, L2 gets it (the engine caps it at what maps the whole disk).
+ * Returns 1, or 0 with fail pushed.
+ */
+static int cache_sizes(lua_State *L, int opts, qcow2_open_opts *o)
+{
+    uint64_t total = 0, l2 = 0, refcount = 0;
+    int has_total = opt_bytes(L, opts, "cache_size", &total);
+    int has_l2 = opt_bytes(L, opts, "l2_cache_size", &l2);
+    int has_refcount = opt_bytes(L, opts, "refcount_cache_size", &refcount);
+
+    if (has_total) {
+        if (has_l2 && has_refcount && l2 + refcount != total) {
+            ql_push_fail(L, QCOW2_E_INVALID, "l2_cache_size + "
+                         "refcount_cache_size must equal cache_size");
+            return 0;
+        }
+        if ((has_l2 && l2 > total) || (has_refcount && refcount > total)) {
+            ql_push_fail(L, QCOW2_E_INVALID, "l2_cache_size or "
+                         "refcount_cache_size may not exceed cache_size");
+            return 0;
+        }
+        if (has_l2 && !has_refcount)
+            refcount = total - l2;
+        else if (has_refcount && !has_l2)
+            l2 = total - refcount;
+        else if (!has_l2 && !has_refcount)
+            l2 = total;
+    }
+    o->l2_cache_size = l2;
+    o->refcount_cache_size = refcount;
+    return 1;
+}
+
+/* qcow2.open(path [, opts]) -> Image | nil, message, code */
+static int module_open(lua_State *L)
+{
+    static const char *const overlap_modes[] = {
+        "none", "constant", "cached", "all", NULL
+    };
+    const char *path = luaL_checkstring(L, 1);
+    qcow2_open_opts o;
+    qcow2_error err;
+    qcow2_image *h = NULL;
+    resolve_ctx ctx = {L, 0};
+    ql_image *q;
+    int rc;
+
+    qcow2_open_opts_init(&o);
+    /* Strict by default: a file without the qcow2 magic is refused
+     * ("invalid") unless the caller asks for raw images. */
+    o.allow_raw = 0;
+    lua_settop(L, 2);
+    if (!lua_isnil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+
+        if (opt_field(L, 2, "mode", LUA_TSTRING) != LUA_TNIL) {
+            const char *mode = lua_tostring(L, -1);
+            if (strcmp(mode, "rw") == 0)
+                o.read_write = 1;
+            else if (strcmp(mode, "r") != 0)
+                return luaL_error(L, "bad option 'mode' to 'open' "
+                                  "(invalid mode '%s')", mode);
+        }
+        lua_pop(L, 1);
+
+        switch (lua_getfield(L, 2, "backing")) {
+        case LUA_TNIL:
+            lua_pop(L, 1);
+            break;
+        case LUA_TBOOLEAN:
+            o.no_backing = !lua_toboolean(L, -1);
+            lua_pop(L, 1);
+            break;
+        case LUA_TFUNCTION:
+            /* Stays on the stack (index 3) while qcow2_open runs. */
+            ctx.fn_idx = lua_gettop(L);
+            o.resolve = resolve_backing;
+            o.resolve_ctx = &ctx;
+            break;
+        default:
+            return luaL_error(L, "bad option 'backing' to 'open' (boolean "
+                              "or function expected, got %s)",
+                              luaL_typename(L, -1));
+        }
+
+        o.allow_raw = opt_bool(L, 2, "allow_raw", 0);
+        if (!cache_sizes(L, 2, &o))
+            return 3;
+
+        /* Accepted and checked for type; the engine's open options do not
+         * carry them yet.
+         * TODO(encryption): pass `key` once qcow2_open_opts has a key.
+         * TODO(write side): repair, lazy_refcounts, overlap_check and
+         * discard apply to read-write handles. */
+        opt_field(L, 2, "key", LUA_TSTRING);
+        lua_pop(L, 1);
+        opt_bool(L, 2, "repair", 0);
+        opt_bool(L, 2, "lazy_refcounts", 0);
+        opt_choice(L, 2, "overlap_check", overlap_modes);
+        if (lua_getfield(L, 2, "discard") != LUA_TNIL &&
+            lua_type(L, -1) != LUA_TBOOLEAN) {
+            static const char *const discard_modes[] = {
+                "ignore", "off", "unmap", "on", NULL
+            };
+            lua_pop(L, 1);
+            opt_choice(L, 2, "discard", discard_modes);
+        } else {
+            lua_pop(L, 1);
+        }
+        /* TODO(fault injection): io = {fail_after_writes=, errno=,
+         * stop_after_writes=, trace=} selects the engine's fault backend;
+         * qcow2.h has no way to ask for it yet. */
+        opt_field(L, 2, "io", LUA_TTABLE);
+        lua_pop(L, 1);
+    }
+
+    /* The userdata first: a memory error after qcow2_open would leak h. */
+    q = ql_image_alloc(L, QL_OWNED, 0);
+    memset(&err, 0, sizeof err);
+    rc = qcow2_open(path, &o, &h, &err);
+    if (rc < 0 || h == NULL) {
+        if (err.code == 0)
+            err.code = rc < 0 ? rc : QCOW2_E_IO;
+        return ql_push_error(L, &err);
+    }
+    ql_image_attach(q, h);
+    return 1;
+}
+
+/* qcow2.probe(path) -> "qcow2", version | "raw" | nil, message, code */
+static int module_probe(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    uint32_t version = 0;
+    qcow2_error err;
+    const char *format;
+
+    memset(&err, 0, sizeof err);
+    format = qcow2_probe(path, &version, &err);
+    if (format == NULL)
+        return ql_push_error(L, &err);
+    lua_pushstring(L, format);
+    if (strcmp(format, "qcow2") == 0) {
+        lua_pushinteger(L, version);
+        return 2;
+    }
+    return 1;
+}
+
+int luaopen_qcow2_core(lua_State *L);
+
+int luaopen_qcow2_core(lua_State *L)
+{
+    static const luaL_Reg functions[] = {
+        {"open", module_open},
+        {"probe", module_probe},
+        {NULL, NULL}
+    };
+
+    ql_image_register(L);
+    ql_snapshot_register(L);
+    ql_map_register(L);
+
+    luaL_newlib(L, functions);
+    lua_pushliteral(L, QCOW2_LIB_VERSION);
+    lua_setfield(L, -2, "version");
+
+    /* The method tables, for init.lua to extend in Lua (to_json, ...). */
+    lua_createtable(L, 0, 3);
+    lua_getfield(L, LUA_REGISTRYINDEX, QL_METHODS_IMAGE);
+    lua_setfield(L, -2, "Image");
+    lua_getfield(L, LUA_REGISTRYINDEX, QL_METHODS_SNAPSHOT);
+    lua_setfield(L, -2, "Snapshot");
+    lua_getfield(L, LUA_REGISTRYINDEX, QL_METHODS_MAP);
+    lua_setfield(L, -2, "ClusterMap");
+    lua_setfield(L, -2, "methods");
+    return 1;
+}

@@ -1,0 +1,162 @@
+--- lua-qcow2: read (and later write) QEMU qcow2 disk images.
+--
+-- Everything of the C module `qcow2.core` (open, probe, version), plus
+-- what is better written in Lua: JSON output of maps and info tables
+-- (with a kept JSON library, never a home-made encoder) and pretty
+-- printing helpers. The C method tables are extended here, so
+-- `img:map():to_json()` works on every map.
+local core = require "qcow2.core"
+
+local M = {}
+for k, v in pairs(core) do M[k] = v end
+
+-- JSON -----------------------------------------------------------------
+
+-- lua-cjson is fast, but the Debian 2.1.0 build prints every number with
+-- "%.14g", so offsets and sizes of 1e14 bytes and more come out as
+-- 1.2345678901235e+17. dkjson prints Lua integers exactly. cjson is used
+-- whenever it keeps the numbers in hand exact; dkjson otherwise.
+local cjson_ok, cjson = pcall(require, "cjson")
+local dkjson_ok, dkjson = pcall(require, "dkjson")
+-- Reading images needs no JSON library; only JSON output does.
+local no_json = not cjson_ok and not dkjson_ok
+
+-- Largest integer cjson prints exactly (%.14g keeps 14 digits).
+local CJSON_EXACT_MAX = 99999999999999
+
+local cjson_exact = cjson_ok and
+  cjson.encode({ (1 << 53) }) == "[9007199254740992]"
+
+--- The JSON library in use for output that must be exact: dkjson unless
+-- this lua-cjson prints large integers exactly.
+M.json = (cjson_exact or not dkjson_ok) and cjson or dkjson
+
+-- Largest absolute integer in a value (tables walked), for choosing the
+-- fast encoder when it is exact for the value at hand.
+local function max_integer(value, seen)
+  local t = type(value)
+  if t == "number" then
+    return math.type(value) == "integer" and math.abs(value) or math.huge
+  elseif t ~= "table" then
+    return 0
+  end
+  seen = seen or {}
+  if seen[value] then return 0 end
+  seen[value] = true
+  local m = 0
+  for k, v in pairs(value) do
+    local a, b = max_integer(k, seen), max_integer(v, seen)
+    if a > m then m = a end
+    if b > m then m = b end
+  end
+  return m
+end
+
+-- An empty Lua table is ambiguous; the caller says which it is.
+local function empty_array()
+  if M.json == cjson and cjson.empty_array then return cjson.empty_array end
+  return setmetatable({}, { __jsontype = "array" })
+end
+
+--- Encode a Lua value as JSON. `hint_max`, when known, is the largest
+-- integer in the value (saves a walk over big maps).
+function M.json_encode(value, hint_max)
+  if no_json then error("qcow2: JSON output needs lua-cjson or dkjson", 2) end
+  if not cjson_ok then return dkjson.encode(value) end
+  if cjson_exact or not dkjson_ok then return cjson.encode(value) end
+  local biggest = hint_max or max_integer(value)
+  if biggest <= CJSON_EXACT_MAX then return cjson.encode(value) end
+  return dkjson.encode(value)
+end
+
+-- ClusterMap in Lua ---------------------------------------------------------
+
+local MapMethods = core.methods.ClusterMap
+
+--- The records of `qemu-img map --output=json`, as Lua tables: present,
+-- zero, data flags per extent type, offset where qemu-img prints one, then
+-- adjacent records merged the way qemu-img merges them (same flags and
+-- depth, host offsets contiguous or both absent).
+function MapMethods:records()
+  local out, last = {}, nil
+  for e in self:extents() do
+    local r = { start = e.start, length = e.length, depth = e.depth }
+    local ty = e.type
+    if ty == "data" then
+      r.present, r.zero, r.data, r.offset = true, false, true, e.offset
+    elseif ty == "compressed" then
+      -- qemu-img 7.2 never prints a host offset for compressed clusters
+      r.present, r.zero, r.data = true, false, true
+    elseif ty == "zero" then
+      r.present, r.zero, r.data, r.offset = true, true, false, e.offset
+    else -- unallocated
+      r.present, r.zero, r.data, r.offset = false, true, false, e.offset
+    end
+    if last and last.depth == r.depth and last.present == r.present
+        and last.zero == r.zero and last.data == r.data
+        and last.start + last.length == r.start
+        and ((last.offset == nil and r.offset == nil)
+             or (last.offset and r.offset
+                 and last.offset + last.length == r.offset)) then
+      last.length = last.length + r.length
+    else
+      out[#out + 1] = r
+      last = r
+    end
+  end
+  return out
+end
+
+--- The same JSON array as `qemu-img map --output=json`.
+function MapMethods:to_json()
+  local records = self:records()
+  if #records == 0 then return "[]" end
+  local biggest = 0
+  for _, r in ipairs(records) do
+    local hi = r.start + r.length
+    if hi > biggest then biggest = hi end
+    if r.offset and r.offset + r.length > biggest then
+      biggest = r.offset + r.length
+    end
+  end
+  return M.json_encode(records, biggest)
+end
+
+-- Image in Lua ----------------------------------------------------------------
+
+local ImageMethods = core.methods.Image
+
+--- img:info() as the JSON text of `qemu-img info --output=json`.
+function ImageMethods:info_json()
+  local info, msg, code = self:info()
+  if not info then return nil, msg, code end
+  return M.json_encode(info)
+end
+
+-- Pretty printing ---------------------------------------------------------------
+
+local UNITS = { "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei" }
+
+--- Bytes as qemu-img prints them: "0 B", "64 MiB", "1.5 GiB" (QEMU's
+-- size_to_str: three significant digits, next unit from 1000 up).
+function M.human_size(bytes)
+  local unit = 0
+  while unit < 6 and bytes >= 1000 * (1 << (10 * unit)) do unit = unit + 1 end
+  local text = ("%0.3g"):format(bytes / (1 << (10 * unit)))
+  return text .. " " .. UNITS[unit + 1] .. "B"
+end
+
+--- The header line of `qemu-img snapshot -l` (tostring(snapshot) is a row).
+M.SNAPSHOT_LIST_HEADER = ("%-10s%-17s%8s%20s%13s%11s"):format(
+  "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+
+--- A table of snapshots as `qemu-img snapshot -l` prints it.
+function M.snapshot_list(snapshots)
+  local lines = { "Snapshot list:", M.SNAPSHOT_LIST_HEADER }
+  for _, s in ipairs(snapshots) do lines[#lines + 1] = tostring(s) end
+  return table.concat(lines, "\n")
+end
+
+M.empty_array = empty_array
+
+return M
