@@ -131,4 +131,52 @@ int qcow2_write_state_close(qcow2_image *img);
 int qcow2_set_l2_entry(qcow2_image *img, uint64_t guest_offset,
                        uint64_t entry, uint64_t bitmap);
 
+/* ---- Added for alloc.c overlap.c header_write.c create.c resize.c ------- */
+/* Guest data bytes at host offset of img->data_io: through
+ * qcow2_write_checked (label "data") when data lives in the image file;
+ * straight to the external data file otherwise (no metadata to hit). */
+int qcow2_write_data(qcow2_image *img, uint64_t offset, const void *buf,
+                     size_t length);
+/* QEMU's qcow2_refcount_area: a new refcount table (and the refcount
+ * blocks still missing) placed at start_offset (cluster aligned, free up
+ * to the end of the file), sized to cover start_offset plus
+ * additional_clusters (exact, or with QEMU's 50% headroom), the block at
+ * new_block_offset hooked at new_block_index when non-zero; blocks
+ * written, barrier, table written, barrier, header switched, old table
+ * freed. *end_offset gets the first byte after the new structures. */
+int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
+                        uint64_t additional_clusters, int exact,
+                        uint64_t new_block_index, uint64_t new_block_offset,
+                        uint64_t *end_offset);
+/* The refcount of one host cluster, read from the file (no cache): 0
+ * past the refcount table or under an empty entry. */
+int qcow2_refcount_get(qcow2_image *img, uint64_t host_cluster,
+                       uint64_t *refcount);
+/* Index of the last host cluster with a non-zero refcount below
+ * `clusters` (QEMU's qcow2_get_last_cluster), or -1 when none. */
+int qcow2_last_used_cluster(qcow2_image *img, uint64_t clusters,
+                            int64_t *last);
+/* Reserve clusters [offset, offset+count*cluster_size) that must all be
+ * free (refcount 0 -> 1), the refcount blocks they need created first
+ * (QEMU's qcow2_alloc_clusters_at for whole free ranges). */
+int qcow2_alloc_clusters_at(qcow2_image *img, uint64_t offset,
+                            uint64_t count);
+/* A fresh write state with QEMU's defaults (overlap checks "cached",
+ * free_cluster_hint 0): create.c uses it on its bootstrap handle. */
+void qcow2_write_state_defaults(qcow2_write_state *ws);
+/* Grow the active L1 to exactly min_entries (QEMU's exact growth): new
+ * table at fresh clusters, synced, header pair switched, old one freed. */
+int qcow2_l1_grow(qcow2_image *img, uint64_t min_entries);
+/* QEMU's metadata preallocation of guest [from, to): every unallocated
+ * cluster gets a host cluster (L2 tables allocated as needed, entries
+ * COPIED, subcluster bitmaps left 0). reserved_host: 0 to allocate data
+ * clusters per L2 table (each table's data right after it), else the
+ * first of the clusters already reserved contiguously (falloc/full).
+ * With an external data file the mapping is the identity. */
+int qcow2_preallocate_metadata(qcow2_image *img, uint64_t from, uint64_t to,
+                               uint64_t reserved_host);
+/* *unused = 1 when refcount block `index` exists and counts nothing but
+ * (possibly) itself: QEMU's qcow2_shrink_reftable drops those. */
+int qcow2_refblock_unused(qcow2_image *img, uint64_t index, int *unused);
+
 #endif /* QCOW2_WRITE_H */

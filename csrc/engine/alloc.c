@@ -1,0 +1,931 @@
+/*
+ * Refcount writes and host-cluster allocation (QEMU's qcow2-refcount.c,
+ * write side): refcounts of every width, first-fit cluster allocation,
+ * byte allocation for compressed streams, new refcount blocks and
+ * refcount-table growth, in crash-safe order.
+ *
+ * Nothing is cached: every update reads the bytes of the refcount block it
+ * touches and writes back exactly those bytes, so the file is always the
+ * truth and code elsewhere (check, snapshots) may write refcounts too.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "write.h"
+
+#define REFTABLE_MAX_ENTRIES  (QCOW2_MAX_REFTABLE_BYTES / 8)
+
+/* ---- Entry packing ------------------------------------------------------- */
+
+/* Some entries of one refcount block, held as the bytes that store them:
+ * 1/2/4-bit entries share bytes (least significant bits first), wider
+ * ones are big-endian integers. */
+typedef struct refblock_span {
+    uint64_t block_offset;      /* host offset of the refcount block */
+    uint64_t first;             /* first entry (index inside the block) */
+    uint64_t count;             /* entries */
+    uint64_t byte_start;        /* byte of the block holding `first` */
+    size_t byte_len;
+    uint8_t *bytes;             /* byte_len bytes */
+    uint32_t bits;
+} refblock_span;
+
+static uint64_t refcount_max(const qcow2_image *img)
+{
+    return img->refcount_bits >= 64 ? UINT64_MAX
+                                    : (1ull << img->refcount_bits) - 1;
+}
+
+static void span_init(const qcow2_image *img, uint64_t block_offset,
+                      uint64_t first, uint64_t count, uint8_t *bytes,
+                      refblock_span *span)
+{
+    uint32_t bits = img->refcount_bits;
+
+    span->block_offset = block_offset;
+    span->first = first;
+    span->count = count;
+    span->bits = bits;
+    span->bytes = bytes;
+    if (bits < 8) {
+        uint64_t per_byte = 8 / bits;
+        span->byte_start = first / per_byte;
+        span->byte_len = (size_t)((first + count - 1) / per_byte + 1 -
+                                  span->byte_start);
+    } else {
+        span->byte_start = first * (bits / 8);
+        span->byte_len = (size_t)(count * (bits / 8));
+    }
+}
+
+static uint64_t span_get(const refblock_span *span, uint64_t entry)
+{
+    uint32_t bits = span->bits;
+    const uint8_t *p;
+
+    if (bits < 8) {
+        uint64_t per_byte = 8 / bits;
+        unsigned shift = (unsigned)(entry % per_byte) * bits;
+        uint8_t byte = span->bytes[entry / per_byte - span->byte_start];
+        return (uint64_t)(byte >> shift) & ((1u << bits) - 1);
+    }
+    p = span->bytes + (entry * (bits / 8) - span->byte_start);
+    switch (bits) {
+    case 8:  return p[0];
+    case 16: return be16(p);
+    case 32: return be32(p);
+    default: return be64(p);
+    }
+}
+
+static void span_set(refblock_span *span, uint64_t entry, uint64_t value)
+{
+    uint32_t bits = span->bits;
+    uint8_t *p;
+
+    if (bits < 8) {
+        uint64_t per_byte = 8 / bits;
+        unsigned shift = (unsigned)(entry % per_byte) * bits;
+        uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
+        p = &span->bytes[entry / per_byte - span->byte_start];
+        *p = (uint8_t)((*p & ~mask) | ((value << shift) & mask));
+        return;
+    }
+    p = span->bytes + (entry * (bits / 8) - span->byte_start);
+    switch (bits) {
+    case 8:  p[0] = (uint8_t)value; break;
+    case 16: put_be16(p, (uint16_t)value); break;
+    case 32: put_be32(p, (uint32_t)value); break;
+    default: put_be64(p, value); break;
+    }
+}
+
+static int span_load(qcow2_image *img, refblock_span *span)
+{
+    return qcow2_read_meta(img, span->block_offset + span->byte_start,
+                           span->bytes, span->byte_len, "refcount block");
+}
+
+/* Written through: only the bytes that hold the span's entries. */
+static int span_store(qcow2_image *img, const refblock_span *span)
+{
+    return qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
+                               span->block_offset + span->byte_start,
+                               span->bytes, span->byte_len);
+}
+
+/* ---- Refcount table ------------------------------------------------------ */
+
+static int need_write_state(qcow2_image *img)
+{
+    if (!img->ws || img->read_only)
+        return qcow2_fail(img, QCOW2_E_READONLY, "image is open read-only");
+    return 0;
+}
+
+/* The refcount block of reftable entry `index` (0: none, or past the
+ * table), validated before use. */
+static int refblock_at(qcow2_image *img, uint64_t index, uint64_t *block)
+{
+    uint64_t entry;
+
+    *block = 0;
+    if (index >= img->reftable_entries)
+        return 0;
+    entry = img->reftable[index];
+    if (entry & REFT_RESERVED_MASK)
+        return qcow2_fail(img, QCOW2_E_CORRUPT, "refcount table entry %llu "
+                          "has reserved bits set (0x%llx)",
+                          (unsigned long long)index,
+                          (unsigned long long)entry);
+    *block = entry & REFT_OFFSET_MASK;
+    if (!is_aligned(*block, img->cluster_size) ||
+        *block > QCOW2_MAX_HOST_OFFSET)
+        return qcow2_fail(img, QCOW2_E_CORRUPT, "refcount block offset 0x%llx"
+                          " (refcount table entry %llu) is invalid",
+                          (unsigned long long)*block,
+                          (unsigned long long)index);
+    return 0;
+}
+
+uint64_t qcow2_refcount_coverage(const qcow2_image *img)
+{
+    uint64_t clusters;
+    if (mul_overflows(img->reftable_entries, img->refblock_entries,
+                      &clusters))
+        return UINT64_MAX;
+    return clusters;
+}
+
+int qcow2_refcount_get(qcow2_image *img, uint64_t host_cluster,
+                       uint64_t *refcount)
+{
+    uint64_t entries = img->refblock_entries, block;
+    uint8_t bytes[8];
+    refblock_span span;
+    int rc;
+
+    *refcount = 0;
+    rc = refblock_at(img, host_cluster / entries, &block);
+    if (rc < 0 || block == 0)
+        return rc;
+    span_init(img, block, host_cluster % entries, 1, bytes, &span);
+    rc = span_load(img, &span);
+    if (rc < 0)
+        return rc;
+    *refcount = span_get(&span, host_cluster % entries);
+    return 0;
+}
+
+/* Write one reftable entry (8 bytes, synced) and mirror it in memory. */
+static int reftable_hook(qcow2_image *img, uint64_t index, uint64_t block)
+{
+    uint8_t entry[8];
+    int rc;
+
+    put_be64(entry, block);
+    rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_TABLE, "refcount_table",
+                             img->hdr.refcount_table_offset + index * 8,
+                             entry, sizeof entry);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc < 0)
+        return rc;
+    img->reftable[index] = block;
+    return 0;
+}
+
+/* ---- Free-cluster search ----------------------------------------------- */
+
+static uint64_t max_host_cluster(const qcow2_image *img)
+{
+    return QCOW2_MAX_HOST_OFFSET >> img->cluster_bits;
+}
+
+/*
+ * First fit: the first run of `count` clusters with refcount 0 at or after
+ * *from. Clusters past the refcount table, or under an empty entry, are
+ * free. Like QEMU's free_cluster_index, *from ends just past the run.
+ */
+static int find_free_run(qcow2_image *img, uint64_t *from, uint64_t count,
+                         uint64_t *start)
+{
+    uint64_t entries = img->refblock_entries;
+    uint64_t cluster = *from, run_start = *from, run = 0;
+    uint8_t *bytes = NULL;
+    int rc = 0;
+
+    while (run < count) {
+        uint64_t index = cluster / entries, in_block = cluster % entries;
+        uint64_t n = entries - in_block, block;
+        refblock_span span;
+
+        if (cluster > max_host_cluster(img) ||
+            count - run > max_host_cluster(img) - cluster) {
+            rc = qcow2_fail(img, QCOW2_E_NOSPC, "no room for %llu clusters "
+                            "below the largest host offset",
+                            (unsigned long long)count);
+            break;
+        }
+        if (index >= img->reftable_entries) {
+            run += count - run;         /* nothing is counted out here */
+            break;
+        }
+        rc = refblock_at(img, index, &block);
+        if (rc < 0)
+            break;
+        if (block == 0) {
+            run += min_u64(n, count - run);   /* the whole block is free */
+            cluster += n;
+            continue;
+        }
+        if (!bytes && !(bytes = malloc(img->cluster_size))) {
+            rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+            break;
+        }
+        span_init(img, block, in_block, n, bytes, &span);
+        rc = span_load(img, &span);
+        if (rc < 0)
+            break;
+        for (uint64_t e = in_block; e < entries && run < count; e++) {
+            cluster++;
+            if (span_get(&span, e) != 0) {
+                run = 0;
+                run_start = cluster;
+            } else {
+                run++;
+            }
+        }
+    }
+    free(bytes);
+    if (rc < 0)
+        return rc;
+    *start = run_start;
+    *from = run_start + count;
+    return 0;
+}
+
+/* ---- Refcount updates -------------------------------------------------- */
+
+/* The new refcount of `cluster`, or a refusal that names it. */
+static int apply_delta(qcow2_image *img, uint64_t cluster, uint64_t current,
+                       int64_t delta, uint64_t *updated)
+{
+    uint64_t magnitude = delta < 0 ? (uint64_t)(-(delta + 1)) + 1
+                                   : (uint64_t)delta;
+    uint64_t max = refcount_max(img);
+
+    if (delta < 0) {
+        if (current < magnitude)
+            return qcow2_fail(img, QCOW2_E_CORRUPT, "refcount of cluster "
+                              "%llu would drop below zero (refcount=%llu)",
+                              (unsigned long long)cluster,
+                              (unsigned long long)current);
+        *updated = current - magnitude;
+        return 0;
+    }
+    if (current > max || magnitude > max - current)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "refcount of cluster "
+                          "%llu would exceed the %u-bit maximum %llu",
+                          (unsigned long long)cluster, img->refcount_bits,
+                          (unsigned long long)max);
+    *updated = current + magnitude;
+    return 0;
+}
+
+/* A cluster dropped to 0: the first-fit search may find it again, and
+ * compressed packing must not continue inside it. */
+static void cluster_freed(qcow2_image *img, uint64_t cluster)
+{
+    qcow2_write_state *ws = img->ws;
+    if (cluster < ws->free_cluster_hint)
+        ws->free_cluster_hint = cluster;
+    if (ws->free_byte_offset &&
+        ws->free_byte_offset >> img->cluster_bits == cluster)
+        ws->free_byte_offset = 0;
+}
+
+/*
+ * One pass over clusters [first, last]: check every new value (apply 0)
+ * or write them (apply 1), one refcount block span at a time.
+ */
+static int update_pass(qcow2_image *img, uint64_t first, uint64_t last,
+                       int64_t delta, int apply, uint8_t *bytes)
+{
+    uint64_t entries = img->refblock_entries;
+
+    for (uint64_t cluster = first; cluster <= last;) {
+        uint64_t in_block = cluster % entries, block, updated;
+        uint64_t n = min_u64(entries - in_block, last - cluster + 1);
+        refblock_span span;
+        int rc = refblock_at(img, cluster / entries, &block);
+
+        if (rc < 0)
+            return rc;
+        if (block == 0) {
+            if (apply)      /* ensured before applying an increase */
+                return qcow2_fail(img, QCOW2_E_CORRUPT, "no refcount block "
+                                  "for cluster %llu",
+                                  (unsigned long long)cluster);
+            rc = apply_delta(img, cluster, 0, delta, &updated);
+            if (rc < 0)
+                return rc;
+            cluster += n;
+            continue;
+        }
+        span_init(img, block, in_block, n, bytes, &span);
+        rc = span_load(img, &span);
+        if (rc < 0)
+            return rc;
+        for (uint64_t k = 0; k < n; k++) {
+            rc = apply_delta(img, cluster + k,
+                             span_get(&span, in_block + k), delta, &updated);
+            if (rc < 0)
+                return rc;
+            if (apply) {
+                span_set(&span, in_block + k, updated);
+                if (updated == 0)
+                    cluster_freed(img, cluster + k);
+            }
+        }
+        if (apply) {
+            rc = span_store(img, &span);
+            if (rc < 0)
+                return rc;
+        }
+        cluster += n;
+    }
+    return 0;
+}
+
+static int create_refblock(qcow2_image *img, uint64_t index,
+                           uint64_t needed_cluster, uint64_t avoid_first,
+                           uint64_t avoid_last);
+
+/*
+ * Make sure every cluster of [first, last] has a refcount block. Returns
+ * 1 when one had to be made (the caller's free clusters may be gone:
+ * search again) with *needed the first cluster that lacked it, 0 when all
+ * were there.
+ */
+static int ensure_refblocks(qcow2_image *img, uint64_t first, uint64_t last,
+                            uint64_t *needed)
+{
+    uint64_t entries = img->refblock_entries;
+
+    for (uint64_t index = first / entries; index <= last / entries;
+         index++) {
+        uint64_t block;
+        int rc = refblock_at(img, index, &block);
+        if (rc < 0)
+            return rc;
+        if (block == 0) {
+            *needed = max_u64(first, index * entries);
+            rc = create_refblock(img, index, *needed, first, last);
+            return rc < 0 ? rc : 1;
+        }
+    }
+    return 0;
+}
+
+int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
+                          int64_t delta)
+{
+    uint64_t end, first, last;
+    uint8_t *bytes;
+    int rc;
+
+    rc = need_write_state(img);
+    if (rc < 0 || length == 0 || delta == 0)
+        return rc;
+    if (add_overflows(offset, length, &end) ||
+        end - 1 > QCOW2_MAX_HOST_OFFSET)
+        return qcow2_fail(img, QCOW2_E_INVALID, "refcount update of "
+                          "0x%llx+0x%llx is past the largest host offset",
+                          (unsigned long long)offset,
+                          (unsigned long long)length);
+    first = offset >> img->cluster_bits;
+    last = (end - 1) >> img->cluster_bits;
+    bytes = malloc(img->cluster_size);
+    if (!bytes)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+
+    /* Check every cluster first: a refused update changes nothing. */
+    rc = update_pass(img, first, last, delta, 0, bytes);
+    while (rc == 0 && delta > 0) {
+        uint64_t needed;
+        rc = ensure_refblocks(img, first, last, &needed);
+        if (rc != 1)
+            break;
+        rc = 0;
+        img->ws->free_cluster_hint = min_u64(img->ws->free_cluster_hint,
+                                             first);
+    }
+    if (rc == 0)
+        rc = update_pass(img, first, last, delta, 1, bytes);
+    free(bytes);
+    return rc;
+}
+
+int qcow2_free_clusters(qcow2_image *img, uint64_t offset, uint64_t length)
+{
+    return qcow2_refcount_update(img, offset, length, -1);
+}
+
+/* ---- New refcount blocks ------------------------------------------------ */
+
+/* Write a zeroed refcount block at `cluster`; with `self` its own entry
+ * says 1 (it lies inside the range it covers). Synced. */
+static int write_new_refblock(qcow2_image *img, uint64_t cluster, int self)
+{
+    uint8_t *bytes = calloc(1, img->cluster_size);
+    int rc;
+
+    if (!bytes)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    if (self) {
+        refblock_span span;
+        uint64_t entry = cluster % img->refblock_entries;
+        span_init(img, 0, 0, img->refblock_entries, bytes, &span);
+        span_set(&span, entry, 1);
+    }
+    rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
+                             cluster << img->cluster_bits, bytes,
+                             img->cluster_size);
+    free(bytes);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    return rc;
+}
+
+/* Hook a written block into the table, growing the table (QEMU's way)
+ * when the index lies past it. */
+static int hook_refblock(qcow2_image *img, uint64_t index, uint64_t cluster,
+                         uint64_t needed_cluster)
+{
+    uint64_t entries = img->refblock_entries, blocks_used, meta_offset, end;
+
+    if (index < img->reftable_entries)
+        return reftable_hook(img, index, cluster << img->cluster_bits);
+    /* Nothing past the old table's coverage is in use but this block:
+     * the new table and its blocks go right after the coverage of the
+     * clusters we need, where they describe themselves. */
+    blocks_used = div_round_up(max_u64(needed_cluster, cluster) + 1, entries);
+    if (mul_overflows(blocks_used, entries, &meta_offset) ||
+        meta_offset > max_host_cluster(img))
+        return qcow2_fail(img, QCOW2_E_NOSPC, "refcount table cannot grow "
+                          "past the largest host offset");
+    meta_offset <<= img->cluster_bits;
+    return qcow2_refcount_area(img, meta_offset, 0, 0, index,
+                               cluster << img->cluster_bits, &end);
+}
+
+/*
+ * A refcount block for reftable entry `index` (empty), as QEMU places
+ * one: at the first free cluster (never inside the caller's range
+ * [avoid_first, avoid_last]). A block inside the range it covers counts
+ * itself; one outside is counted by its own block first. When that one is
+ * missing too, the cluster becomes that block instead, self-describing,
+ * and the caller asks again.
+ */
+static int create_refblock(qcow2_image *img, uint64_t index,
+                           uint64_t needed_cluster, uint64_t avoid_first,
+                           uint64_t avoid_last)
+{
+    qcow2_write_state *ws = img->ws;
+    uint64_t entries = img->refblock_entries, cluster, own_index, own_block;
+    int rc;
+
+    rc = find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
+    if (rc == 0 && cluster >= avoid_first && cluster <= avoid_last) {
+        uint64_t from = avoid_last + 1;
+        rc = find_free_run(img, &from, 1, &cluster);
+    }
+    if (rc < 0)
+        return rc;
+    own_index = cluster / entries;
+    rc = refblock_at(img, own_index, &own_block);
+    if (rc < 0)
+        return rc;
+
+    if (own_index == index) {
+        rc = write_new_refblock(img, cluster, 1);
+        if (rc < 0)
+            return rc;
+        return hook_refblock(img, index, cluster, needed_cluster);
+    }
+    if (own_block == 0) {
+        /* QEMU recurses here: the block's own block comes first (at the
+         * next free cluster); this cluster stays free and the search
+         * restarts from it. */
+        rc = create_refblock(img, own_index, cluster, cluster, cluster);
+        ws->free_cluster_hint = min_u64(ws->free_cluster_hint, cluster);
+        return rc;
+    }
+    /* Counted elsewhere: refcount first, then the block, then the hook,
+     * so a crash leaves at worst a leaked cluster. */
+    rc = qcow2_refcount_update(img, cluster << img->cluster_bits,
+                               img->cluster_size, 1);
+    if (rc == 0)
+        rc = write_new_refblock(img, cluster, 0);
+    if (rc == 0)
+        rc = hook_refblock(img, index, cluster, needed_cluster);
+    return rc;
+}
+
+/* ---- Refcount table growth ------------------------------------------------ */
+
+/* QEMU's fixed point: refcount blocks needed so that `clusters` plus the
+ * blocks and table themselves are covered; `generous` adds half the
+ * table again, as QEMU does for a table that will keep growing. */
+static uint64_t refcount_blocks_needed(const qcow2_image *img,
+                                       uint64_t clusters, int generous)
+{
+    uint64_t per_table_cluster = img->cluster_size / 8;
+    uint64_t entries = img->refblock_entries;
+    uint64_t table = 0, blocks = 0, total = 0, previous;
+
+    do {
+        previous = total;
+        blocks = div_round_up(clusters + table + blocks, entries);
+        table = div_round_up(blocks, per_table_cluster);
+        total = clusters + blocks + table;
+        if (total == previous && generous) {
+            clusters += div_round_up(table, 2);
+            total = 0;
+            generous = 0;
+        }
+    } while (total != previous);
+    return blocks;
+}
+
+/* Set refcount 1 on the clusters of [area_first, area_end) that refcount
+ * block `index` covers; they must be free. A new block is written whole. */
+static int count_area_in_block(qcow2_image *img, uint64_t index,
+                               uint64_t block, int is_new,
+                               uint64_t area_first, uint64_t area_end,
+                               uint8_t *bytes)
+{
+    uint64_t entries = img->refblock_entries;
+    uint64_t covered = index * entries;
+    uint64_t first = max_u64(area_first, covered);
+    uint64_t end = min_u64(area_end, covered + entries);
+    refblock_span span;
+    int rc;
+
+    if (is_new) {
+        memset(bytes, 0, img->cluster_size);
+        span_init(img, block, 0, entries, bytes, &span);
+    } else if (first < end) {
+        span_init(img, block, first - covered, end - first, bytes, &span);
+        rc = span_load(img, &span);
+        if (rc < 0)
+            return rc;
+    } else {
+        return 0;
+    }
+    for (uint64_t c = first; c < end; c++) {
+        if (span_get(&span, c - covered) != 0)
+            return qcow2_fail(img, QCOW2_E_CORRUPT, "cluster %llu meant for "
+                              "the new refcount structures is in use",
+                              (unsigned long long)c);
+        span_set(&span, c - covered, 1);
+    }
+    return span_store(img, &span);
+}
+
+static int write_reftable(qcow2_image *img, const uint64_t *table,
+                          uint64_t entries, uint64_t offset)
+{
+    uint8_t *bytes = malloc(entries * 8);
+    int rc;
+
+    if (!bytes)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint64_t i = 0; i < entries; i++)
+        put_be64(bytes + i * 8, table[i]);
+    rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_TABLE, "refcount_table",
+                             offset, bytes, entries * 8);
+    free(bytes);
+    return rc;
+}
+
+int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
+                        uint64_t additional_clusters, int exact,
+                        uint64_t new_block_index, uint64_t new_block_offset,
+                        uint64_t *end_offset)
+{
+    uint64_t cs = img->cluster_size, per_table_cluster = cs / 8;
+    uint64_t start = start_offset >> img->cluster_bits;
+    uint64_t clusters, total_blocks, table_entries, table_clusters;
+    uint64_t area_index, missing = 0, block_cluster, table_cluster, end;
+    uint64_t old_offset = img->hdr.refcount_table_offset;
+    uint64_t old_clusters = img->hdr.refcount_table_clusters;
+    uint64_t *table;
+    uint8_t *bytes;
+    int rc;
+
+    rc = need_write_state(img);
+    if (rc < 0)
+        return rc;
+    if (!is_aligned(start_offset, cs) ||
+        add_overflows(start, additional_clusters, &clusters) ||
+        clusters > max_host_cluster(img))
+        return qcow2_fail(img, QCOW2_E_NOSPC, "refcount structures for "
+                          "0x%llx clusters do not fit",
+                          (unsigned long long)additional_clusters);
+    total_blocks = refcount_blocks_needed(img, clusters, !exact);
+    table_entries = exact ? total_blocks
+                          : total_blocks + div_round_up(total_blocks, 2);
+    table_entries = align_up(table_entries, per_table_cluster);
+    if (total_blocks > REFTABLE_MAX_ENTRIES ||
+        table_entries > REFTABLE_MAX_ENTRIES)
+        return qcow2_fail(img, QCOW2_E_NOSPC, "refcount table would exceed "
+                          "%u bytes", QCOW2_MAX_REFTABLE_BYTES);
+    table_clusters = table_entries / per_table_cluster;
+    area_index = start / img->refblock_entries;
+
+    table = calloc(table_entries, sizeof *table);
+    bytes = malloc(cs);
+    if (!table || !bytes) {
+        rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+        goto out;
+    }
+    for (uint64_t i = 0; i < img->reftable_entries; i++) {
+        if (i < table_entries) {
+            table[i] = img->reftable[i];
+        } else if (img->reftable[i]) {
+            rc = qcow2_fail(img, QCOW2_E_INVALID, "refcount block %llu in "
+                            "use past the new refcount table",
+                            (unsigned long long)i);
+            goto out;
+        }
+    }
+    if (new_block_offset) {
+        if (new_block_index >= total_blocks) {
+            rc = qcow2_fail(img, QCOW2_E_INVALID, "new refcount block %llu "
+                            "outside the new refcount table",
+                            (unsigned long long)new_block_index);
+            goto out;
+        }
+        table[new_block_index] = new_block_offset;
+    }
+    for (uint64_t i = area_index; i < total_blocks; i++)
+        missing += table[i] == 0;
+    table_cluster = start + missing;
+    end = table_cluster + table_clusters;
+
+    /* The blocks first (new ones whole), each counting the new
+     * structures it covers; then the table; then the header switch. */
+    block_cluster = start;
+    for (uint64_t i = area_index; i < total_blocks; i++) {
+        int is_new = table[i] == 0;
+        if (is_new)
+            table[i] = (block_cluster++) << img->cluster_bits;
+        rc = count_area_in_block(img, i, table[i] & REFT_OFFSET_MASK, is_new,
+                                 start, end, bytes);
+        if (rc < 0)
+            goto out;
+    }
+    rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = write_reftable(img, table, table_entries,
+                            table_cluster << img->cluster_bits);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_header_set_reftable(img, table_cluster << img->cluster_bits,
+                                       (uint32_t)table_clusters);
+    if (rc < 0)
+        goto out;
+
+    free(img->reftable);
+    img->reftable = table;
+    img->reftable_entries = table_entries;
+    table = NULL;
+    *end_offset = end << img->cluster_bits;
+    /* A failure to free the old table only leaks it. */
+    if (old_clusters)
+        (void)qcow2_free_clusters(img, old_offset, old_clusters * cs);
+    rc = 0;
+out:
+    free(table);
+    free(bytes);
+    return rc;
+}
+
+/* ---- Allocation ------------------------------------------------------------ */
+
+int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
+                         uint64_t *host_offset)
+{
+    qcow2_write_state *ws;
+    uint64_t start;
+    int rc = need_write_state(img);
+
+    if (rc < 0)
+        return rc;
+    if (count == 0 || count > max_host_cluster(img))
+        return qcow2_fail(img, QCOW2_E_INVALID, "cannot allocate %llu "
+                          "clusters", (unsigned long long)count);
+    ws = img->ws;
+    for (;;) {
+        uint64_t needed;
+
+        rc = find_free_run(img, &ws->free_cluster_hint, count, &start);
+        if (rc < 0)
+            return rc;
+        rc = ensure_refblocks(img, start, start + count - 1, &needed);
+        if (rc < 0)
+            return rc;
+        if (rc == 0)
+            break;
+        /* A new block may sit where the run was: search again, trying
+         * the same clusters first (QEMU's -EAGAIN restart). */
+        (void)needed;
+        ws->free_cluster_hint = min_u64(ws->free_cluster_hint, start);
+    }
+    rc = qcow2_refcount_update(img, start << img->cluster_bits,
+                               count << img->cluster_bits, 1);
+    if (rc < 0)
+        return rc;
+    *host_offset = start << img->cluster_bits;
+    return 0;
+}
+
+int qcow2_alloc_clusters_at(qcow2_image *img, uint64_t offset,
+                            uint64_t count)
+{
+    uint64_t first = offset >> img->cluster_bits, last, bytes;
+    int rc = need_write_state(img);
+
+    if (rc < 0)
+        return rc;
+    if (count == 0)
+        return 0;
+    if (!is_aligned(offset, img->cluster_size) ||
+        add_overflows(first, count - 1, &last) ||
+        last > max_host_cluster(img))
+        return qcow2_fail(img, QCOW2_E_INVALID, "cannot allocate %llu "
+                          "clusters at 0x%llx", (unsigned long long)count,
+                          (unsigned long long)offset);
+    do {
+        uint64_t needed;
+        rc = ensure_refblocks(img, first, last, &needed);
+    } while (rc == 1);
+    if (rc < 0)
+        return rc;
+    for (uint64_t c = first; c <= last; c++) {
+        uint64_t refcount;
+        rc = qcow2_refcount_get(img, c, &refcount);
+        if (rc < 0)
+            return rc;
+        if (refcount != 0)
+            return qcow2_fail(img, QCOW2_E_CORRUPT, "cluster %llu to "
+                              "allocate is in use (refcount=%llu)",
+                              (unsigned long long)c,
+                              (unsigned long long)refcount);
+    }
+    bytes = count << img->cluster_bits;
+    return qcow2_refcount_update(img, offset, bytes, 1);
+}
+
+int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
+                      uint64_t *host_offset)
+{
+    qcow2_write_state *ws;
+    uint64_t cs = img->cluster_size, offset, free_in_cluster = 0;
+    int rc = need_write_state(img);
+
+    if (rc < 0)
+        return rc;
+    if (length == 0 || length > cs)
+        return qcow2_fail(img, QCOW2_E_INVALID, "compressed allocation of "
+                          "%llu bytes", (unsigned long long)length);
+    ws = img->ws;
+    offset = ws->free_byte_offset;
+    if (offset) {
+        /* Keep packing only into a live, not yet saturated cluster. */
+        uint64_t refcount;
+        rc = qcow2_refcount_get(img, offset >> img->cluster_bits, &refcount);
+        if (rc < 0)
+            return rc;
+        if (refcount == 0 || refcount >= refcount_max(img))
+            offset = 0;
+        else
+            free_in_cluster = cs - (offset & (cs - 1));
+    }
+    while (!offset || free_in_cluster < length) {
+        uint64_t cluster, needed;
+
+        rc = find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
+        if (rc < 0)
+            return rc;
+        if (cluster == 0)
+            return qcow2_fail(img, QCOW2_E_CORRUPT, "Preventing invalid "
+                              "allocation of compressed cluster at offset 0");
+        /* A stream may spill into the next cluster only when that one is
+         * the fresh, contiguous one. */
+        if (!offset || align_up(offset, cs) != cluster * cs) {
+            offset = cluster * cs;
+            free_in_cluster = cs;
+        } else {
+            free_in_cluster += cs;
+        }
+        rc = ensure_refblocks(img, cluster, cluster, &needed);
+        if (rc < 0)
+            return rc;
+        if (rc == 1) {
+            /* The block may have taken it: start over from the range. */
+            ws->free_cluster_hint = min_u64(ws->free_cluster_hint,
+                                            offset >> img->cluster_bits);
+            offset = 0;
+        }
+    }
+    rc = qcow2_refcount_update(img, offset, length, 1);
+    if (rc < 0)
+        return rc;
+    *host_offset = offset;
+    ws->free_byte_offset = offset + length;
+    if (is_aligned(ws->free_byte_offset, cs))
+        ws->free_byte_offset = 0;
+    return 0;
+}
+
+/* ---- End of the used area -------------------------------------------------- */
+
+int qcow2_last_used_cluster(qcow2_image *img, uint64_t clusters,
+                            int64_t *last)
+{
+    uint64_t entries = img->refblock_entries;
+    uint8_t *bytes;
+    int rc = 0;
+
+    *last = -1;
+    if (clusters == 0)
+        return 0;
+    bytes = malloc(img->cluster_size);
+    if (!bytes)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint64_t index = (clusters - 1) / entries + 1; index-- > 0;) {
+        uint64_t block, n;
+        refblock_span span;
+
+        rc = refblock_at(img, index, &block);
+        if (rc < 0 || block == 0) {
+            if (rc < 0)
+                break;
+            continue;
+        }
+        n = min_u64(entries, clusters - index * entries);
+        span_init(img, block, 0, n, bytes, &span);
+        rc = span_load(img, &span);
+        if (rc < 0)
+            break;
+        for (uint64_t e = n; e-- > 0;) {
+            if (span_get(&span, e) != 0) {
+                *last = (int64_t)(index * entries + e);
+                free(bytes);
+                return 0;
+            }
+        }
+    }
+    free(bytes);
+    return rc;
+}
+
+int qcow2_refblock_unused(qcow2_image *img, uint64_t index, int *unused)
+{
+    uint64_t entries = img->refblock_entries, block, self = UINT64_MAX;
+    uint8_t *bytes;
+    refblock_span span;
+    int rc;
+
+    *unused = 0;
+    rc = refblock_at(img, index, &block);
+    if (rc < 0 || block == 0)
+        return rc;
+    bytes = malloc(img->cluster_size);
+    if (!bytes)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    span_init(img, block, 0, entries, bytes, &span);
+    rc = span_load(img, &span);
+    if (rc == 0) {
+        /* A block that counts only itself counts nothing. */
+        if ((block >> img->cluster_bits) / entries == index) {
+            self = (block >> img->cluster_bits) % entries;
+            span_set(&span, self, 0);
+        }
+        *unused = 1;
+        for (uint64_t i = 0; i < img->cluster_size && *unused; i++)
+            *unused = bytes[i] == 0;
+    }
+    free(bytes);
+    return rc;
+}
+
+void qcow2_write_state_defaults(qcow2_write_state *ws)
+{
+    memset(ws, 0, sizeof *ws);
+    ws->overlap_checks = OVERLAP_CACHED;
+}

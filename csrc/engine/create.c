@@ -1,0 +1,593 @@
+/*
+ * qcow2_create: a new image laid out exactly as qemu-img 7.2 lays it out
+ * (QEMU's qcow2_co_create): cluster 0 header, cluster 1 refcount table,
+ * cluster 2 first refcount block, then the L1 table sized for the disk at
+ * cluster 3 and, with preallocation, L2 tables and data. The file is
+ * built through a private bootstrap handle running the same write engine
+ * as any open image, then opened read-write for the caller.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "write.h"
+
+enum prealloc_mode { PREALLOC_OFF, PREALLOC_METADATA, PREALLOC_FALLOC,
+                     PREALLOC_FULL };
+
+/* The options once checked, in the header's terms. */
+typedef struct create_plan {
+    uint64_t size;
+    uint32_t version;
+    uint32_t cluster_bits;
+    uint32_t refcount_order;
+    int prealloc;
+    int compression_type;
+    const qcow2_create_opts *opts;
+} create_plan;
+
+void qcow2_create_opts_init(qcow2_create_opts *opts)
+{
+    memset(opts, 0, sizeof *opts);
+    opts->version = 3;
+    opts->cluster_size = 65536;
+    opts->refcount_bits = 16;
+}
+
+/* ---- Validation (qemu-img 7.2's refusals, in its order) ---------------- */
+
+static int log2_exact(uint64_t value)
+{
+    if (value == 0 || (value & (value - 1)))
+        return -1;
+    return __builtin_ctzll(value);
+}
+
+static int parse_prealloc(const char *name)
+{
+    if (!name || !strcmp(name, "off"))
+        return PREALLOC_OFF;
+    if (!strcmp(name, "metadata"))
+        return PREALLOC_METADATA;
+    if (!strcmp(name, "falloc"))
+        return PREALLOC_FALLOC;
+    if (!strcmp(name, "full"))
+        return PREALLOC_FULL;
+    return -1;
+}
+
+#define NEEDS_V3 "compatibility level 1.1 and above (use version=v3 or " \
+                 "greater)"
+
+static int check_geometry(const qcow2_create_opts *o, create_plan *plan,
+                          qcow2_error *err)
+{
+    int bits;
+
+    if (o->version != 2 && o->version != 3)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Parameter 'version' "
+                               "does not accept value '%u'", o->version);
+    plan->version = o->version;
+    if (o->extended_l2 && plan->version < 3)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Extended L2 entries "
+                               "are only supported with " NEEDS_V3);
+    bits = log2_exact(o->cluster_size);
+    if (bits < (int)QCOW2_MIN_CLUSTER_BITS ||
+        bits > (int)QCOW2_MAX_CLUSTER_BITS)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Cluster size must be "
+                               "a power of two between 512 and 2048k");
+    if (o->extended_l2 && o->cluster_size < 512u * 32)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Extended L2 entries "
+                               "are only supported with cluster sizes of at "
+                               "least 16384 bytes");
+    plan->cluster_bits = (uint32_t)bits;
+    return 0;
+}
+
+static int check_features(const qcow2_create_opts *o, create_plan *plan,
+                          qcow2_error *err)
+{
+    int order;
+
+    plan->prealloc = parse_prealloc(o->preallocation);
+    if (plan->prealloc < 0)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Parameter "
+                               "'preallocation' does not accept value '%s'",
+                               o->preallocation);
+    if (o->backing_file && plan->prealloc != PREALLOC_OFF && !o->extended_l2)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Backing file and "
+                               "preallocation can only be used at the same "
+                               "time if extended_l2 is on");
+    if (o->backing_format && !o->backing_file)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Backing format cannot "
+                               "be used without backing file");
+    if (o->lazy_refcounts && plan->version < 3)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Lazy refcounts only "
+                               "supported with " NEEDS_V3);
+    order = log2_exact(o->refcount_bits);
+    if (order < 0 || order > 6)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Refcount width must be "
+                               "a power of two and may not exceed 64 bits");
+    if (plan->version < 3 && o->refcount_bits != 16)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Different refcount "
+                               "widths than 16 bits require " NEEDS_V3);
+    plan->refcount_order = (uint32_t)order;
+    if (o->data_file_raw && !o->data_file)
+        return qcow2_error_set(err, QCOW2_E_INVALID,
+                               "data-file-raw requires data-file");
+    if (o->data_file_raw && o->backing_file)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Backing file and "
+                               "data-file-raw cannot be used at the same "
+                               "time");
+    /* The raw data file must read the same through the metadata. */
+    if (o->data_file_raw && plan->prealloc == PREALLOC_OFF)
+        plan->prealloc = PREALLOC_METADATA;
+    if (o->data_file && plan->version < 3)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "External data files "
+                               "are only supported with " NEEDS_V3);
+    return 0;
+}
+
+static int check_names(const qcow2_create_opts *o, create_plan *plan,
+                       qcow2_error *err)
+{
+    plan->compression_type = COMPRESSION_ZLIB;
+    if (o->compression_type && strcmp(o->compression_type, "zlib")) {
+        if (strcmp(o->compression_type, "zstd"))
+            return qcow2_error_set(err, QCOW2_E_INVALID, "Parameter "
+                                   "'compression-type' does not accept "
+                                   "value '%s'", o->compression_type);
+        if (plan->version < 3)
+            return qcow2_error_set(err, QCOW2_E_INVALID, "Non-zlib "
+                                   "compression type is only supported "
+                                   "with " NEEDS_V3);
+        plan->compression_type = COMPRESSION_ZSTD;
+    }
+    /* qemu-img no longer guesses the backing format. */
+    if (o->backing_file && !o->backing_format)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Backing file "
+                               "specified without backing format");
+    if (o->backing_file && (strlen(o->backing_file) == 0 ||
+                            strlen(o->backing_file) > QCOW2_MAX_BACKING_NAME))
+        return qcow2_error_set(err, QCOW2_E_INVALID, "backing file name "
+                               "must be 1 to %u bytes",
+                               QCOW2_MAX_BACKING_NAME);
+    if (o->backing_format &&
+        strlen(o->backing_format) > QCOW2_MAX_BACKING_FORMAT)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "backing format name "
+                               "'%s' is too long", o->backing_format);
+    if (o->data_file && strlen(o->data_file) == 0)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "data file name is "
+                               "empty");
+    return 0;
+}
+
+static int check_size(const qcow2_create_opts *o, create_plan *plan,
+                      qcow2_error *err)
+{
+    uint64_t coverage_bits, entries;
+    uint32_t l2_bits;
+
+    /* qemu-img rounds the size up to whole sectors. */
+    if (o->size > (uint64_t)INT64_MAX - 511)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "Image size must be "
+                               "less than 8 EiB!");
+    plan->size = align_up(o->size, 512);
+    l2_bits = plan->cluster_bits - (o->extended_l2 ? 4 : 3);
+    coverage_bits = plan->cluster_bits + l2_bits;
+    entries = coverage_bits >= 64 ? (plan->size != 0)
+                                  : div_round_up(plan->size,
+                                                 1ull << coverage_bits);
+    if (entries > QCOW2_MAX_L1_BYTES / 8)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "The image size is too "
+                               "large for file format 'qcow2' (try using a "
+                               "larger cluster size)");
+    return 0;
+}
+
+static int check_opts(const qcow2_create_opts *o, create_plan *plan,
+                      qcow2_error *err)
+{
+    int rc;
+
+    memset(plan, 0, sizeof *plan);
+    plan->opts = o;
+    rc = check_geometry(o, plan, err);
+    if (rc == 0)
+        rc = check_features(o, plan, err);
+    if (rc == 0)
+        rc = check_names(o, plan, err);
+    if (rc == 0)
+        rc = check_size(o, plan, err);
+    return rc;
+}
+
+/* ---- Files ------------------------------------------------------------------ */
+
+static int status_of_errno(int sys_errno)
+{
+    switch (sys_errno) {
+    case EEXIST:            return QCOW2_E_EXISTS;
+    case ENOENT:
+    case ENOTDIR:           return QCOW2_E_NOTFOUND;
+    case ENOSPC:
+    case EDQUOT:            return QCOW2_E_NOSPC;
+    case EROFS:
+    case EACCES:
+    case EPERM:             return QCOW2_E_READONLY;
+    case ENOMEM:            return QCOW2_E_NOMEM;
+    default:                return QCOW2_E_IO;
+    }
+}
+
+/* Create (or, with overwrite, empty) a file; "exists" when it is there
+ * and may not be replaced. */
+static int create_file(const char *path, int overwrite, qcow2_error *err)
+{
+    int flags = O_RDWR | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL);
+    int fd;
+
+    do {
+        fd = open(path, flags, 0644);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+        int e = errno;
+        return qcow2_error_set(err, status_of_errno(e), "%s: %s", path,
+                               e == EEXIST ? "file exists" : strerror(e));
+    }
+    close(fd);
+    return 0;
+}
+
+/* Names in the image resolve against its folder (as the open path does),
+ * so the data file is created there too. */
+static char *path_next_to(const char *image_path, const char *name)
+{
+    const char *slash = strrchr(image_path, '/');
+    size_t dir_len = slash ? (size_t)(slash - image_path) + 1 : 0;
+    char *joined;
+
+    if (name[0] == '/' || dir_len == 0)
+        return strdup(name);
+    joined = malloc(dir_len + strlen(name) + 1);
+    if (!joined)
+        return NULL;
+    memcpy(joined, image_path, dir_len);
+    strcpy(joined + dir_len, name);
+    return joined;
+}
+
+/* The raw data file, emptied and sized as QEMU's file driver creates it. */
+static int create_data_file(const char *path, uint64_t size,
+                            qcow2_error *err)
+{
+    int fd, rc = 0;
+
+    do {
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return qcow2_error_set(err, status_of_errno(errno), "data file "
+                               "%s: %s", path, strerror(errno));
+    if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)size) < 0)
+        rc = qcow2_error_set(err, status_of_errno(errno), "data file %s: "
+                             "%s", path, strerror(errno));
+    close(fd);
+    return rc;
+}
+
+/* ---- The bootstrap handle ---------------------------------------------------- */
+
+static void bootstrap_free(qcow2_image *img)
+{
+    if (!img)
+        return;
+    free(img->ws);
+    free(img->l1);
+    free(img->reftable);
+    free(img->backing_name);
+    free(img->backing_format_ext);
+    free(img->data_file_ext);
+    if (img->data_io && img->data_io != img->io)
+        qcow2_io_close(img->data_io);
+    if (img->io)
+        qcow2_io_close(img->io);
+    free(img->path);
+    free(img);
+}
+
+static void set_geometry(qcow2_image *img, const create_plan *plan)
+{
+    const qcow2_create_opts *o = plan->opts;
+
+    img->cluster_bits = plan->cluster_bits;
+    img->cluster_size = 1ull << plan->cluster_bits;
+    img->extended_l2 = o->extended_l2 != 0;
+    img->l2_entry_bytes = img->extended_l2 ? 16 : 8;
+    img->l2_bits = plan->cluster_bits - (img->extended_l2 ? 4 : 3);
+    img->l2_entries = 1ull << img->l2_bits;
+    img->subcluster_bits = plan->cluster_bits - (img->extended_l2 ? 5 : 0);
+    img->subcluster_size = 1ull << img->subcluster_bits;
+    img->refcount_bits = 1u << plan->refcount_order;
+    img->refblock_entries = img->cluster_size * 8 / img->refcount_bits;
+    img->compression_type = plan->compression_type;
+}
+
+/* The header as QEMU's create writes it before sizing the disk. */
+static void set_header(qcow2_image *img, const create_plan *plan)
+{
+    const qcow2_create_opts *o = plan->opts;
+    qcow2_header *h = &img->hdr;
+
+    h->magic = QCOW2_MAGIC;
+    h->version = plan->version;
+    h->cluster_bits = plan->cluster_bits;
+    h->refcount_table_offset = img->cluster_size;
+    h->refcount_table_clusters = 1;
+    h->refcount_order = plan->refcount_order;
+    h->header_length = plan->version >= 3 ? 112 : QCOW2_V2_HEADER_LENGTH;
+    h->compression_type = (uint8_t)plan->compression_type;
+    if (o->lazy_refcounts)
+        h->compatible_features |= COMPAT_LAZY_REFCOUNTS;
+    if (o->data_file)
+        h->incompatible_features |= INCOMPAT_DATA_FILE;
+    if (o->data_file_raw)
+        h->autoclear_features |= AUTOCLEAR_DATA_FILE_RAW;
+    if (plan->compression_type != COMPRESSION_ZLIB)
+        h->incompatible_features |= INCOMPAT_COMPRESSION;
+    if (o->extended_l2)
+        h->incompatible_features |= INCOMPAT_EXTL2;
+}
+
+static int set_names(qcow2_image *img, const qcow2_create_opts *o)
+{
+    if (o->backing_file && !(img->backing_name = strdup(o->backing_file)))
+        return QCOW2_E_NOMEM;
+    if (o->backing_format &&
+        !(img->backing_format_ext = strdup(o->backing_format)))
+        return QCOW2_E_NOMEM;
+    if (o->data_file && !(img->data_file_ext = strdup(o->data_file)))
+        return QCOW2_E_NOMEM;
+    img->ext.backing_format = img->backing_format_ext;
+    img->ext.data_file = img->data_file_ext;
+    return 0;
+}
+
+static int open_io(const char *path, qcow2_io **io, qcow2_error *err)
+{
+    int sys_errno = 0;
+    int rc = qcow2_io_open_file(path, 1, io, &sys_errno);
+
+    if (rc < 0)
+        return qcow2_error_set(err, rc, "%s: %s", path,
+                               sys_errno ? strerror(sys_errno)
+                                         : qcow2_status_name(rc));
+    return 0;
+}
+
+static int bootstrap_new(const char *path, const char *data_path,
+                         const create_plan *plan, qcow2_image **out,
+                         qcow2_error *err)
+{
+    qcow2_image *img = calloc(1, sizeof *img);
+    int rc;
+
+    *out = img;
+    if (!img || !(img->path = strdup(path)) ||
+        !(img->ws = calloc(1, sizeof *img->ws)))
+        return qcow2_error_set(err, QCOW2_E_NOMEM, "out of memory");
+    qcow2_write_state_defaults(img->ws);
+    set_geometry(img, plan);
+    set_header(img, plan);
+    if (set_names(img, plan->opts) < 0)
+        return qcow2_error_set(err, QCOW2_E_NOMEM, "out of memory");
+    img->reftable_entries = img->cluster_size / 8;
+    img->reftable = calloc(img->reftable_entries, sizeof *img->reftable);
+    if (!img->reftable)
+        return qcow2_error_set(err, QCOW2_E_NOMEM, "out of memory");
+    img->reftable[0] = 2 * img->cluster_size;
+    img->owns_io = 1;
+    rc = open_io(path, &img->io, err);
+    if (rc == 0 && data_path)
+        rc = open_io(data_path, &img->data_io, err);
+    if (rc == 0 && !data_path)
+        img->data_io = img->io;
+    return rc;
+}
+
+/* Clusters 0..2: a blank header cluster, the refcount table pointing at
+ * the block, the block counting all three (what QEMU's create ends with
+ * once it has allocated them). The header is written last. */
+static int write_first_clusters(qcow2_image *img)
+{
+    uint64_t cs = img->cluster_size;
+    uint8_t *bytes = calloc(3, cs);
+    int rc;
+
+    if (!bytes)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    put_be64(bytes + cs, 2 * cs);
+    rc = qcow2_write_checked(img, OVERLAP_HEADER | OVERLAP_REFCOUNT_TABLE |
+                             OVERLAP_REFCOUNT_BLOCK, "header", 0, bytes,
+                             3 * cs);
+    free(bytes);
+    if (rc == 0)
+        rc = qcow2_refcount_update(img, 0, 3 * cs, 1);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        img->ws->free_cluster_hint = 3;
+    return rc;
+}
+
+/* ---- Preallocation ------------------------------------------------------------ */
+
+/* Give the file bytes [from, to): fallocate for "falloc", zeroes for
+ * "full" (QEMU's file driver does the same). */
+static int fill_area(qcow2_image *img, qcow2_io *io, const char *path,
+                     int mode, uint64_t from, uint64_t to)
+{
+    if (from >= to)
+        return 0;
+    if (mode == PREALLOC_FALLOC) {
+        int fd = open(path, O_RDWR | O_CLOEXEC), e = 0;
+        if (fd < 0)
+            return qcow2_fail(img, status_of_errno(errno), "%s: %s", path,
+                              strerror(errno));
+        e = posix_fallocate(fd, (off_t)from, (off_t)(to - from));
+        close(fd);
+        if (e)
+            return qcow2_fail(img, status_of_errno(e), "preallocation of "
+                              "%llu bytes failed: %s",
+                              (unsigned long long)(to - from), strerror(e));
+        return 0;
+    }
+    {
+        size_t chunk = 1u << 20;
+        uint8_t *zeroes = calloc(1, chunk);
+        int rc = 0;
+        if (!zeroes)
+            return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+        for (uint64_t at = from; at < to && rc == 0; at += chunk) {
+            size_t len = (size_t)min_u64(chunk, to - at);
+            rc = io == img->io ? qcow2_write_checked(img, 0, "data", at,
+                                                     zeroes, len)
+                               : qcow2_write_data(img, at, zeroes, len);
+        }
+        free(zeroes);
+        return rc;
+    }
+}
+
+/* QEMU's falloc/full growth: one new exact refcount table placed after
+ * the used clusters, the data area reserved right after it, the file
+ * given those bytes, then the L2 tables (first fit) mapping it. */
+static int preallocate_data(qcow2_image *img, const char *path, int mode,
+                            uint64_t size)
+{
+    uint64_t cs = img->cluster_size, data_clusters, l2_tables;
+    uint64_t file_size, area_start;
+    int64_t last;
+    int rc;
+
+    data_clusters = div_round_up(size, cs);
+    if (data_clusters == 0)
+        return 0;
+    l2_tables = div_round_up(data_clusters, img->l2_entries) + 1;
+    rc = img->io->ops->size(img->io, &file_size);
+    if (rc < 0)
+        return qcow2_fail(img, rc, "cannot read the file size");
+    rc = qcow2_last_used_cluster(img, div_round_up(file_size, cs), &last);
+    if (rc < 0)
+        return rc;
+    rc = qcow2_refcount_area(img, (uint64_t)(last + 1) * cs,
+                             data_clusters + l2_tables, 1, 0, 0,
+                             &area_start);
+    if (rc == 0)
+        rc = qcow2_alloc_clusters_at(img, area_start, data_clusters);
+    if (rc == 0)
+        rc = fill_area(img, img->io, path, mode, area_start,
+                       area_start + data_clusters * cs);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_preallocate_metadata(img, 0, size, area_start);
+    return rc;
+}
+
+static int preallocate(qcow2_image *img, const char *path,
+                       const char *data_path, const create_plan *plan)
+{
+    int rc;
+
+    if (plan->prealloc == PREALLOC_OFF)
+        return 0;
+    if (data_path) {
+        /* Metadata only; the data file itself gets the mode. */
+        rc = qcow2_preallocate_metadata(img, 0, plan->size, 0);
+        if (rc == 0 && plan->prealloc != PREALLOC_METADATA)
+            rc = fill_area(img, img->data_io, data_path, plan->prealloc, 0,
+                           plan->size);
+        return rc;
+    }
+    if (plan->prealloc == PREALLOC_METADATA)
+        return qcow2_preallocate_metadata(img, 0, plan->size, 0);
+    return preallocate_data(img, path, plan->prealloc, plan->size);
+}
+
+/* ---- qcow2_create ---------------------------------------------------------------- */
+
+static int build_image(const char *path, const char *data_path,
+                       const create_plan *plan, qcow2_error *err)
+{
+    qcow2_image *img = NULL;
+    uint64_t l1_entries;
+    int rc = bootstrap_new(path, data_path, plan, &img, err);
+
+    if (rc < 0)
+        goto out;
+    rc = write_first_clusters(img);
+    if (rc == 0)
+        rc = qcow2_header_rewrite(img);
+    if (rc == 0)
+        rc = qcow2_l1_entries_needed(img, plan->size, &l1_entries) < 0
+                 ? qcow2_fail(img, QCOW2_E_INVALID, "size too large")
+                 : qcow2_l1_grow(img, l1_entries);
+    if (rc == 0)
+        rc = preallocate(img, path, data_path, plan);
+    if (rc == 0)
+        rc = qcow2_header_set_size(img, plan->size);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc < 0)
+        *err = img->err;
+out:
+    bootstrap_free(img);
+    return rc;
+}
+
+int qcow2_create(const char *path, const qcow2_create_opts *opts,
+                 const qcow2_open_opts *open_opts, qcow2_image **out,
+                 qcow2_error *err)
+{
+    qcow2_error scratch;
+    qcow2_open_opts rw_opts;
+    create_plan plan;
+    char *data_path = NULL;
+    int rc;
+
+    if (!err)
+        err = &scratch;
+    err->code = 0;
+    err->msg[0] = '\0';
+    if (out)
+        *out = NULL;
+    if (!path || !opts)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "no path or options");
+    rc = check_opts(opts, &plan, err);
+    if (rc < 0)
+        return rc;
+    if (opts->data_file && !(data_path = path_next_to(path, opts->data_file)))
+        return qcow2_error_set(err, QCOW2_E_NOMEM, "out of memory");
+    rc = create_file(path, opts->overwrite, err);
+    if (rc == 0 && data_path)
+        rc = create_data_file(data_path, plan.size, err);
+    if (rc == 0) {
+        rc = build_image(path, data_path, &plan, err);
+        /* A half-built file is of no use to anyone. */
+        if (rc < 0)
+            unlink(path);
+    }
+    free(data_path);
+    if (rc < 0 || !out)
+        return rc;
+
+    if (open_opts)
+        rw_opts = *open_opts;
+    else
+        qcow2_open_opts_init(&rw_opts);
+    rw_opts.read_write = 1;
+    return qcow2_open(path, &rw_opts, out, err);
+}

@@ -1,0 +1,279 @@
+/*
+ * The last line of defence of every write: the metadata overlap check
+ * (QEMU's qcow2_check_metadata_overlap), the checked write every engine
+ * write goes through, barriers, and poisoning of a handle whose metadata
+ * update broke off midway.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "write.h"
+
+/* QEMU's metadata_ol_names, so messages read the same. */
+static const char *overlap_name(int which)
+{
+    switch (which) {
+    case OVERLAP_HEADER:            return "qcow2_header";
+    case OVERLAP_ACTIVE_L1:         return "active L1 table";
+    case OVERLAP_ACTIVE_L2:         return "active L2 table";
+    case OVERLAP_REFCOUNT_TABLE:    return "refcount table";
+    case OVERLAP_REFCOUNT_BLOCK:    return "refcount block";
+    case OVERLAP_SNAPSHOT_TABLE:    return "snapshot table";
+    case OVERLAP_INACTIVE_L1:       return "inactive L1 table";
+    case OVERLAP_INACTIVE_L2:       return "inactive L2 table";
+    case OVERLAP_BITMAP_DIR:        return "bitmap directory";
+    case OVERLAP_CRYPTO_HEADER:     return "encryption header";
+    default:                        return "metadata";
+    }
+}
+
+/* The byte length of a table of `entries` 8-byte entries, saturated so a
+ * hostile count cannot wrap (the range then simply covers everything). */
+static uint64_t table_bytes(uint64_t entries)
+{
+    uint64_t bytes;
+    return mul_overflows(entries, 8, &bytes) ? UINT64_MAX : bytes;
+}
+
+/* Does [offset, offset+length) (cluster aligned) hit [start, start+len)? */
+static int hits(uint64_t offset, uint64_t length, uint64_t start,
+                uint64_t len)
+{
+    uint64_t room = UINT64_MAX - start;
+    if (len > room)
+        len = room;              /* saturate: never wrap */
+    return ranges_overlap(offset, length, start, len);
+}
+
+/* Every entry of an L1 table (host order) as one-cluster L2 tables. */
+static int l1_hits(const qcow2_image *img, const uint64_t *l1, uint32_t size,
+                   uint64_t offset, uint64_t length)
+{
+    for (uint32_t i = 0; i < size; i++) {
+        uint64_t l2_offset = l1[i] & L1E_OFFSET_MASK;
+        if (l2_offset && hits(offset, length, l2_offset, img->cluster_size))
+            return 1;
+    }
+    return 0;
+}
+
+static uint64_t snapshot_table_bytes(const qcow2_image *img)
+{
+    uint64_t end = img->hdr.snapshots_offset;
+    for (uint32_t i = 0; i < img->nb_snapshots; i++) {
+        uint64_t entry_end;
+        const qcow2_snapshot *sn = &img->snapshots[i];
+        if (add_overflows(sn->entry_offset, sn->entry_length, &entry_end))
+            return UINT64_MAX;
+        end = max_u64(end, entry_end);
+    }
+    return end - img->hdr.snapshots_offset;
+}
+
+/* Inactive L2 tables: only with overlap_check "all", reading every
+ * snapshot L1 from the file (QEMU does the same). A read failure counts
+ * as no hit: the check is a guard, not a validator. */
+static int inactive_l2_hits(qcow2_image *img, uint64_t offset,
+                            uint64_t length)
+{
+    for (uint32_t i = 0; i < img->nb_snapshots; i++) {
+        const qcow2_snapshot *sn = &img->snapshots[i];
+        uint64_t *l1;
+        int hit;
+
+        if (sn->l1_size == 0 || sn->l1_size > QCOW2_MAX_L1_BYTES / 8)
+            continue;
+        l1 = malloc((size_t)sn->l1_size * 8);
+        if (!l1)
+            continue;
+        if (qcow2_read_meta(img, sn->l1_table_offset, l1,
+                            (size_t)sn->l1_size * 8, "snapshot L1 table")) {
+            free(l1);
+            continue;
+        }
+        for (uint32_t j = 0; j < sn->l1_size; j++)
+            l1[j] = be64(&l1[j]);
+        hit = l1_hits(img, l1, sn->l1_size, offset, length);
+        free(l1);
+        if (hit)
+            return 1;
+    }
+    return 0;
+}
+
+/* The first structure in `checks` that [offset, offset+length) hits, or
+ * 0. The range is widened to whole clusters, as QEMU widens it: a write
+ * into a metadata cluster's slack is still a write into that cluster. */
+static int first_overlap(qcow2_image *img, int checks, uint64_t offset,
+                         uint64_t length)
+{
+    const qcow2_header *h = &img->hdr;
+    uint64_t cs = img->cluster_size;
+    uint64_t end;
+
+    if (length == 0)
+        return 0;
+    if (add_overflows(offset, length, &end) || end > UINT64_MAX - cs)
+        return OVERLAP_HEADER;   /* absurd range: refuse it */
+    offset &= ~(cs - 1);
+    length = align_up(end, cs) - offset;
+
+    if ((checks & OVERLAP_HEADER) && offset < cs)
+        return OVERLAP_HEADER;
+    if ((checks & OVERLAP_ACTIVE_L1) && img->l1_size &&
+        hits(offset, length, h->l1_table_offset, table_bytes(img->l1_size)))
+        return OVERLAP_ACTIVE_L1;
+    if ((checks & OVERLAP_REFCOUNT_TABLE) && h->refcount_table_clusters &&
+        hits(offset, length, h->refcount_table_offset,
+             (uint64_t)h->refcount_table_clusters * cs))
+        return OVERLAP_REFCOUNT_TABLE;
+    if ((checks & OVERLAP_SNAPSHOT_TABLE) && img->nb_snapshots &&
+        hits(offset, length, h->snapshots_offset, snapshot_table_bytes(img)))
+        return OVERLAP_SNAPSHOT_TABLE;
+    if (checks & OVERLAP_INACTIVE_L1) {
+        for (uint32_t i = 0; i < img->nb_snapshots; i++) {
+            const qcow2_snapshot *sn = &img->snapshots[i];
+            if (sn->l1_size && hits(offset, length, sn->l1_table_offset,
+                                    table_bytes(sn->l1_size)))
+                return OVERLAP_INACTIVE_L1;
+        }
+    }
+    if ((checks & OVERLAP_CRYPTO_HEADER) && img->ext.has_crypto_header &&
+        hits(offset, length, img->ext.crypto_header_offset,
+             img->ext.crypto_header_length))
+        return OVERLAP_CRYPTO_HEADER;
+    if ((checks & OVERLAP_BITMAP_DIR) && img->ext.has_bitmaps &&
+        hits(offset, length, img->ext.bitmap_directory_offset,
+             img->ext.bitmap_directory_size))
+        return OVERLAP_BITMAP_DIR;
+    if ((checks & OVERLAP_ACTIVE_L2) && img->l1 &&
+        l1_hits(img, img->l1, img->l1_size, offset, length))
+        return OVERLAP_ACTIVE_L2;
+    if ((checks & OVERLAP_REFCOUNT_BLOCK) && img->reftable) {
+        for (uint64_t i = 0; i < img->reftable_entries; i++) {
+            uint64_t block = img->reftable[i] & REFT_OFFSET_MASK;
+            if (block && hits(offset, length, block, cs))
+                return OVERLAP_REFCOUNT_BLOCK;
+        }
+    }
+    if ((checks & OVERLAP_INACTIVE_L2) && inactive_l2_hits(img, offset, length))
+        return OVERLAP_INACTIVE_L2;
+    return 0;
+}
+
+int qcow2_overlap_check(qcow2_image *img, int ignore, uint64_t offset,
+                        uint64_t length)
+{
+    int checks, which;
+    char reason[160];
+
+    if (!img->ws)
+        return 0;
+    checks = img->ws->overlap_checks & ~ignore;
+    which = first_overlap(img, checks, offset, length);
+    if (!which)
+        return 0;
+
+    snprintf(reason, sizeof reason,
+             "Preventing invalid write on metadata (overlaps with %s)",
+             overlap_name(which));
+    /* Mark the file first so that a later open refuses to write it, as
+     * QEMU's qcow2_signal_corruption does; v2 has no bit to set. */
+    if (img->hdr.version >= 3 &&
+        !(img->hdr.incompatible_features & INCOMPAT_CORRUPT) &&
+        !img->ws->poisoned)
+        (void)qcow2_header_set_feature(img, 0, 1, 1);
+    qcow2_fail(img, QCOW2_E_CORRUPT, "%s: write at 0x%llx (%llu bytes)",
+               reason, (unsigned long long)offset,
+               (unsigned long long)length);
+    return qcow2_poison(img, QCOW2_E_CORRUPT);
+}
+
+static int write_io(qcow2_image *img, qcow2_io *io, const char *what,
+                    uint64_t offset, const void *buf, size_t length)
+{
+    int rc;
+
+    qcow2_io_set_label(io, what);
+    rc = io->ops->pwrite(io, buf, length, offset);
+    if (rc < 0) {
+        int sys_errno = io->last_errno;
+        return qcow2_fail(img, rc, "write of %s at 0x%llx (%zu bytes) "
+                          "failed: %s", what, (unsigned long long)offset,
+                          length, sys_errno ? strerror(sys_errno)
+                                            : qcow2_status_name(rc));
+    }
+    return 0;
+}
+
+int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
+                        uint64_t offset, const void *buf, size_t length)
+{
+    int rc;
+
+    if (img->ws && img->ws->poisoned) {
+        img->err = img->ws->poison;
+        return img->ws->poison.code;
+    }
+    if (!range_inside(offset, length, QCOW2_MAX_HOST_OFFSET + 1))
+        return qcow2_fail(img, QCOW2_E_INVALID, "write of %s at 0x%llx "
+                          "(%zu bytes) is past the largest host offset",
+                          what, (unsigned long long)offset, length);
+    rc = qcow2_overlap_check(img, ignore, offset, length);
+    if (rc < 0)
+        return rc;
+    return write_io(img, img->io, what, offset, buf, length);
+}
+
+int qcow2_write_data(qcow2_image *img, uint64_t offset, const void *buf,
+                     size_t length)
+{
+    /* An external data file holds no metadata: nothing to overlap. */
+    if (img->data_io && img->data_io != img->io) {
+        if (img->ws && img->ws->poisoned) {
+            img->err = img->ws->poison;
+            return img->ws->poison.code;
+        }
+        return write_io(img, img->data_io, "data", offset, buf, length);
+    }
+    return qcow2_write_checked(img, 0, "data", offset, buf, length);
+}
+
+static int flush_io(qcow2_image *img, qcow2_io *io, const char *which)
+{
+    int rc = io->ops->flush(io);
+    if (rc < 0) {
+        int sys_errno = io->last_errno;
+        return qcow2_fail(img, rc, "flush of the %s failed: %s", which,
+                          sys_errno ? strerror(sys_errno)
+                                    : qcow2_status_name(rc));
+    }
+    return 0;
+}
+
+int qcow2_barrier(qcow2_image *img)
+{
+    int rc;
+
+    /* Data first: an L2 entry made durable by the image flush must not
+     * point at data the data file has not made durable yet. */
+    if (img->data_io && img->data_io != img->io) {
+        rc = flush_io(img, img->data_io, "data file");
+        if (rc < 0)
+            return rc;
+    }
+    return flush_io(img, img->io, "image file");
+}
+
+int qcow2_poison(qcow2_image *img, int code)
+{
+    /* The first failure is the one worth reporting: later calls repeat
+     * it rather than describe their own refusal. */
+    if (img->ws && !img->ws->poisoned) {
+        img->ws->poisoned = 1;
+        img->ws->poison = img->err;
+        img->ws->poison.code = code;
+    }
+    return code;
+}
