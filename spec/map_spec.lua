@@ -1,0 +1,179 @@
+-- Image:map and ClusterMap against `qemu-img map --output=json`.
+local h = require("helpers")
+local corpus = require("corpus")
+local qcow2 = require("qcow2")
+
+local KiB = corpus.KiB
+
+-- The ClusterMap type a qemu-img map record stands for.
+local function record_type(r)
+  if not r.present then return "unallocated" end
+  if r.zero and not r.data then return "zero" end
+  if r.data and r.offset == nil then return "compressed" end
+  return "data"
+end
+
+-- Check that every extent of m agrees with the qemu-img records it
+-- overlaps (type and depth), that the extents tile [from, from+len) in
+-- order, and return bytes per type.
+local function check_extents(m, records, from, len)
+  local pos, bytes = from, {}
+  assert.is_true(#m >= 1)
+  for i = 1, #m do
+    local e = m[i]
+    assert.are.equal(pos, e.start, ("extent %d starts where the previous ended"):format(i))
+    assert.is_true(e.length > 0)
+    local e_end = e.start + e.length
+    for _, r in ipairs(records) do
+      if r.start < e_end and r.start + r.length > e.start then
+        local what = ("extent %d [%d,+%d) over qemu [%d,+%d)"):format(i, e.start, e.length, r.start, r.length)
+        assert.are.equal(record_type(r), e.type, what .. ": type")
+        assert.are.equal(r.depth, e.depth, what .. ": depth")
+        if e.type == "data" then
+          local at = math.max(e.start, r.start)
+          assert.are.equal(r.offset + (at - r.start), e.offset + (at - e.start), what .. ": offset")
+        elseif e.type == "compressed" then
+          assert.is_true((e.compressed_size or 0) > 0, what .. ": compressed_size")
+        end
+      end
+    end
+    bytes[e.type] = (bytes[e.type] or 0) + e.length
+    pos = e_end
+  end
+  assert.are.equal(from + len, pos)
+  return bytes
+end
+
+-- Bytes per type as qemu-img's records count them.
+local function record_bytes(records)
+  local bytes = {}
+  for _, r in ipairs(records) do
+    local t = record_type(r)
+    bytes[t] = (bytes[t] or 0) + r.length
+  end
+  return bytes
+end
+
+describe("Image:map", function()
+  local dir
+  setup(function() dir = h.tmpdir() end)
+  teardown(function() h.cleanup() end)
+
+  local function agrees(path, opts)
+    local want = corpus.qemu_map(path)
+    local img = assert(qcow2.open(path, opts))
+    local m = assert(img:map())
+    assert.are.same(want, corpus.decode_map(m:to_json()))
+    img:close()
+  end
+
+  for _, kind in ipairs(corpus.small_kinds) do
+    it("maps " .. kind.name .. " as qemu-img map does", function()
+      agrees(kind.build(dir))
+    end)
+  end
+
+  it("maps a raw <- qcow2 <- qcow2 chain with each layer's depth", function()
+    local chain = corpus.chain(dir)
+    agrees(chain.top)
+    agrees(chain.mid)
+  end)
+
+  it("maps overlays on backing files shorter than themselves", function()
+    local s = corpus.short_backing(dir)
+    agrees(s.top)
+    agrees(s.rtop)
+  end)
+
+  it("maps an extended-L2 overlay at subcluster granularity", function()
+    agrees(corpus.extended_l2_overlay(dir).top)
+  end)
+
+  it("maps the active layer of an image with internal snapshots", function()
+    agrees((corpus.snapshots(dir)))
+  end)
+
+  it("maps a 1 TiB image written near its end", function()
+    agrees((corpus.huge(dir)))
+  end)
+
+  it("maps a sub-range at odd offsets like qemu-img map --start-offset --max-length", function()
+    local chain = corpus.chain(dir)
+    local v512 = corpus.v3(dir, 512)
+    local cases = {
+      { chain.top, 70001, 300001 }, { chain.top, 0, 4096 }, { chain.top, 4 * 1024 * 1024 - 1, 1 },
+      { v512, 1001, 40000 }, { v512, 32767, 2 },
+    }
+    for _, c in ipairs(cases) do
+      local path, off, len = c[1], c[2], c[3]
+      local want = corpus.qemu_map(path, ("--start-offset=%d --max-length=%d"):format(off, len))
+      local img = assert(qcow2.open(path))
+      assert.are.same(want, corpus.decode_map(assert(img:map(off, len)):to_json()),
+        ("%s map(%d, %d)"):format(path, off, len))
+      img:close()
+    end
+  end)
+end)
+
+describe("ClusterMap", function()
+  local dir
+  setup(function() dir = h.tmpdir() end)
+  teardown(function() h.cleanup() end)
+
+  local list
+  setup(function()
+    local chain = corpus.chain(dir)
+    list = {
+      corpus.v3(dir, 4 * KiB), corpus.compressed(dir, "zlib"), corpus.extended_l2(dir),
+      corpus.converted(dir, "zlib", 64 * KiB), chain.top, (corpus.snapshots(dir)),
+    }
+  end)
+  local function each_image(fn)
+    for _, path in ipairs(list) do fn(path) end
+  end
+
+  it("has extents that tile the disk in order, with qemu-img's types and depths", function()
+    each_image(function(path)
+      local records = corpus.qemu_map(path)
+      local img = assert(qcow2.open(path))
+      local m = img:map()
+      local bytes = check_extents(m, records, 0, img.size)
+      assert.are.same(record_bytes(records), bytes, path)
+      img:close()
+    end)
+  end)
+
+  it("iterates with extents() the same extents as m[i]", function()
+    each_image(function(path)
+      local img = assert(qcow2.open(path))
+      local m = img:map()
+      local i = 0
+      for e in m:extents() do
+        i = i + 1
+        assert.are.same(m[i], e)
+      end
+      assert.are.equal(#m, i)
+      img:close()
+    end)
+  end)
+
+  it("counts bytes per type in stats() as qemu-img's map adds up", function()
+    each_image(function(path)
+      local want = record_bytes(corpus.qemu_map(path))
+      local img = assert(qcow2.open(path))
+      local stats = img:map():stats()
+      for _, t in ipairs({ "data", "zero", "unallocated", "compressed" }) do
+        assert.are.equal(want[t] or 0, stats[t] or 0, path .. ": " .. t)
+      end
+      img:close()
+    end)
+  end)
+
+  it("covers only the requested range of map(offset, length)", function()
+    local path = corpus.v3(dir, 512)
+    local records = corpus.qemu_map(path, "--start-offset=1001 --max-length=40000")
+    local img = assert(qcow2.open(path))
+    check_extents(img:map(1001, 40000), records, 1001, 40000)
+    img:close()
+  end)
+end)
