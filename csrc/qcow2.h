@@ -61,6 +61,18 @@ typedef struct qcow2_open_opts {
     void *resolve_ctx;
     uint64_t l2_cache_size;     /* bytes; 0 = default */
     uint64_t refcount_cache_size; /* bytes; 0 = default */
+    /* Read-write runtime options (QEMU's of the same names). */
+    int repair;                 /* open for repair: corrupt bit allowed rw,
+                                   a dirty image is not repaired at open */
+    int lazy_refcounts;         /* -1 = as the header says, 0/1 */
+    int overlap_check;          /* -1 default ("cached"); else 0 none,
+                                   1 constant, 2 cached, 3 all */
+    int discard;                /* pass discards down to the file */
+    /* Fault plan for tests (the Lua `io` option). */
+    int64_t fail_after_writes;  /* -1: never */
+    int fail_status;            /* QCOW2_E_IO or QCOW2_E_NOSPC */
+    int64_t stop_after_writes;  /* -1: never (power cut after N writes) */
+    int trace_writes;
 } qcow2_open_opts;
 
 /* Fill opts with the defaults (read-only, backing chain opened). */
@@ -242,5 +254,113 @@ int qcow2_snapshot_get(const qcow2_image *img, uint32_t index,
  */
 int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
                         qcow2_image **view);
+
+/* --- Writing (read-write handles; QCOW2_E_READONLY otherwise) ----------- */
+typedef struct qcow2_create_opts {
+    uint64_t size;              /* bytes, required */
+    uint32_t version;           /* 2 or 3 (default 3) */
+    uint64_t cluster_size;      /* default 65536 */
+    uint32_t refcount_bits;     /* default 16 */
+    int lazy_refcounts;
+    const char *preallocation;  /* NULL/"off", "metadata", "falloc", "full" */
+    const char *backing_file;
+    const char *backing_format;
+    int extended_l2;
+    const char *compression_type; /* NULL/"zlib", "zstd" */
+    const char *data_file;
+    int data_file_raw;
+    int overwrite;              /* replace an existing file */
+} qcow2_create_opts;
+
+void qcow2_create_opts_init(qcow2_create_opts *opts);
+/* Create an image and return it open read-write (open_opts may be NULL). */
+int qcow2_create(const char *path, const qcow2_create_opts *opts,
+                 const qcow2_open_opts *open_opts, qcow2_image **out,
+                 qcow2_error *err);
+
+int qcow2_write(qcow2_image *img, uint64_t offset, const void *buf,
+                size_t length);
+int qcow2_write_zeroes(qcow2_image *img, uint64_t offset, uint64_t length,
+                       int unmap);
+int qcow2_discard(qcow2_image *img, uint64_t offset, uint64_t length);
+/* One whole cluster at a cluster-aligned offset (the disk's last, partial
+ * cluster is zero padded). */
+int qcow2_write_compressed(qcow2_image *img, uint64_t offset,
+                           const void *buf, size_t length);
+int qcow2_flush(qcow2_image *img);
+int qcow2_resize(qcow2_image *img, uint64_t size);
+
+/* The image file itself, bypassing the format (tests, forensics). */
+int qcow2_raw_read(qcow2_image *img, uint64_t offset, void *buf,
+                   size_t length, size_t *done);
+int qcow2_raw_write(qcow2_image *img, uint64_t offset, const void *buf,
+                    size_t length);
+
+/* Writes recorded with the trace_writes option. */
+typedef struct qcow2_io_record {
+    uint64_t offset;
+    uint64_t length;
+    const char *what;           /* "header", "l1", "l2", "refcount_table",
+                                   "refcount_block", "data", ... */
+} qcow2_io_record;
+size_t qcow2_io_log_count(const qcow2_image *img);
+int qcow2_io_log_at(const qcow2_image *img, size_t index,
+                    qcow2_io_record *out);
+
+/* --- Check ------------------------------------------------------------------ */
+/*
+ * qemu-img check: every host cluster's references are counted from the
+ * image's own structures (header, L1/L2 tables of the active disk and of
+ * every snapshot, snapshot table, refcount table and blocks, LUKS header,
+ * bitmaps) and compared with the refcounts on disk; COPIED flags, reserved
+ * bits and alignment are checked on the way. Counts follow qemu-img 7.2.
+ */
+enum qcow2_finding_kind {
+    QCOW2_FINDING_CORRUPTION = 0,   /* counted in corruptions */
+    QCOW2_FINDING_LEAK = 1,         /* counted in leaks */
+    QCOW2_FINDING_CHECK_ERROR = 2,  /* counted in check_errors */
+    QCOW2_FINDING_REPAIRED = 3,     /* fixed: corruptions_fixed/leaks_fixed */
+    QCOW2_FINDING_STRICT = 4,       /* stricter than qemu-img: counted
+                                       nowhere, the message says so */
+};
+
+typedef struct qcow2_finding {
+    int kind;                   /* enum qcow2_finding_kind */
+    uint64_t offset;            /* host offset the finding is about */
+    uint64_t cluster;           /* offset >> cluster_bits */
+    char *message;              /* qemu-img's stderr line where it has one */
+} qcow2_finding;
+
+enum qcow2_repair_mode {
+    QCOW2_REPAIR_NONE = 0,
+    QCOW2_REPAIR_LEAKS = 1,     /* qemu-img check -r leaks */
+    QCOW2_REPAIR_ALL = 2,       /* -r all (not implemented yet) */
+};
+
+typedef struct qcow2_check_result {
+    uint64_t corruptions;
+    uint64_t leaks;
+    uint64_t check_errors;
+    uint64_t corruptions_fixed;
+    uint64_t leaks_fixed;
+    uint64_t image_end_offset;
+    uint64_t total_clusters;
+    uint64_t allocated_clusters;
+    uint64_t fragmented_clusters;
+    uint64_t compressed_clusters;
+    qcow2_finding *findings;    /* in the order qemu-img prints them */
+    size_t finding_count;
+    uint64_t findings_dropped;  /* beyond the recorded maximum */
+} qcow2_check_result;
+
+/*
+ * Check img (read-only handles too: nothing is written unless repair is
+ * asked for, which needs a read-write handle). Returns 0 when the check
+ * ran, whatever it found, with *out filled (free it with
+ * qcow2_check_result_free); a negative status when it could not run
+ * (raw image or snapshot view, out of memory, repair refused).
+ */
+int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out);
+void qcow2_check_result_free(qcow2_check_result *res);
 
 #endif /* QCOW2_H */

@@ -187,6 +187,7 @@ struct qcow2_image {
     qcow2_l2_cache *l2_cache;
     uint64_t l2_cache_bytes;
     qcow2_codec *codec;         /* created on the first compressed read */
+    struct qcow2_write_state *ws;  /* read-write handles only (write.h) */
 };
 
 /* ---- Metadata reads (image.c) ------------------------------------------- */
@@ -222,5 +223,63 @@ int qcow2_reftable_load(qcow2_image *img);
 /* ---- Snapshots (snapshot.c) -------------------------------------------- */
 int qcow2_snapshots_load(qcow2_image *img);
 void qcow2_snapshots_free(qcow2_image *img);
+
+/* ---- Guest lookups: L2 cache and codecs (cache.c, compress.c) ---------
+ * Added by the read-path work (cache.c cluster.c compress.c read.c map.c).
+ */
+/* The L2 table at host offset l2_offset: one whole cluster, big-endian as
+ * on disk, from img->l2_cache or read with qcow2_read_meta on a miss. The
+ * pointer is valid until the next call on the cache. img->l2_cache is
+ * created on first use when the open path did not (img->l2_cache_bytes,
+ * or the default). The caller validated l2_offset (aligned, inside the
+ * file, not cluster 0). */
+int qcow2_l2_cache_get(qcow2_image *img, uint64_t l2_offset,
+                       uint8_t **table);
+/* Forget the cached copy of one table (rewritten behind the cache's
+ * back) or of every table. NULL cache: nothing to do. */
+void qcow2_l2_cache_drop(qcow2_l2_cache *cache, uint64_t l2_offset);
+void qcow2_l2_cache_drop_all(qcow2_l2_cache *cache);
+
+/* Decompress the compressed cluster whose stream starts at host byte
+ * coffset with csize bytes at most (the L2 entry's upper bound; the file
+ * may end sooner). *cluster gets cluster_size bytes owned by img->codec,
+ * valid until the next codec call. The last cluster decompressed is kept,
+ * so reading it again costs nothing. guest_offset is for messages. */
+int qcow2_decompress_cluster(qcow2_image *img, uint64_t coffset,
+                             uint64_t csize, uint64_t guest_offset,
+                             const uint8_t **cluster);
+/* Drop the kept decompressed cluster (a writer reused its host bytes). */
+void qcow2_codec_forget(qcow2_codec *codec);
+
+/* qcow2_compress_cluster's "keep it uncompressed" answer (not an error). */
+#define QCOW2_DOES_NOT_SHRINK 1
+/* Compress one cluster (cluster_size bytes at src) with the image's
+ * compression type, as QEMU writes it: deflate raw (level default,
+ * windowBits -12, memLevel 9) or zstd level 3, one frame. At most
+ * min(dst_cap, cluster_size - 1) bytes go to dst; *dst_len gets the
+ * stream length. Returns 0, QCOW2_DOES_NOT_SHRINK when the stream does
+ * not fit, or a negative status. */
+int qcow2_compress_cluster(qcow2_image *img, const void *src, void *dst,
+                           size_t dst_cap, size_t *dst_len);
+
+/* ---- Open-path helpers (header.c, image.c; added by the open work) -----
+ * qcow2_header_load expects img->io and img->file_size to be set. */
+/* A metadata table of `length` bytes at `offset`: cluster aligned, inside
+ * the file, clear of cluster 0 (QCOW2_E_CORRUPT naming `what`). An empty
+ * table only has to be aligned. */
+int qcow2_check_table(qcow2_image *img, const char *what, uint64_t offset,
+                      uint64_t length);
+/* QCOW2_E_CORRUPT when two tables share a byte. */
+int qcow2_check_tables_apart(qcow2_image *img, const char *what_a,
+                             uint64_t a, uint64_t a_length,
+                             const char *what_b, uint64_t b,
+                             uint64_t b_length);
+/* L1 entries needed to map `size` guest bytes; QCOW2_E_CORRUPT (no
+ * message) when that exceeds INT32_MAX, as QEMU refuses. */
+int qcow2_l1_entries_needed(const qcow2_image *img, uint64_t size,
+                            uint64_t *entries);
+/* Read `count` L1 entries at `offset` into a new host-order array. */
+int qcow2_l1_load(qcow2_image *img, uint64_t offset, uint32_t count,
+                  const char *what, uint64_t **out);
 
 #endif /* QCOW2_INTERNAL_H */

@@ -1,0 +1,661 @@
+/*
+ * Opening and closing images: the file, the header and tables, the
+ * external data file and the backing chain; the handle's properties and
+ * the metadata reads every other file goes through.
+ *
+ * A read-only open never writes a byte, to the image or to anything in its
+ * chain: dirty, corrupt-flagged and unknown-autoclear images open as they
+ * are (QEMU too leaves them alone without write access).
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "write.h"     /* read-write opens: write state, fault plan */
+
+#define RESOLVED_PATH_MAX   4096
+#define RESOLVE_WHY_MAX     256
+
+/* How the file at a path is to be read. */
+enum image_format {
+    FORMAT_PROBE,       /* qcow2 magic -> qcow2, anything else -> raw */
+    FORMAT_QCOW2,       /* must be qcow2 */
+    FORMAT_RAW,         /* raw whatever it holds (backing format "raw") */
+};
+
+/* (dev, ino) of every file opened so far in one chain: loop detection. */
+typedef struct file_chain {
+    int count;
+    uint64_t dev[QCOW2_MAX_CHAIN_DEPTH + 1];
+    uint64_t ino[QCOW2_MAX_CHAIN_DEPTH + 1];
+} file_chain;
+
+static int open_image(const char *path, const qcow2_open_opts *opts,
+                      int depth, file_chain *chain, int format,
+                      qcow2_image **out, qcow2_error *err);
+
+static unsigned long long ull(uint64_t value)
+{
+    return (unsigned long long)value;
+}
+
+static const char *errno_text(int sys_errno, char *buf, size_t len)
+{
+    if (sys_errno == 0)
+        return "I/O error";
+    return strerror_r(sys_errno, buf, len);   /* the GNU variant */
+}
+
+void qcow2_open_opts_init(qcow2_open_opts *opts)
+{
+    memset(opts, 0, sizeof *opts);
+    opts->lazy_refcounts = -1;
+    opts->overlap_check = -1;
+    opts->fail_after_writes = -1;
+    opts->fail_status = QCOW2_E_IO;
+    opts->stop_after_writes = -1;
+}
+
+/* ---- Metadata reads ---------------------------------------------------- */
+
+int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
+                    size_t len, const char *what)
+{
+    char text[128];
+    int64_t n;
+
+    if (len == 0)
+        return 0;
+    if (!range_inside(offset, len, UINT64_MAX))
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "%s at 0x%llx (%zu bytes) lies past any file",
+                          what, ull(offset), len);
+    n = img->io->ops->pread(img->io, buf, len, offset);
+    if (n < 0)
+        return qcow2_fail(img, (int)n, "cannot read %s at 0x%llx: %s", what,
+                          ull(offset),
+                          errno_text(img->io->last_errno, text, sizeof text));
+    if ((uint64_t)n < len)
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "%s at 0x%llx (%zu bytes) runs past the end of the "
+                          "file", what, ull(offset), len);
+    return 0;
+}
+
+int qcow2_read_host_data(qcow2_image *img, uint64_t offset, void *buf,
+                         size_t len)
+{
+    qcow2_io *io = img->data_io ? img->data_io : img->io;
+    char text[128];
+    int64_t n;
+
+    if (len == 0)
+        return 0;
+    n = io->ops->pread(io, buf, len, offset);
+    if (n < 0)
+        return qcow2_fail(img, (int)n,
+                          "cannot read guest data at host offset 0x%llx: %s",
+                          ull(offset),
+                          errno_text(io->last_errno, text, sizeof text));
+    /* QEMU does not pad the file's last cluster: the rest reads as 0. */
+    if ((uint64_t)n < len)
+        memset((uint8_t *)buf + n, 0, len - (size_t)n);
+    return 0;
+}
+
+int qcow2_l1_load(qcow2_image *img, uint64_t offset, uint32_t count,
+                  const char *what, uint64_t **out)
+{
+    uint64_t *l1;
+    int ret;
+
+    *out = NULL;
+    if (count == 0)
+        return 0;
+    if (count > QCOW2_MAX_L1_BYTES / 8)
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "%s of %u entries too large", what, count);
+    l1 = malloc((size_t)count * 8);
+    if (!l1)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory for the %s",
+                          what);
+    ret = qcow2_read_meta(img, offset, l1, (size_t)count * 8, what);
+    if (ret < 0) {
+        free(l1);
+        return ret;
+    }
+    /* in place: each entry is read before it is overwritten */
+    for (uint32_t i = 0; i < count; i++)
+        l1[i] = be64(&l1[i]);
+    *out = l1;
+    return 0;
+}
+
+/* ---- Names and paths ------------------------------------------------------ */
+
+static char *folder_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+
+    if (!slash)
+        return strdup(".");
+    if (slash == path)
+        return strdup("/");
+    return strndup(path, (size_t)(slash - path));
+}
+
+static char *join_path(const char *dir, const char *name)
+{
+    size_t dir_length, name_length;
+    char *joined;
+
+    if (name[0] == '/' || strcmp(dir, ".") == 0)
+        return strdup(name);
+    dir_length = strlen(dir);
+    name_length = strlen(name);
+    joined = malloc(dir_length + 1 + name_length + 1);
+    if (joined) {
+        memcpy(joined, dir, dir_length);
+        joined[dir_length] = '/';
+        memcpy(joined + dir_length + 1, name, name_length + 1);
+    }
+    return joined;
+}
+
+/* QEMU's path_has_protocol: a ':' before any '/' ("nbd://", "file:x"). */
+static int has_protocol(const char *name)
+{
+    return name[strcspn(name, ":/")] == ':';
+}
+
+/* A file name from the image, followed only as a plain file next to the
+ * image (or absolute): json: and protocol names could reach anything. */
+static int resolve_plain_name(qcow2_image *img, const char *what,
+                              const char *name, char **path)
+{
+    *path = NULL;
+    if (strncmp(name, "json:", 5) == 0)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
+                          "%s '%s': json: names are not followed", what,
+                          name);
+    if (has_protocol(name))
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
+                          "%s '%s': protocol names are not followed", what,
+                          name);
+    *path = join_path(img->dir, name);
+    if (!*path)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory for a path");
+    return 0;
+}
+
+static int is_status(int code)
+{
+    return code <= QCOW2_E_IO && code >= QCOW2_E_BUSY;
+}
+
+/* The caller's resolver decides where the backing file is, or refuses. */
+static int resolve_with_callback(qcow2_image *img, const qcow2_open_opts *opts,
+                                 const char *name, char **path)
+{
+    char resolved[RESOLVED_PATH_MAX] = "";
+    char why[RESOLVE_WHY_MAX] = "";
+    int ret;
+
+    *path = NULL;
+    ret = opts->resolve(opts->resolve_ctx, name, img->ext.backing_format,
+                        img->depth, resolved, sizeof resolved, why,
+                        sizeof why);
+    resolved[sizeof resolved - 1] = '\0';
+    why[sizeof why - 1] = '\0';
+    if (ret < 0)
+        return qcow2_fail(img, is_status(ret) ? ret : QCOW2_E_UNSUPPORTED,
+                          "backing file '%s': %s", name,
+                          why[0] ? why : "refused by the resolver");
+    if (resolved[0] == '\0')
+        return qcow2_fail(img, QCOW2_E_INVALID,
+                          "backing file '%s': the resolver gave no path",
+                          name);
+    *path = strdup(resolved);
+    if (!*path)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory for a path");
+    return 0;
+}
+
+/* ---- Open steps ------------------------------------------------------------ */
+
+static qcow2_image *new_image(const char *path)
+{
+    qcow2_image *img = calloc(1, sizeof *img);
+
+    if (!img)
+        return NULL;
+    img->path = strdup(path);
+    img->dir = folder_of(path);
+    if (!img->path || !img->dir) {
+        free(img->path);
+        free(img->dir);
+        free(img);
+        return NULL;
+    }
+    img->read_only = 1;
+    img->owns_io = 1;
+    img->owns_backing = 1;
+    return img;
+}
+
+/* The file itself, refusing one already open lower in this chain. */
+static int open_file(qcow2_image *img, file_chain *chain)
+{
+    char text[128];
+    int sys_errno = 0, ret;
+    qcow2_io *io = img->io;
+
+    ret = qcow2_io_open_file(img->path, !img->read_only, &img->io,
+                             &sys_errno);
+    if (ret < 0)
+        return qcow2_fail(img, ret, "%s",
+                          errno_text(sys_errno, text, sizeof text));
+    io = img->io;
+    for (int i = 0; i < chain->count; i++) {
+        if (chain->dev[i] == io->dev && chain->ino[i] == io->ino &&
+            (io->dev || io->ino))
+            return qcow2_fail(img, QCOW2_E_CORRUPT,
+                              "backing chain loop: '%s' is already in the "
+                              "chain", img->path);
+    }
+    if (chain->count < (int)(sizeof chain->dev / sizeof chain->dev[0])) {
+        chain->dev[chain->count] = io->dev;
+        chain->ino[chain->count] = io->ino;
+        chain->count++;
+    }
+    ret = io->ops->size(io, &img->file_size);
+    if (ret < 0)
+        return qcow2_fail(img, ret, "cannot get the file size: %s",
+                          errno_text(io->last_errno, text, sizeof text));
+    return 0;
+}
+
+/* Does the file start with the qcow2 magic? */
+static int has_qcow2_magic(qcow2_image *img, int *is_qcow2)
+{
+    uint8_t magic[4];
+    int ret;
+
+    *is_qcow2 = 0;
+    if (img->file_size < sizeof magic)
+        return 0;
+    ret = qcow2_read_meta(img, 0, magic, sizeof magic, "header");
+    if (ret < 0)
+        return ret;
+    *is_qcow2 = be32(magic) == QCOW2_MAGIC;
+    return 0;
+}
+
+/* A raw image: the file is the disk, as QEMU's raw probe takes it. */
+static void set_raw(qcow2_image *img)
+{
+    img->is_raw = 1;
+    img->size = img->file_size;
+    img->data_io = img->io;
+    img->owns_data_io = 0;
+}
+
+/* Guest data in a separate file (incompatible bit 2): named by the
+ * extension, followed under the backing-file policy, opened read-only. */
+static int open_data_file(qcow2_image *img)
+{
+    char text[128];
+    char *path;
+    int sys_errno = 0, ret;
+
+    img->data_io = img->io;
+    img->owns_data_io = 0;
+    if (!(img->hdr.incompatible_features & INCOMPAT_DATA_FILE))
+        return 0;
+    if (!img->data_file_ext)
+        return qcow2_fail(img, QCOW2_E_NOTFOUND,
+                          "data-file is required for this image");
+    ret = resolve_plain_name(img, "data file", img->data_file_ext, &path);
+    if (ret < 0)
+        return ret;
+    ret = qcow2_io_open_file(path, !img->read_only, &img->data_io,
+                             &sys_errno);
+    free(path);
+    if (ret < 0) {
+        img->data_io = img->io;
+        return qcow2_fail(img, ret, "data file '%s': %s", img->data_file_ext,
+                          errno_text(sys_errno, text, sizeof text));
+    }
+    img->owns_data_io = 1;
+    return 0;
+}
+
+static int create_l2_cache(qcow2_image *img, const qcow2_open_opts *opts)
+{
+    uint64_t bytes = opts->l2_cache_size ? opts->l2_cache_size
+                                         : qcow2_default_l2_cache_bytes(img);
+    int ret = qcow2_l2_cache_new(img, bytes, &img->l2_cache);
+
+    if (ret < 0)
+        return img->err.code ? ret
+                             : qcow2_fail(img, ret, "cannot create the L2 "
+                                          "cache of %llu bytes", ull(bytes));
+    img->l2_cache_bytes = bytes;
+    return 0;
+}
+
+static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
+{
+    int ret;
+
+    if ((ret = qcow2_header_load(img)) < 0)
+        return ret;
+    ret = qcow2_l1_load(img, img->hdr.l1_table_offset, img->hdr.l1_size,
+                        "L1 table", &img->l1);
+    if (ret < 0)
+        return ret;
+    img->l1_size = img->hdr.l1_size;
+    if ((ret = qcow2_reftable_load(img)) < 0 ||
+        (ret = qcow2_snapshots_load(img)) < 0 ||
+        (ret = open_data_file(img)) < 0)
+        return ret;
+    if ((ret = create_l2_cache(img, opts)) < 0)
+        return ret;
+    /* Read-write (write_state.c): options, autoclear bits, dirty-image
+     * repair; read-only leaves the file as it is. */
+    return img->read_only ? 0 : qcow2_write_state_init(img, opts);
+}
+
+/* Read-write opens only: the test fault plan wraps the image file. */
+static int wrap_faults(qcow2_image *img, const qcow2_open_opts *opts)
+{
+    qcow2_fault_plan plan;
+    int ret;
+
+    if (opts->fail_after_writes < 0 && opts->stop_after_writes < 0 &&
+        !opts->trace_writes)
+        return 0;
+    qcow2_fault_plan_init(&plan);
+    plan.fail_after_writes = opts->fail_after_writes;
+    plan.fail_status = opts->fail_status;
+    plan.stop_after_writes = opts->stop_after_writes;
+    plan.trace = opts->trace_writes;
+    ret = qcow2_io_wrap_faults(img->io, &plan, &img->io);
+    return ret < 0 ? qcow2_fail(img, ret, "out of memory") : 0;
+}
+
+/* "<path>: reason" of a failed child, without its path (the parent's
+ * message names the backing file already). */
+static const char *without_path(const qcow2_error *err, const char *path)
+{
+    size_t length = strlen(path);
+
+    if (strncmp(err->msg, path, length) == 0 &&
+        strncmp(err->msg + length, ": ", 2) == 0)
+        return err->msg + length + 2;
+    return err->msg;
+}
+
+static int backing_format_of(qcow2_image *img, int *format)
+{
+    const char *name = img->ext.backing_format;
+
+    *format = FORMAT_PROBE;
+    if (!name)
+        return 0;
+    if (strcmp(name, "qcow2") == 0)
+        *format = FORMAT_QCOW2;
+    else if (strcmp(name, "raw") == 0)
+        *format = FORMAT_RAW;
+    else
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
+                          "backing file '%s': format '%s' is not supported",
+                          img->backing_name, name);
+    return 0;
+}
+
+static int open_backing(qcow2_image *img, const qcow2_open_opts *opts,
+                        file_chain *chain)
+{
+    qcow2_open_opts child_opts = *opts;
+    qcow2_error child_err = { 0, "" };
+    char *path = NULL;
+    int format, ret;
+
+    if (!img->backing_name || opts->no_backing)
+        return 0;
+    if (img->depth >= QCOW2_MAX_CHAIN_DEPTH)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
+                          "backing file '%s': chain deeper than %d backing "
+                          "files", img->backing_name, QCOW2_MAX_CHAIN_DEPTH);
+    if ((ret = backing_format_of(img, &format)) < 0)
+        return ret;
+    ret = opts->resolve
+              ? resolve_with_callback(img, opts, img->backing_name, &path)
+              : resolve_plain_name(img, "backing file", img->backing_name,
+                                   &path);
+    if (ret < 0)
+        return ret;
+    /* Backing files are only ever read. */
+    child_opts.read_write = 0;
+    child_opts.allow_raw = 1;
+    ret = open_image(path, &child_opts, img->depth + 1, chain, format,
+                     &img->backing, &child_err);
+    if (ret < 0)
+        qcow2_fail(img, ret, "backing file '%s': %s", img->backing_name,
+                   without_path(&child_err, path));
+    free(path);
+    return ret;
+}
+
+static int open_image(const char *path, const qcow2_open_opts *opts,
+                      int depth, file_chain *chain, int format,
+                      qcow2_image **out, qcow2_error *err)
+{
+    qcow2_image *img = new_image(path);
+    int is_qcow2 = 0, ret;
+
+    *out = NULL;
+    if (!img)
+        return qcow2_error_set(err, QCOW2_E_NOMEM, "%s: out of memory",
+                               path);
+    img->depth = depth;
+    img->read_only = !opts->read_write;   /* backing files get 0 */
+    ret = open_file(img, chain);
+    if (ret == 0 && !img->read_only)
+        ret = wrap_faults(img, opts);
+    if (ret == 0 && format == FORMAT_PROBE)
+        ret = has_qcow2_magic(img, &is_qcow2);
+    if (ret == 0) {
+        if (format == FORMAT_RAW || (format == FORMAT_PROBE && !is_qcow2)) {
+            set_raw(img);
+            if (!img->read_only)
+                ret = qcow2_write_state_init(img, opts);
+        } else if ((ret = load_qcow2(img, opts)) == 0) {
+            ret = open_backing(img, opts, chain);
+        }
+    }
+    if (ret < 0) {
+        *err = img->err;
+        qcow2_close(img);
+        return ret;
+    }
+    img->err.code = 0;
+    img->err.msg[0] = '\0';
+    *out = img;
+    return 0;
+}
+
+int qcow2_open(const char *path, const qcow2_open_opts *opts,
+               qcow2_image **out, qcow2_error *err)
+{
+    qcow2_open_opts defaults;
+    qcow2_error scratch;
+    file_chain chain = { 0, { 0 }, { 0 } };
+
+    if (!err)
+        err = &scratch;
+    err->code = 0;
+    err->msg[0] = '\0';
+    *out = NULL;
+    if (!opts) {
+        qcow2_open_opts_init(&defaults);
+        opts = &defaults;
+    }
+    if (!path)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "no path given");
+    return open_image(path, opts, 0, &chain,
+                      opts->allow_raw ? FORMAT_PROBE : FORMAT_QCOW2, out,
+                      err);
+}
+
+void qcow2_close(qcow2_image *img)
+{
+    if (!img)
+        return;
+    /* Read-write: flush, clear the dirty bit (write_state.c). */
+    if (img->ws)
+        (void)qcow2_write_state_close(img);
+    if (img->l2_cache)
+        qcow2_l2_cache_free(img->l2_cache);
+    if (img->codec)
+        qcow2_codec_free(img->codec);
+    if (img->owns_backing)
+        qcow2_close(img->backing);
+    qcow2_snapshots_free(img);
+    qcow2_header_free(img);
+    free(img->l1);
+    free(img->reftable);
+    if (img->owns_data_io && img->data_io != img->io)
+        qcow2_io_close(img->data_io);
+    if (img->owns_io)
+        qcow2_io_close(img->io);
+    free(img->path);
+    free(img->dir);
+    free(img);
+}
+
+const char *qcow2_probe(const char *path, uint32_t *version,
+                        qcow2_error *err)
+{
+    char text[128];
+    uint8_t start[8];
+    qcow2_io *io;
+    int64_t n;
+    int sys_errno = 0, ret;
+
+    if (version)
+        *version = 0;
+    ret = qcow2_io_open_file(path, 0, &io, &sys_errno);
+    if (ret < 0) {
+        if (err)
+            qcow2_error_set(err, ret, "%s: %s", path,
+                            errno_text(sys_errno, text, sizeof text));
+        return NULL;
+    }
+    n = io->ops->pread(io, start, sizeof start, 0);
+    if (n < 0) {
+        if (err)
+            qcow2_error_set(err, (int)n, "%s: cannot read the header: %s",
+                            path, errno_text(io->last_errno, text,
+                                             sizeof text));
+        qcow2_io_close(io);
+        return NULL;
+    }
+    qcow2_io_close(io);
+    /* The magic decides: a qcow2 file of an unknown version is still no
+     * raw disk (qcow2_open then names the version it refuses). */
+    if (n < 4 || be32(start) != QCOW2_MAGIC)
+        return "raw";
+    if (version && n >= 8)
+        *version = be32(start + 4);
+    return "qcow2";
+}
+
+/* ---- Properties ------------------------------------------------------------- */
+
+const char *qcow2_path(const qcow2_image *img)
+{
+    return img->path;
+}
+
+const char *qcow2_format(const qcow2_image *img)
+{
+    return img->is_raw ? "raw" : "qcow2";
+}
+
+uint64_t qcow2_virtual_size(const qcow2_image *img)
+{
+    return img->size;
+}
+
+uint64_t qcow2_cluster_size(const qcow2_image *img)
+{
+    return img->is_raw ? 0 : img->cluster_size;
+}
+
+uint32_t qcow2_version(const qcow2_image *img)
+{
+    return img->is_raw ? 0 : img->hdr.version;
+}
+
+int qcow2_is_read_only(const qcow2_image *img)
+{
+    return img->read_only;
+}
+
+const char *qcow2_backing_name(const qcow2_image *img)
+{
+    return img->backing_name;
+}
+
+const char *qcow2_backing_format(const qcow2_image *img)
+{
+    return img->ext.backing_format;
+}
+
+qcow2_image *qcow2_backing(const qcow2_image *img)
+{
+    return img->backing;
+}
+
+int qcow2_file_size(qcow2_image *img, uint64_t *out)
+{
+    char text[128];
+    int ret = img->io->ops->size(img->io, out);
+
+    if (ret < 0)
+        return qcow2_fail(img, ret, "cannot get the file size: %s",
+                          errno_text(img->io->last_errno, text, sizeof text));
+    return 0;
+}
+
+int qcow2_allocated_file_size(qcow2_image *img, uint64_t *out)
+{
+    char text[128];
+    int ret = img->io->ops->allocated(img->io, out);
+
+    if (ret < 0)
+        return qcow2_fail(img, ret, "cannot get the allocated size: %s",
+                          errno_text(img->io->last_errno, text, sizeof text));
+    return 0;
+}
+
+uint32_t qcow2_l1_size(const qcow2_image *img)
+{
+    return img->l1_size;
+}
+
+int qcow2_l1_entry(qcow2_image *img, uint32_t l1_index, uint64_t *entry)
+{
+    *entry = 0;
+    if (img->is_raw)
+        return qcow2_fail(img, QCOW2_E_INVALID, "a raw image has no L1 table");
+    if (l1_index >= img->l1_size)
+        return qcow2_fail(img, QCOW2_E_INVALID,
+                          "L1 index %u out of range (l1_size %u)", l1_index,
+                          img->l1_size);
+    *entry = img->l1[l1_index];
+    return 0;
+}

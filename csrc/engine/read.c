@@ -1,0 +1,208 @@
+/*
+ * Guest reads: qcow2_read walks the runs of the range (cluster.c) and
+ * moves each straight into the caller's buffer. Data runs whose host
+ * offsets continue each other, across clusters and L2 tables, become one
+ * pread; unallocated runs become one read of the backing image.
+ */
+#include <inttypes.h>
+#include <string.h>
+
+#include "cluster.h"
+
+/* Work not yet done: a data run and a backing run, each coalesced until
+ * the next run does not continue it. */
+typedef struct read_state {
+    qcow2_image *img;
+    uint8_t *buf;               /* the caller's buffer */
+    uint64_t start;             /* guest offset of buf[0] */
+    uint64_t data_guest, data_host, data_len;
+    uint64_t backing_guest, backing_len;
+} read_state;
+
+static uint8_t *dest(const read_state *rs, uint64_t guest_offset)
+{
+    return rs->buf + (guest_offset - rs->start);
+}
+
+/* ---- Raw images ------------------------------------------------------------ */
+
+static int read_raw(qcow2_image *img, uint64_t offset, uint8_t *buf,
+                    size_t length)
+{
+    size_t done = 0;
+
+    while (done < length) {
+        int64_t n = img->io->ops->pread(img->io, buf + done, length - done,
+                                        offset + done);
+        if (n < 0)
+            return qcow2_fail(img, (int)n, "read of %zu bytes at 0x%" PRIx64
+                              " failed: %s", length - done, offset + done,
+                              strerror(img->io->last_errno));
+        if (n == 0)
+            break;
+        done += (size_t)n;
+    }
+    /* A raw image may be shorter than its virtual size. */
+    memset(buf + done, 0, length - done);
+    return 0;
+}
+
+/* ---- Pending work ------------------------------------------------------------ */
+
+static int flush_data(read_state *rs)
+{
+    int rc;
+
+    if (rs->data_len == 0)
+        return 0;
+    rc = qcow2_read_host_data(rs->img, rs->data_host,
+                              dest(rs, rs->data_guest), (size_t)rs->data_len);
+    rs->data_len = 0;
+    return rc;
+}
+
+/* The image's own error buffer gets the backing image's message, which
+ * already names the backing file. */
+static int backing_failed(qcow2_image *img, int rc)
+{
+    img->err = img->backing->err;
+    if (img->err.code == 0)
+        img->err.code = rc;
+    return rc;
+}
+
+static int flush_backing(read_state *rs)
+{
+    qcow2_image *img = rs->img;
+    uint64_t guest = rs->backing_guest, len = rs->backing_len;
+    uint64_t inside = 0;
+    int rc;
+
+    if (len == 0)
+        return 0;
+    rs->backing_len = 0;
+    if (img->backing && guest < img->backing->size)
+        inside = min_u64(len, img->backing->size - guest);
+    if (inside) {
+        rc = qcow2_read(img->backing, guest, dest(rs, guest), (size_t)inside);
+        if (rc < 0)
+            return backing_failed(img, rc);
+    }
+    /* No backing file, or past its end: zeroes. */
+    memset(dest(rs, guest + inside), 0, (size_t)(len - inside));
+    return 0;
+}
+
+static int queue_data(read_state *rs, const qcow2_run *run)
+{
+    int rc;
+
+    if (rs->data_len && rs->data_guest + rs->data_len == run->guest_offset &&
+        rs->data_host + rs->data_len == run->host_offset) {
+        rs->data_len += run->length;
+        return 0;
+    }
+    rc = flush_data(rs);
+    rs->data_guest = run->guest_offset;
+    rs->data_host = run->host_offset;
+    rs->data_len = run->length;
+    return rc;
+}
+
+static int queue_backing(read_state *rs, const qcow2_run *run)
+{
+    int rc;
+
+    if (rs->backing_len &&
+        rs->backing_guest + rs->backing_len == run->guest_offset) {
+        rs->backing_len += run->length;
+        return 0;
+    }
+    rc = flush_backing(rs);
+    rs->backing_guest = run->guest_offset;
+    rs->backing_len = run->length;
+    return rc;
+}
+
+/* ---- Runs ------------------------------------------------------------------- */
+
+static int refuse_encrypted(qcow2_image *img)
+{
+    return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
+                      "encrypted images are not readable yet "
+                      "(crypt_method %" PRIu32 ")", img->hdr.crypt_method);
+}
+
+static int read_compressed(read_state *rs, const qcow2_run *run)
+{
+    const uint8_t *cluster;
+    int rc;
+
+    rc = qcow2_decompress_cluster(rs->img, run->host_offset,
+                                  run->compressed_size, run->guest_offset,
+                                  &cluster);
+    if (rc < 0)
+        return rc;
+    memcpy(dest(rs, run->guest_offset),
+           cluster + (run->guest_offset - run->cluster_offset),
+           (size_t)run->length);
+    return 0;
+}
+
+static int read_run(read_state *rs, const qcow2_run *run)
+{
+    qcow2_image *img = rs->img;
+
+    switch (run->type) {
+    case SC_NORMAL:
+        if (img->hdr.crypt_method != CRYPT_NONE)
+            return refuse_encrypted(img);
+        return queue_data(rs, run);
+    case SC_COMPRESSED:
+        if (img->hdr.crypt_method != CRYPT_NONE)
+            return refuse_encrypted(img);
+        return read_compressed(rs, run);
+    case SC_ZERO_PLAIN:
+    case SC_ZERO_ALLOC:
+        memset(dest(rs, run->guest_offset), 0, (size_t)run->length);
+        return 0;
+    default:
+        return queue_backing(rs, run);
+    }
+}
+
+static int read_qcow2(qcow2_image *img, uint64_t offset, uint8_t *buf,
+                      size_t length)
+{
+    read_state rs = { .img = img, .buf = buf, .start = offset };
+    uint64_t guest = offset, end = offset + length;
+    int rc = 0;
+
+    while (guest < end && rc == 0) {
+        qcow2_run run;
+
+        rc = qcow2_lookup_run(img, guest, end - guest, &run);
+        if (rc == 0)
+            rc = read_run(&rs, &run);
+        guest += run.length;
+    }
+    if (rc == 0)
+        rc = flush_data(&rs);
+    if (rc == 0)
+        rc = flush_backing(&rs);
+    return rc;
+}
+
+int qcow2_read(qcow2_image *img, uint64_t offset, void *buf, size_t length)
+{
+    if (!range_inside(offset, length, img->size))
+        return qcow2_fail(img, QCOW2_E_INVALID,
+                          "read of %zu bytes at 0x%" PRIx64
+                          " is outside the disk (size 0x%" PRIx64 ")",
+                          length, offset, img->size);
+    if (length == 0)
+        return 0;
+    if (img->is_raw)
+        return read_raw(img, offset, buf, length);
+    return read_qcow2(img, offset, buf, length);
+}

@@ -1,0 +1,145 @@
+/*
+ * Refcounts: the refcount table (read whole at open) and refcount blocks
+ * of any width, 1 to 64 bits. Read side only for now; the writers
+ * (allocation, table growth) build on refcount_block_of and
+ * refcount_block_entry below.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static unsigned long long ull(uint64_t value)
+{
+    return (unsigned long long)value;
+}
+
+/* The table is kept as read: an entry with reserved bits set is refused
+ * when a lookup goes through it, not at open, as QEMU's check reports it. */
+int qcow2_reftable_load(qcow2_image *img)
+{
+    uint64_t entries = ((uint64_t)img->hdr.refcount_table_clusters <<
+                        img->cluster_bits) / 8;
+    uint8_t *raw;
+    int ret;
+
+    /* header.c bounded it by QCOW2_MAX_REFTABLE_BYTES and the file size */
+    if (entries * 8 > QCOW2_MAX_REFTABLE_BYTES)
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "refcount table of %llu entries too large",
+                          ull(entries));
+    raw = malloc((size_t)entries * 8);
+    img->reftable = malloc((size_t)entries * sizeof *img->reftable);
+    if (!raw || !img->reftable) {
+        free(raw);
+        free(img->reftable);
+        img->reftable = NULL;
+        return qcow2_fail(img, QCOW2_E_NOMEM,
+                          "out of memory for the refcount table");
+    }
+    ret = qcow2_read_meta(img, img->hdr.refcount_table_offset, raw,
+                          (size_t)entries * 8, "refcount table");
+    if (ret == 0) {
+        for (uint64_t i = 0; i < entries; i++)
+            img->reftable[i] = be64(raw + i * 8);
+        img->reftable_entries = entries;
+    } else {
+        free(img->reftable);
+        img->reftable = NULL;
+    }
+    free(raw);
+    return ret;
+}
+
+/*
+ * The refcount block covering host_cluster: its offset (0 when the table
+ * has no block there, all refcounts 0) and the entry index inside it.
+ */
+static int refcount_block_of(qcow2_image *img, uint64_t host_cluster,
+                             uint64_t *refblock_offset,
+                             uint64_t *refblock_index)
+{
+    uint64_t reftable_index = host_cluster / img->refblock_entries;
+    uint64_t entry;
+
+    *refblock_offset = 0;
+    *refblock_index = host_cluster % img->refblock_entries;
+    if (reftable_index >= img->reftable_entries)
+        return 0;
+    entry = img->reftable[reftable_index];
+    if (entry & REFT_RESERVED_MASK)
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "refcount table entry %llu (0x%016llx) has "
+                          "reserved bits set", ull(reftable_index),
+                          ull(entry));
+    entry &= REFT_OFFSET_MASK;
+    if (entry == 0)
+        return 0;
+    if (!is_aligned(entry, img->cluster_size))
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "refcount block offset 0x%llx in refcount table "
+                          "entry %llu is not cluster aligned", ull(entry),
+                          ull(reftable_index));
+    if (!range_inside(entry, img->cluster_size, img->file_size))
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "refcount block 0x%llx in refcount table entry "
+                          "%llu lies outside the file (%llu bytes)",
+                          ull(entry),
+                          ull(reftable_index), ull(img->file_size));
+    *refblock_offset = entry;
+    return 0;
+}
+
+/*
+ * Entry refblock_index of the block at refblock_offset. Widths below a
+ * byte are packed least-significant bits first; 8..64 are big-endian.
+ */
+static int refcount_block_entry(qcow2_image *img, uint64_t refblock_offset,
+                                uint64_t refblock_index, uint64_t *refcount)
+{
+    uint32_t bits = img->refcount_bits;
+    uint8_t bytes[8];
+    uint64_t byte_offset;
+    int ret;
+
+    if (bits < 8) {
+        uint32_t per_byte = 8 / bits;
+        uint32_t shift = (uint32_t)(refblock_index % per_byte) * bits;
+
+        byte_offset = refblock_offset + refblock_index / per_byte;
+        ret = qcow2_read_meta(img, byte_offset, bytes, 1, "refcount block");
+        if (ret < 0)
+            return ret;
+        *refcount = (uint64_t)(bytes[0] >> shift) & ((1u << bits) - 1);
+        return 0;
+    }
+
+    byte_offset = refblock_offset + refblock_index * (bits / 8);
+    ret = qcow2_read_meta(img, byte_offset, bytes, bits / 8,
+                          "refcount block");
+    if (ret < 0)
+        return ret;
+    switch (bits) {
+    case 8:  *refcount = bytes[0]; break;
+    case 16: *refcount = be16(bytes); break;
+    case 32: *refcount = be32(bytes); break;
+    default: *refcount = be64(bytes); break;
+    }
+    return 0;
+}
+
+int qcow2_refcount(qcow2_image *img, uint64_t host_cluster, uint64_t *out)
+{
+    uint64_t refblock_offset, refblock_index;
+    int ret;
+
+    *out = 0;
+    if (img->is_raw)
+        return qcow2_fail(img, QCOW2_E_INVALID,
+                          "a raw image has no refcounts");
+    ret = refcount_block_of(img, host_cluster, &refblock_offset,
+                            &refblock_index);
+    if (ret < 0 || refblock_offset == 0)
+        return ret;
+    return refcount_block_entry(img, refblock_offset, refblock_index, out);
+}
