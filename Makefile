@@ -49,9 +49,9 @@ demo: $(MODULE)
 sanitize:
 	$(MAKE) BUILD=build-san CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
 	        LDFLAGS="-fsanitize=address,undefined" all
-	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	$(MAKE) BUILD=build-san test
+	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	BUILD=build-san LUA_CPATH="./build-san/?.so;;" LUA="env LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) $(LUA)" \
+	sh spec/run-specs $(SPECS)
 
 valgrind: $(MODULE)
 	@BUILD=$(BUILD) LUA="valgrind -q --error-exitcode=99 --leak-check=no $(LUA)" sh spec/run-specs $(SPECS)
