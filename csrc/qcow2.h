@@ -140,6 +140,10 @@ typedef struct qcow2_extent {
     int has_offset;             /* 1: offset is meaningful */
     uint64_t offset;            /* host offset in the image at depth */
     uint64_t compressed_size;   /* compressed: bytes of the stream's sectors */
+    int reads_zero;             /* data: the host range is a hole (or past
+                                   EOF) of a file QEMU guesses to be
+                                   metadata-preallocated; qemu-img map shows
+                                   "data": true, "zero": true */
 } qcow2_extent;
 
 /*

@@ -361,6 +361,28 @@ function M.decode_map(json)
   return M.records(h.json.decode(json))
 end
 
+-- A map with QEMU's "data and zero" hole split folded back into plain
+-- data (and re-merged): for comparing two files whose host blocks differ
+-- (a cp copy), where QEMU's metadata-preallocation guess differs too.
+function M.without_hole_split(records)
+  local out = {}
+  for _, r in ipairs(records) do
+    local c = {}
+    for k, v in pairs(r) do c[k] = v end
+    if c.data then c.zero = false end
+    local p = out[#out]
+    if p and p.data == c.data and p.zero == c.zero and p.present == c.present
+       and p.depth == c.depth and p.start + p.length == c.start
+       and ((p.offset == nil and c.offset == nil)
+            or (p.offset and c.offset and p.offset + p.length == c.offset)) then
+      p.length = p.length + c.length
+    else
+      out[#out + 1] = c
+    end
+  end
+  return out
+end
+
 -- sha256 of a string, through sha256sum.
 function M.sha256(data)
   local f = os.tmpname()

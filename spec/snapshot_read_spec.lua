@@ -163,11 +163,13 @@ describe("Snapshot:open", function()
   it("maps each snapshot as qemu-img maps a copy with the snapshot applied", function()
     local img = assert(qcow2.open(path))
     for _, name in ipairs(names) do
-      local want = corpus.qemu_map(corpus.snapshot_applied(path, name))
+      -- The applied copy is another file with other host blocks, so QEMU's
+      -- hole split (its preallocation guess) is folded away on both sides.
+      local want = corpus.without_hole_split(corpus.qemu_map(corpus.snapshot_applied(path, name)))
       local s = img:snapshot(name)
-      assert.are.same(want, corpus.decode_map(s:map():to_json()), name .. " (Snapshot:map)")
+      assert.are.same(want, corpus.without_hole_split(corpus.decode_map(s:map():to_json())), name .. " (Snapshot:map)")
       local view = assert(s:open())
-      assert.are.same(want, corpus.decode_map(view:map():to_json()), name .. " (view:map)")
+      assert.are.same(want, corpus.without_hole_split(corpus.decode_map(view:map():to_json())), name .. " (view:map)")
       view:close()
     end
     img:close()

@@ -350,10 +350,9 @@ static int mergeable(const map_extent *a, const map_extent *b)
     return !a->e.has_offset || a->e.offset + a->e.length == b->e.offset;
 }
 
-/* TODO(lead): qcow2_extent has no field for data_zero yet; until it has,
- * such extents reach the caller as plain data (split where QEMU splits). */
-static int deliver(map_state *ms, const map_extent *me)
+static int deliver(map_state *ms, map_extent *me)
 {
+    me->e.reads_zero = me->data_zero;
     return ms->fn(ms->ctx, &me->e);
 }
 

@@ -90,6 +90,11 @@ int ql_map_push(lua_State *L, int owner_idx, qcow2_image *h,
                 uint64_t offset, uint64_t length);
 void ql_map_register(lua_State *L);
 
+/* --- Check results (check.c) ------------------------------------------------ */
+/* Register "qcow2.CheckResult" and add `check` to the Image methods; called
+ * by luaopen_qcow2_core with the module table on top of the stack. */
+void ql_check_register(lua_State *L);
+
 /* --- Errors ------------------------------------------------------------------ */
 /* nil, qcow2_errmsg(h), code name of status: returns 3. */
 int ql_push_engine_error(lua_State *L, qcow2_image *h, int status);

@@ -120,6 +120,10 @@ static void push_extent(lua_State *L, const qcow2_extent *e)
         ql_set_int(L, "offset", e->offset);
     if (e->type == QCOW2_EXTENT_COMPRESSED)
         ql_set_int(L, "compressed_size", e->compressed_size);
+    if (e->reads_zero) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "reads_zero");
+    }
 }
 
 /* m[i], 1-based; nil outside 1..#m. */

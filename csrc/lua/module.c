@@ -315,5 +315,6 @@ int luaopen_qcow2_core(lua_State *L)
     lua_getfield(L, LUA_REGISTRYINDEX, QL_METHODS_MAP);
     lua_setfield(L, -2, "ClusterMap");
     lua_setfield(L, -2, "methods");
+    ql_check_register(L);
     return 1;
 }

@@ -83,7 +83,8 @@ function MapMethods:records()
     local r = { start = e.start, length = e.length, depth = e.depth }
     local ty = e.type
     if ty == "data" then
-      r.present, r.zero, r.data, r.offset = true, false, true, e.offset
+      -- a hole of a file QEMU guesses metadata-preallocated: data and zero
+      r.present, r.zero, r.data, r.offset = true, e.reads_zero == true, true, e.offset
     elseif ty == "compressed" then
       -- qemu-img 7.2 never prints a host offset for compressed clusters
       r.present, r.zero, r.data = true, false, true
@@ -158,5 +159,52 @@ function M.snapshot_list(snapshots)
 end
 
 M.empty_array = empty_array
+
+-- CheckResult in Lua (check work) ---------------------------------------------
+
+local CheckMethods = core.methods.CheckResult
+
+-- qemu-img 7.2 prints the keys in the order of its QDict's hash buckets;
+-- keys whose value is 0 are left out except check-errors, filename and
+-- format.
+local CHECK_JSON_KEYS = {
+  { "image-end-offset", "image_end_offset" },
+  { "compressed-clusters", "compressed_clusters" },
+  { "total-clusters", "total_clusters" },
+  { "corruptions", "corruptions" },
+  { "corruptions-fixed", "corruptions_fixed" },
+  { "check-errors", "check_errors", always = true },
+  { "leaks", "leaks" },
+  { "leaks-fixed", "leaks_fixed" },
+  { "allocated-clusters", "allocated_clusters" },
+  { "filename", "filename", always = true },
+  { "format", "format", always = true },
+  { "fragmented-clusters", "fragmented_clusters" },
+}
+
+--- The fields of `qemu-img check --output=json` as a Lua table.
+function CheckMethods:records()
+  local out = {}
+  for _, k in ipairs(CHECK_JSON_KEYS) do
+    local v = self[k[2]]
+    if k.always or v ~= 0 then out[k[1]] = v end
+  end
+  return out
+end
+
+--- The text `qemu-img check --output=json` prints (without the final
+-- newline): its key order and layout, values encoded by M.json_encode.
+function CheckMethods:to_json()
+  local lines = {}
+  for _, k in ipairs(CHECK_JSON_KEYS) do
+    local v = self[k[2]]
+    if k.always or v ~= 0 then
+      -- some encoders escape "/", qemu-img does not (same JSON value)
+      local text = M.json_encode(v):gsub("\\/", "/")
+      lines[#lines + 1] = "    " .. M.json_encode(k[1]) .. ": " .. text
+    end
+  end
+  return "{\n" .. table.concat(lines, ",\n") .. "\n}"
+end
 
 return M

@@ -1,0 +1,498 @@
+/*
+ * qemu-img check (QEMU's qcow2_check_refcounts and friends, 7.2): the
+ * driver, the in-memory refcount table, the comparison with the refcounts
+ * on disk, the COPIED flags of the active tables, leak repair and the
+ * findings list. The walk that counts references is check_walk.c.
+ *
+ * Read-only unless a repair is asked for: every read goes straight to the
+ * image file (no cache is filled or trusted), short reads past the end of
+ * the file read as zeroes as QEMU's block layer pads them.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "write.h"
+
+/* ---- Findings ------------------------------------------------------------- */
+
+static void add_finding(check_state *st, int kind, uint64_t offset,
+                        const char *fmt, va_list ap)
+{
+    qcow2_check_result *res = st->res;
+    qcow2_finding *grown;
+    char text[QCOW2_ERRMSG_MAX];
+
+    if (res->finding_count >= CHECK_MAX_FINDINGS) {
+        res->findings_dropped++;
+        return;
+    }
+    if ((res->finding_count & (res->finding_count - 1)) == 0) {
+        /* capacity doubles at every power of two */
+        size_t capacity = res->finding_count ? res->finding_count * 2 : 8;
+        grown = realloc(res->findings, capacity * sizeof *grown);
+        if (!grown) {
+            res->findings_dropped++;
+            return;
+        }
+        res->findings = grown;
+    }
+    vsnprintf(text, sizeof text, fmt, ap);
+    res->findings[res->finding_count].message = strdup(text);
+    if (!res->findings[res->finding_count].message) {
+        res->findings_dropped++;
+        return;
+    }
+    res->findings[res->finding_count].kind = kind;
+    res->findings[res->finding_count].offset = offset;
+    res->findings[res->finding_count].cluster = offset >> st->img->cluster_bits;
+    res->finding_count++;
+}
+
+void check_note(check_state *st, int kind, uint64_t offset, const char *fmt,
+                ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    add_finding(st, kind, offset, fmt, ap);
+    va_end(ap);
+}
+
+void check_corrupt(check_state *st, uint64_t offset, const char *fmt, ...)
+{
+    va_list ap;
+
+    st->res->corruptions++;
+    va_start(ap, fmt);
+    add_finding(st, QCOW2_FINDING_CORRUPTION, offset, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- Reading ---------------------------------------------------------------- */
+
+int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
+                const char *what)
+{
+    qcow2_io *io = st->img->io;
+    uint8_t *bytes = buf;
+    size_t done = 0;
+
+    while (done < len) {
+        uint64_t at;
+        int64_t got;
+        if (add_overflows(offset, done, &at) || at >= st->file_size)
+            break;
+        got = io->ops->pread(io, bytes + done, len - done, at);
+        if (got < 0) {
+            st->res->check_errors++;
+            check_note(st, QCOW2_FINDING_CHECK_ERROR, offset,
+                       "ERROR: I/O error reading the %s at 0x%llx: %s", what,
+                       ull(offset), strerror(io->last_errno ? io->last_errno
+                                                            : EIO));
+            return (int)got;
+        }
+        if (got == 0)
+            break;
+        done += (size_t)got;
+    }
+    memset(bytes + done, 0, len - done);
+    return 0;
+}
+
+/* ---- In-memory refcounts ------------------------------------------------------ */
+
+int check_inc(check_state *st, uint64_t offset, uint64_t size)
+{
+    qcow2_image *img = st->img;
+    uint64_t end, first, last;
+
+    if (size == 0)
+        return 0;
+    /* The last cluster of an image may be half written, so a reference
+     * may run past the end of the file, but by less than one cluster. */
+    if (add_overflows(offset, size, &end) ||
+        end >= st->file_size + img->cluster_size) {
+        check_corrupt(st, offset, "ERROR: counting reference for region "
+                      "exceeding the end of the file by one cluster or "
+                      "more: offset 0x%llx size 0x%llx", ull(offset),
+                      ull(size));
+        return 0;
+    }
+    first = offset >> img->cluster_bits;
+    last = (end - 1) >> img->cluster_bits;
+    for (uint64_t k = first; k <= last; k++) {
+        if (k >= st->capacity)      /* cannot happen: bounded above */
+            return QCOW2_E_NOMEM;
+        if (k >= st->nb_clusters)
+            st->nb_clusters = k + 1;
+        if (st->counts[k] >= st->count_max) {
+            check_corrupt(st, k << img->cluster_bits, "ERROR: overflow "
+                          "cluster offset=0x%llx",
+                          ull(k << img->cluster_bits));
+            continue;
+        }
+        st->counts[k]++;
+    }
+    return 0;
+}
+
+/* ---- Refcounts on disk ---------------------------------------------------------- */
+
+static uint64_t refblock_entry(const qcow2_image *img, const uint8_t *block,
+                               uint64_t index)
+{
+    uint32_t bits = img->refcount_bits;
+
+    if (bits < 8) {
+        uint32_t per_byte = 8 / bits;
+        uint32_t shift = (uint32_t)(index % per_byte) * bits;
+        return (uint64_t)(block[index / per_byte] >> shift) &
+               ((1u << bits) - 1);
+    }
+    switch (bits) {
+    case 8:  return block[index];
+    case 16: return be16(block + index * 2);
+    case 32: return be32(block + index * 4);
+    default: return be64(block + index * 8);
+    }
+}
+
+int check_disk_refcount(check_state *st, uint64_t cluster, uint64_t *refcount)
+{
+    qcow2_image *img = st->img;
+    uint64_t reftable_index = cluster / img->refblock_entries;
+    uint64_t block_offset;
+    int ret;
+
+    *refcount = 0;
+    if (st->refcounts_dead)
+        return QCOW2_E_IO;
+    if (reftable_index >= img->reftable_entries)
+        return 0;
+    block_offset = img->reftable[reftable_index] & REFT_OFFSET_MASK;
+    if (block_offset == 0)
+        return 0;
+    if (!is_aligned(block_offset, img->cluster_size)) {
+        /* QEMU signals a fatal corruption here and the node is unusable
+         * from then on: every later refcount read fails too. */
+        st->refcounts_dead = 1;
+        return QCOW2_E_IO;
+    }
+    if (st->refblock_index != reftable_index) {
+        st->refblock_index = UINT64_MAX;
+        ret = check_pread(st, block_offset, st->refblock, img->cluster_size,
+                          "refcount block");
+        if (ret < 0)
+            return ret;
+        st->refblock_index = reftable_index;
+    }
+    *refcount = refblock_entry(img, st->refblock,
+                               cluster % img->refblock_entries);
+    return 0;
+}
+
+/* ---- Comparison ---------------------------------------------------------------- */
+
+/* QEMU's compare_refcounts; with repair "leaks", refcounts that are too
+ * high are lowered through the write engine (never below the references). */
+static int compare_refcounts(check_state *st, uint64_t *highest)
+{
+    qcow2_image *img = st->img;
+    qcow2_check_result *res = st->res;
+
+    *highest = 0;
+    for (uint64_t i = 0; i < st->nb_clusters; i++) {
+        uint64_t on_disk, counted = st->counts[i];
+        uint64_t offset = i << img->cluster_bits;
+
+        if (check_disk_refcount(st, i, &on_disk) < 0) {
+            res->check_errors++;
+            check_note(st, QCOW2_FINDING_CHECK_ERROR, offset,
+                       "Can't get refcount for cluster %llu: %s", ull(i),
+                       strerror(EIO));
+            continue;
+        }
+        if (on_disk > 0 || counted > 0)
+            *highest = i;
+        if (on_disk == counted)
+            continue;
+        if (on_disk > counted && st->repair >= QCOW2_REPAIR_LEAKS) {
+            int ret = qcow2_refcount_update(img, offset, img->cluster_size,
+                                            -(int64_t)(on_disk - counted));
+            st->refblock_index = UINT64_MAX;    /* the block changed */
+            if (ret == 0) {
+                res->leaks_fixed++;
+                check_note(st, QCOW2_FINDING_REPAIRED, offset,
+                           "Repairing cluster %llu refcount=%llu "
+                           "reference=%llu", ull(i), ull(on_disk),
+                           ull(counted));
+                continue;
+            }
+        }
+        if (on_disk < counted) {
+            check_corrupt(st, offset, "ERROR cluster %llu refcount=%llu "
+                          "reference=%llu", ull(i), ull(on_disk),
+                          ull(counted));
+        } else {
+            res->leaks++;
+            check_note(st, QCOW2_FINDING_LEAK, offset, "Leaked cluster %llu "
+                       "refcount=%llu reference=%llu", ull(i), ull(on_disk),
+                       ull(counted));
+        }
+    }
+    return 0;
+}
+
+/* ---- COPIED flags ----------------------------------------------------------------- */
+
+/* QEMU's check_oflag_copied over the active tables: COPIED must be set
+ * exactly when the refcount is 1. A refcount that cannot be read is
+ * skipped without a word (compare_refcounts reported it already). */
+static int check_copied(check_state *st, uint8_t *table)
+{
+    qcow2_image *img = st->img;
+    uint32_t entry_bytes = img->l2_entry_bytes;
+
+    for (uint32_t i = 0; i < st->active_l1_size; i++) {
+        uint64_t l1_entry = st->active_l1[i];
+        uint64_t l2_offset = l1_entry & L1E_OFFSET_MASK;
+        uint64_t refcount;
+
+        if (l2_offset == 0)
+            continue;
+        if (check_disk_refcount(st, l2_offset >> img->cluster_bits,
+                                &refcount) < 0)
+            continue;
+        if ((refcount == 1) != ((l1_entry & QCOW_OFLAG_COPIED) != 0))
+            check_corrupt(st, img->hdr.l1_table_offset + (uint64_t)i * 8,
+                          "ERROR OFLAG_COPIED L2 cluster: l1_index=%u "
+                          "l1_entry=%llx refcount=%llu", i, ull(l1_entry),
+                          ull(refcount));
+        if (check_pread(st, l2_offset, table, img->cluster_size,
+                        "L2 table") < 0)
+            return QCOW2_E_IO;
+        for (uint64_t j = 0; j < img->l2_entries; j++) {
+            uint64_t l2_entry = be64(table + j * entry_bytes);
+            uint64_t data_offset = l2_entry & L2E_OFFSET_MASK;
+            int zero = (l2_entry & QCOW_OFLAG_ZERO) && !img->extended_l2;
+
+            if (l2_entry & QCOW_OFLAG_COMPRESSED)
+                continue;
+            /* NORMAL or ZERO_ALLOC; offset 0 with COPIED is normal in a
+             * data file */
+            if (data_offset == 0 &&
+                (zero || !st->has_data_file ||
+                 !(l2_entry & QCOW_OFLAG_COPIED)))
+                continue;
+            if (st->has_data_file)
+                refcount = 1;
+            else if (check_disk_refcount(st, data_offset >> img->cluster_bits,
+                                         &refcount) < 0)
+                continue;
+            if ((refcount == 1) != ((l2_entry & QCOW_OFLAG_COPIED) != 0))
+                check_corrupt(st, l2_offset + j * entry_bytes,
+                              "ERROR OFLAG_COPIED data cluster: "
+                              "l2_entry=%llx refcount=%llu", ull(l2_entry),
+                              ull(refcount));
+        }
+    }
+    return 0;
+}
+
+/* ---- Driver ------------------------------------------------------------------------- */
+
+static int state_init(check_state *st, qcow2_image *img, int repair,
+                      qcow2_check_result *res)
+{
+    uint64_t file_clusters;
+    int ret;
+
+    memset(st, 0, sizeof *st);
+    st->img = img;
+    st->res = res;
+    st->repair = repair;
+    st->refblock_index = UINT64_MAX;
+    st->has_data_file =
+        (img->hdr.incompatible_features & INCOMPAT_DATA_FILE) != 0;
+    st->count_max = img->refcount_bits >= 32
+                        ? UINT32_MAX : (1ull << img->refcount_bits) - 1;
+
+    ret = img->io->ops->size(img->io, &st->file_size);
+    if (ret < 0)
+        return qcow2_fail(img, ret, "cannot get the size of the file");
+    file_clusters = div_round_up(st->file_size, img->cluster_size);
+    if (file_clusters > CHECK_MAX_CLUSTERS)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "the file holds %llu "
+                          "clusters, more than qemu-img checks (%llu)",
+                          ull(file_clusters), ull(CHECK_MAX_CLUSTERS));
+    st->nb_clusters = file_clusters;
+    st->capacity = file_clusters + 1;
+    st->counts = calloc((size_t)st->capacity, sizeof *st->counts);
+    st->refblock = malloc((size_t)img->cluster_size);
+    if (!st->counts || !st->refblock)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory for the "
+                          "reference counts of %llu clusters",
+                          ull(st->capacity));
+    return 0;
+}
+
+static void state_free(check_state *st)
+{
+    free(st->counts);
+    free(st->refblock);
+    free(st->active_l1);
+}
+
+/* One pass: qcow2_check_refcounts plus the snapshot table check. */
+static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res)
+{
+    check_state st;
+    uint64_t highest = 0;
+    uint8_t *table;
+    int ret;
+
+    memset(res, 0, sizeof *res);
+    ret = state_init(&st, img, repair, res);
+    if (ret < 0) {
+        state_free(&st);
+        return ret;
+    }
+    /* what a virtual disk of this size needs (QEMU counts whole sectors) */
+    res->total_clusters = div_round_up(img->hdr.size / 512 * 512,
+                                       img->cluster_size);
+    ret = check_walk(&st);
+    if (ret == 0)
+        ret = compare_refcounts(&st, &highest);
+    if (ret == 0) {
+        table = malloc((size_t)img->cluster_size);
+        /* an I/O error in check_copied is counted in check_errors and
+         * ends the pass there, as in QEMU */
+        if (!table)
+            ret = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+        else
+            (void)check_copied(&st, table);
+        free(table);
+    }
+    if (ret == 0)
+        ret = check_strict_tail(&st);
+    res->image_end_offset = (highest + 1) << img->cluster_bits;
+    state_free(&st);
+    if (ret == QCOW2_E_NOMEM && img->err.code == 0)
+        qcow2_fail(img, ret, "out of memory during the check");
+    return ret;
+}
+
+/* Move the findings of `from` to the end of `to`. */
+static void append_findings(qcow2_check_result *to, qcow2_check_result *from)
+{
+    qcow2_finding *all;
+    size_t count = to->finding_count + from->finding_count;
+
+    all = realloc(to->findings, (count ? count : 1) * sizeof *all);
+    if (!all) {
+        to->findings_dropped += from->finding_count;
+        qcow2_check_result_free(from);
+        return;
+    }
+    memcpy(all + to->finding_count, from->findings,
+           from->finding_count * sizeof *all);
+    to->findings = all;
+    to->finding_count = count;
+    to->findings_dropped += from->findings_dropped;
+    free(from->findings);
+    from->findings = NULL;
+    from->finding_count = 0;
+}
+
+/* A clean result after a repair marks the image clean and consistent, as
+ * qemu-img check -r does (v3 only: v2 has no feature bits). */
+static int mark_clean(qcow2_image *img)
+{
+    int ret = 0;
+
+    if (img->hdr.version < 3)
+        return 0;
+    if (img->hdr.incompatible_features & INCOMPAT_DIRTY)
+        ret = qcow2_header_set_feature(img, 0, 0, 0);
+    if (ret == 0 && (img->hdr.incompatible_features & INCOMPAT_CORRUPT))
+        ret = qcow2_header_set_feature(img, 0, 1, 0);
+    return ret;
+}
+
+int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
+{
+    qcow2_check_result again;
+    int ret;
+
+    memset(out, 0, sizeof *out);
+    if (img->is_raw)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
+                          "a raw image has no check");
+    if (img->is_snapshot_view)
+        return qcow2_fail(img, QCOW2_E_INVALID,
+                          "a snapshot view cannot be checked; check the "
+                          "image it belongs to");
+    if (repair < QCOW2_REPAIR_NONE || repair > QCOW2_REPAIR_ALL)
+        return qcow2_fail(img, QCOW2_E_INVALID, "unknown repair mode %d",
+                          repair);
+    if (repair != QCOW2_REPAIR_NONE) {
+        if ((ret = qcow2_check_writable(img)) < 0)
+            return ret;
+        if (repair == QCOW2_REPAIR_ALL)
+            return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
+                              "repair of corruptions is not implemented "
+                              "yet (only leaks)");
+        if ((ret = qcow2_flush(img)) < 0)
+            return ret;
+    }
+
+    ret = check_pass(img, repair, out);
+    if (ret < 0) {
+        qcow2_check_result_free(out);
+        return ret;
+    }
+    if (repair == QCOW2_REPAIR_NONE)
+        return 0;
+
+    if (out->leaks_fixed || out->corruptions_fixed) {
+        /* qemu-img double checks the fixed image and reports that, with
+         * the numbers fixed by the first pass */
+        if ((ret = qcow2_flush(img)) < 0 ||
+            (ret = check_pass(img, QCOW2_REPAIR_NONE, &again)) < 0) {
+            qcow2_check_result_free(out);
+            return ret;
+        }
+        again.leaks_fixed = out->leaks_fixed;
+        again.corruptions_fixed = out->corruptions_fixed;
+        append_findings(out, &again);
+        again.findings = out->findings;
+        again.finding_count = out->finding_count;
+        again.findings_dropped = out->findings_dropped;
+        *out = again;
+    }
+    if (out->check_errors == 0 && out->corruptions == 0) {
+        ret = mark_clean(img);
+        if (ret == 0)
+            ret = qcow2_flush(img);
+        if (ret < 0) {
+            qcow2_check_result_free(out);
+            return ret;
+        }
+    }
+    return 0;
+}
+
+void qcow2_check_result_free(qcow2_check_result *res)
+{
+    if (!res)
+        return;
+    for (size_t i = 0; i < res->finding_count; i++)
+        free(res->findings[i].message);
+    free(res->findings);
+    res->findings = NULL;
+    res->finding_count = 0;
+}

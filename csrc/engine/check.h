@@ -1,0 +1,81 @@
+/*
+ * qemu-img check, shared between check.c (driver, in-memory refcounts,
+ * comparison, COPIED flags, findings, leak repair) and check_walk.c (the
+ * walk over every structure that references host clusters).
+ *
+ * The in-memory refcount table ("IMRT" in QEMU) is sized by the file, not
+ * by the virtual disk: a reference that runs one cluster or more past the
+ * end of the file is reported and not counted (QEMU's rule), so the array
+ * never needs more than file clusters + 1 entries.
+ */
+#ifndef QCOW2_CHECK_H
+#define QCOW2_CHECK_H
+
+#include "internal.h"
+
+/* At most this many findings are kept; the counts stay exact. */
+#define CHECK_MAX_FINDINGS      10000u
+/* QEMU refuses files of more clusters (nb_clusters > INT_MAX, EFBIG). */
+#define CHECK_MAX_CLUSTERS      0x7fffffffull
+
+/* QEMU's CHECK_FRAG_INFO: the walk of the active L1 fills the statistics. */
+#define CHECK_FRAG_INFO         0x2
+
+typedef struct check_state {
+    qcow2_image *img;
+    qcow2_check_result *res;
+    int repair;                 /* enum qcow2_repair_mode */
+    int has_data_file;          /* data clusters are not refcounted */
+
+    uint64_t file_size;         /* the image file, at the start */
+    uint32_t *counts;           /* references per host cluster */
+    uint64_t capacity;          /* entries of counts (file clusters + 1) */
+    uint64_t nb_clusters;       /* entries compared: file clusters, grown
+                                   by references < 1 cluster past EOF */
+    uint64_t count_max;         /* the refcount width's maximum, capped */
+
+    uint64_t *active_l1;        /* the active L1 as read from the file */
+    uint32_t active_l1_size;
+
+    /* One refcount block kept for the on-disk reader. */
+    uint8_t *refblock;
+    uint64_t refblock_index;    /* reftable index held, or UINT64_MAX */
+    int refcounts_dead;         /* an unaligned refcount block was met:
+                                   QEMU then fails every later read */
+} check_state;
+
+/* ---- check.c ------------------------------------------------------------ */
+/* Record a finding (kind: enum qcow2_finding_kind); counts are the
+ * caller's business. offset is the host offset it is about. */
+void check_note(check_state *st, int kind, uint64_t offset, const char *fmt,
+                ...) __attribute__((format(printf, 4, 5)));
+/* corruptions++ and a finding. */
+void check_corrupt(check_state *st, uint64_t offset, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* QEMU's qcow2_inc_refcounts_imrt: +1 on every cluster [offset,
+ * offset+size) touches. Returns 0, or QCOW2_E_NOMEM. */
+int check_inc(check_state *st, uint64_t offset, uint64_t size);
+/* Up to len bytes of the image file at offset, zeroes past its end (the
+ * block layer pads short reads so). I/O failure: check_errors++, a
+ * finding naming `what`, and a negative status. */
+int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
+                const char *what);
+/* The refcount of host cluster `cluster` as the file says (QEMU's
+ * qcow2_get_refcount). 0 or a negative status (no finding made). */
+int check_disk_refcount(check_state *st, uint64_t cluster,
+                        uint64_t *refcount);
+
+/* ---- check_walk.c --------------------------------------------------------- */
+/* Everything QEMU's calculate_refcounts counts, in its order; the findings
+ * of the snapshot table's own check first. */
+int check_walk(check_state *st);
+/* Findings stricter than qemu-img (counted nowhere): refcounts above 0
+ * past the compared range. */
+int check_strict_tail(check_state *st);
+
+static inline unsigned long long ull(uint64_t value)
+{
+    return (unsigned long long)value;
+}
+
+#endif /* QCOW2_CHECK_H */

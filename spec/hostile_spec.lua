@@ -1,0 +1,98 @@
+-- Hostile images: qemu-img images with precise pokes (spec/hostile.lua).
+-- Every case must end in the stated nil, message, code (or a clean read of
+-- the good ranges), never a crash, a hang or a stray Lua error. The spec
+-- finishing its TAP plan is the "no crash, no hang" proof; each case also
+-- has a CPU-time budget.
+local helpers = require("helpers")
+local hostile = require("hostile")
+
+local CASE_BUDGET = 10 -- CPU seconds per case
+
+describe("hostile images", function()
+  local qcow2
+  setup(function() qcow2 = require("qcow2") end)
+  teardown(helpers.cleanup)
+
+  it("has a catalogue of at least 40 cases", function()
+    assert.is_true(#hostile.cases >= 40, "only " .. #hostile.cases .. " cases")
+    local seen = {}
+    for _, c in ipairs(hostile.cases) do
+      assert.is_nil(seen[c.name], "duplicate case name " .. c.name)
+      seen[c.name] = true
+    end
+  end)
+
+  -- Controls: the unpoked bases open and read what qemu-io wrote, so that
+  -- every failure below is caused by its poke.
+  describe("pristine bases", function()
+    local kinds = {}
+    for k in pairs(hostile.bases) do kinds[#kinds + 1] = k end
+    table.sort(kinds)
+    for _, kind in ipairs(kinds) do
+      it(kind .. " opens, reads and maps cleanly", function()
+        local path = hostile.instance(kind)
+        local img, msg, code = qcow2.open(path)
+        assert(img, ("open: %s (%s)"):format(tostring(msg), tostring(code)))
+        local ok, err = pcall(function()
+          hostile.check_good(img, hostile.base_contents[kind], kind)
+          local m, mmsg = img:map()
+          assert(m, "map: " .. tostring(mmsg))
+          assert.is_true(#m >= 1)
+          local snaps = assert(img:snapshots())
+          for _, s in ipairs(snaps) do
+            local v = assert(s:open())
+            assert(v:read(0, 65536))
+            v:close()
+          end
+        end)
+        img:close()
+        assert(ok, err)
+      end)
+    end
+
+    it("a data cluster cut short by end of file reads its tail as zeroes", function()
+      local path = hostile.instance("v3")
+      local d = hostile.data_offset(path, hostile.G512)
+      helpers.truncate(path, d + 4096)
+      local img = assert(qcow2.open(path))
+      local data, msg = img:read(hostile.G512, 65536)
+      img:close()
+      assert(data, msg)
+      assert.are.equal(string.char(0xa3):rep(4096) .. ("\0"):rep(65536 - 4096), data)
+    end)
+
+    it("a backing chain 3 deep reads through every level", function()
+      local path, dir = hostile.instance("backing")
+      local top = dir .. "/top.qcow2"
+      helpers.create(top, "1G", nil, "ov.qcow2")
+      helpers.qemu_io(top, { "write -P 0xd3 128k 64k" })
+      local img = assert(qcow2.open(top))
+      local ok, err = pcall(hostile.check_good, img,
+        { { 0, 65536, 0xd1 }, { 65536, 65536, 0xd2 }, { 131072, 65536, 0xd3 } }, "chain")
+      img:close()
+      assert(ok, err)
+      assert(path)
+    end)
+  end)
+
+  local ran = 0
+  describe("each case", function()
+    for i, c in ipairs(hostile.cases) do
+      it(("%02d %s -> %s %s"):format(i, c.name, c.expect.stage,
+          type(c.expect.code) == "table" and table.concat(c.expect.code, "|") or c.expect.code),
+        function()
+          local t0 = os.clock()
+          hostile.run(qcow2, c)
+          local spent = os.clock() - t0
+          assert(spent < CASE_BUDGET, ("case took %.1f s of CPU"):format(spent))
+          ran = ran + 1
+        end)
+    end
+  end)
+
+  it("ran every case to its end (no hang, no crash, no case left)", function()
+    -- failing cases do not count: this states how many completed cleanly
+    assert.are.equal(#hostile.cases, ran,
+      ("%d of %d cases completed as expected"):format(ran, #hostile.cases))
+  end)
+end)
