@@ -296,7 +296,9 @@ static int has_qcow2_magic(qcow2_image *img, int *is_qcow2)
 static void set_raw(qcow2_image *img)
 {
     img->is_raw = 1;
-    img->size = img->file_size;
+    /* QEMU counts a raw disk in whole 512-byte sectors; the tail past the
+     * file reads as zeroes. File sizes come from fstat, far below 2^63. */
+    img->size = align_up(img->file_size, 512);
     img->data_io = img->io;
     img->owns_data_io = 0;
 }

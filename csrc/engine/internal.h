@@ -219,6 +219,10 @@ void qcow2_header_free(qcow2_image *img);
 
 /* ---- Refcounts (refcount.c) ------------------------------------------ */
 int qcow2_reftable_load(qcow2_image *img);
+/* Clusters [0, end_cluster) whose refcount is not zero, reading each
+ * refcount block once. */
+int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
+                              uint64_t *out);
 
 /* ---- Snapshots (snapshot.c) -------------------------------------------- */
 int qcow2_snapshots_load(qcow2_image *img);

@@ -216,14 +216,9 @@ static int probe_preallocation(qcow2_image *img)
     real_clusters = allocated / img->cluster_size;
     threshold = max_u64(real_clusters * 10 / 9, real_clusters + 2);
     end_cluster = div_round_up(file_length, img->cluster_size);
-    for (uint64_t i = 0; i < end_cluster && count < threshold; i++) {
-        uint64_t refcount;
-
-        if (qcow2_refcount(img, i, &refcount) < 0) {
-            img->err = saved;
-            return 0;
-        }
-        count += refcount != 0;
+    if (qcow2_count_used_clusters(img, end_cluster, &count) < 0) {
+        img->err = saved;
+        return 0;
     }
     return count >= threshold;
 }

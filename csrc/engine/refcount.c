@@ -143,3 +143,63 @@ int qcow2_refcount(qcow2_image *img, uint64_t host_cluster, uint64_t *out)
         return ret;
     return refcount_block_entry(img, refblock_offset, refblock_index, out);
 }
+
+/* Non-zero entries among entries [0, count) of one refcount block image. */
+static uint64_t count_nonzero_entries(const uint8_t *block, uint32_t bits,
+                                      uint64_t count)
+{
+    uint64_t nonzero = 0;
+
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t refcount;
+
+        if (bits < 8)
+            refcount = (block[i / (8 / bits)] >> ((i % (8 / bits)) * bits)) &
+                       ((1u << bits) - 1);
+        else if (bits == 8)
+            refcount = block[i];
+        else if (bits == 16)
+            refcount = be16(block + i * 2);
+        else if (bits == 32)
+            refcount = be32(block + i * 4);
+        else
+            refcount = be64(block + i * 8);
+        nonzero += refcount != 0;
+    }
+    return nonzero;
+}
+
+int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
+                              uint64_t *out)
+{
+    uint8_t *block;
+    int ret = 0;
+
+    *out = 0;
+    if (img->is_raw)
+        return qcow2_fail(img, QCOW2_E_INVALID,
+                          "a raw image has no refcounts");
+    block = malloc(img->cluster_size);
+    if (!block)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    /* One read per refcount block, not per cluster: map and info call
+     * this over the whole file. */
+    for (uint64_t first = 0; first < end_cluster;
+         first += img->refblock_entries) {
+        uint64_t refblock_offset, unused_index;
+        uint64_t count = min_u64(img->refblock_entries, end_cluster - first);
+
+        ret = refcount_block_of(img, first, &refblock_offset, &unused_index);
+        if (ret < 0)
+            break;
+        if (refblock_offset == 0)
+            continue;
+        ret = qcow2_read_meta(img, refblock_offset, block, img->cluster_size,
+                              "refcount block");
+        if (ret < 0)
+            break;
+        *out += count_nonzero_entries(block, img->refcount_bits, count);
+    }
+    free(block);
+    return ret;
+}
