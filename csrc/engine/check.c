@@ -392,6 +392,12 @@ static void append_findings(qcow2_check_result *to, qcow2_check_result *from)
     qcow2_finding *all;
     size_t count = to->finding_count + from->finding_count;
 
+    if (from->finding_count == 0) {
+        to->findings_dropped += from->findings_dropped;
+        free(from->findings);
+        from->findings = NULL;
+        return;
+    }
     all = realloc(to->findings, (count ? count : 1) * sizeof *all);
     if (!all) {
         to->findings_dropped += from->finding_count;
