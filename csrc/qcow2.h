@@ -338,7 +338,7 @@ typedef struct qcow2_finding {
 enum qcow2_repair_mode {
     QCOW2_REPAIR_NONE = 0,
     QCOW2_REPAIR_LEAKS = 1,     /* qemu-img check -r leaks */
-    QCOW2_REPAIR_ALL = 2,       /* -r all (not implemented yet) */
+    QCOW2_REPAIR_ALL = 2,       /* -r all: corruptions too */
 };
 
 typedef struct qcow2_check_result {
@@ -366,5 +366,83 @@ typedef struct qcow2_check_result {
  */
 int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out);
 void qcow2_check_result_free(qcow2_check_result *res);
+
+/* --- Snapshots (writing) ---------------------------------------------------- */
+/* What qcow2_snapshot_create records besides the disk. */
+typedef struct qcow2_snapshot_create_opts {
+    const void *vm_state;       /* written to the VM-state area first */
+    size_t vm_state_size;
+    uint64_t vm_clock_nsec;
+    int has_date;               /* 0: now */
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    int64_t icount;             /* qemu-img writes 0; -1 = none */
+} qcow2_snapshot_create_opts;
+
+void qcow2_snapshot_create_opts_init(qcow2_snapshot_create_opts *opts);
+/*
+ * QEMU's qcow2_snapshot_create: id max(numeric ids)+1, the active disk
+ * (and opts->vm_state) kept; the VM state is then dropped from the active
+ * disk. QCOW2_E_EXISTS when the name matches an existing name or id;
+ * QCOW2_E_UNSUPPORTED with 1-bit refcounts or an external data file.
+ * *index (may be NULL) gets the new entry's index.
+ */
+int qcow2_snapshot_create(qcow2_image *img, const char *name,
+                          const qcow2_snapshot_create_opts *opts,
+                          uint32_t *index);
+/* QEMU's qcow2_snapshot_goto: the active disk (and virtual size) become
+ * snapshot `index`'s. */
+int qcow2_snapshot_apply(qcow2_image *img, uint32_t index);
+/* QEMU's qcow2_snapshot_delete: indexes of later entries shift down. */
+int qcow2_snapshot_delete(qcow2_image *img, uint32_t index);
+/* The active VM-state area (guest offset past the disk, QEMU's
+ * qcow2_vm_state_offset) at pos; the L1 table grows as writes need. */
+int qcow2_vmstate_save(qcow2_image *img, uint64_t pos, const void *buf,
+                       size_t length);
+int qcow2_vmstate_load(qcow2_image *img, uint64_t pos, void *buf,
+                       size_t length);
+
+/* --- Amend and make_empty (read-write handles) --------------------------- */
+/*
+ * qemu-img amend: only what is set changes. version 0 keeps the version
+ * (2 or 3 otherwise; down to 2 expands zero clusters and refuses what
+ * version 2 cannot hold); lazy_refcounts -1 keeps the setting;
+ * backing_file / backing_format NULL keep them ("" removes); size 0 keeps
+ * the size. Refusals change nothing.
+ */
+typedef struct qcow2_amend_opts {
+    uint32_t version;
+    int lazy_refcounts;
+    const char *backing_file;
+    const char *backing_format;
+    uint64_t size;
+} qcow2_amend_opts;
+
+void qcow2_amend_opts_init(qcow2_amend_opts *opts);
+int qcow2_amend(qcow2_image *img, const qcow2_amend_opts *opts);
+/* Drop all active data (QEMU's bdrv_make_empty): a fresh metadata layout
+ * and a truncated file for version 3 images without snapshots, a discard
+ * of every cluster otherwise. */
+int qcow2_make_empty(qcow2_image *img);
+
+/* --- Persistent bitmaps (read side) ---------------------------------------- */
+#define QCOW2_BITMAP_IN_USE     (1u << 0)
+#define QCOW2_BITMAP_AUTO       (1u << 1)
+
+typedef struct qcow2_bitmap_info {
+    char *name;
+    uint32_t flags;             /* QCOW2_BITMAP_* bits as stored */
+    uint8_t type;               /* 1 = dirty tracking */
+    uint8_t granularity_bits;
+    uint64_t granularity;       /* bytes covered by one bit */
+    uint64_t table_offset;
+    uint32_t table_size;
+} qcow2_bitmap_info;
+
+/* The bitmap directory in table order (empty unless the image's bitmaps
+ * extension is trusted). Free with qcow2_bitmap_list_free. */
+int qcow2_bitmap_list(qcow2_image *img, qcow2_bitmap_info **out,
+                      size_t *count);
+void qcow2_bitmap_list_free(qcow2_bitmap_info *list, size_t count);
 
 #endif /* QCOW2_H */

@@ -8,12 +8,18 @@
 --   base    key into M.bases (an image maker, built once, copied per case)
 --   poke    function(path, dir) -> optional other path to open
 --   expect  one of (see M.verify):
---     {stage = "open", code =, msg =}        qcow2.open fails
---     {stage = "read", offset =, length =, code =, msg =, good =, map =}
---                                            open may fail with the same
+--     {stage = "open", code =, msg =, control =}
+--                                            qcow2.open fails; with control
+--                                            (open options) it then opens
+--     {stage = "read", offset =, length =, code =, msg =, good =, map =,
+--      zero_ok =}                            open may fail with the same
 --                                            code/msg; otherwise reading the
---                                            bad guest range fails, "good"
---                                            ranges still read their bytes
+--                                            bad guest range fails (twice,
+--                                            and straddled), "good" ranges
+--                                            still read their bytes; map of
+--                                            the range fails when map is
+--                                            "corrupt"; zero_ok also accepts
+--                                            all-zero data
 --     {stage = "snapshot", code =, msg =}    open, img:snapshots(), s:open()
 --                                            or a read/map of the view fails
 --   code is a code string or a list of acceptable ones; msg is a Lua
@@ -193,6 +199,7 @@ local function qio(path, cmds) helpers.qemu_io(path, cmds) end
 -- Every base is 1 GiB with 64 KiB clusters unless said: L1 has 2 entries, so
 -- guest 0 and guest 512M live in different L2 tables.
 M.G512 = 512 * 1024 * 1024
+M.NOISE = helpers.random_bytes(8192, 4242)
 M.bases = {
   v3 = function(dir)
     local p = dir .. "/v3.qcow2"
@@ -249,6 +256,23 @@ M.bases = {
     qio(p, { "write -P 0xe1 0 16k" })
     return p
   end,
+  -- guest 0: a compressed cluster whose stream spans many sectors (8 KiB of
+  -- noise), guest 64K: a one-sector compressed pattern
+  zrand = function(dir)
+    local raw, p = dir .. "/zrand.raw", dir .. "/zrand.qcow2"
+    helpers.write_file(raw, M.NOISE .. ("\0"):rep(65536 - #M.NOISE) .. ("\0"):rep(65536))
+    helpers.qemu_img("convert -c -O qcow2 " .. q(raw) .. " " .. q(p))
+    os.remove(raw)
+    qio(p, { "write -c -P 0xc2 64k 64k" })
+    return p
+  end,
+  -- 512-byte clusters: the compressed offset field reaches bit 60
+  c512 = function(dir)
+    local p = dir .. "/c512.qcow2"
+    create(p, "1M", "cluster_size=512")
+    qio(p, { "write -c -P 0xc1 0 512", "write -c -P 0xc2 512 512", "write -P 0xa3 64k 512" })
+    return p
+  end,
 }
 
 -- What each pristine base reads (guest offset, length, byte): the controls.
@@ -262,6 +286,8 @@ M.base_contents = {
   extl2 = { { 0, 65536, 0xe1 }, { 131072, 2048, 0xe2 }, { 133120, 2048, 0 },
             { 262144, 65536, 0xe3 }, { M.G512, 65536, 0xe4 } },
   extl2_16k = { { 0, 16384, 0xe1 } },
+  zrand = { { 0, 8192, M.NOISE }, { 8192, 65536 - 8192, 0 }, { 65536, 65536, 0xc2 } },
+  c512 = { { 0, 512, 0xc1 }, { 512, 512, 0xc2 }, { 65536, 512, 0xa3 } },
 }
 
 local cache_dir
@@ -518,7 +544,6 @@ case("compressed zstd stream that is garbage", "zstd", function(p)
 end, read_fails(0, 65536, P.compressed, GOOD_Z))
 
 -- 6. Backing chains -------------------------------------------------------
-local function control(opts) return opts end
 case("self-backing image (backing name is its own file name)", "backing", function(p, dir)
   -- ov.qcow2 names base.qcow2; copy it to a same-length name naming itself
   local self = dir .. "/self.qcow2"
@@ -528,7 +553,7 @@ case("self-backing image (backing name is its own file name)", "backing", functi
   M.set(self, "backing_file_size", #"self.qcow2")
   return self
 end, { stage = "open", code = "corrupt", msg = { "[Ll]oop", "[Cc]ycle", "itself", "[Bb]acking" },
-       control = control({ backing = false }) })
+       control = { backing = false } })
 case("backing loop A -> B -> A", "backing", function(p, dir)
   local a, b = dir .. "/aaaa.qcow2", dir .. "/bbbb.qcow2"
   helpers.copy(p, a)
@@ -539,7 +564,7 @@ case("backing loop A -> B -> A", "backing", function(p, dir)
   end
   return a
 end, { stage = "open", code = "corrupt", msg = { "[Ll]oop", "[Cc]ycle", "[Bb]acking" },
-       control = control({ backing = false }) })
+       control = { backing = false } })
 case("backing chain 17 deep", "v3", function(_, dir)
   local prev = "c00.qcow2"
   create(dir .. "/" .. prev, "1M")
@@ -550,24 +575,24 @@ case("backing chain 17 deep", "v3", function(_, dir)
   end
   return dir .. "/" .. prev
 end, { stage = "open", code = "unsupported",
-       msg = { "[Dd]epth", "[Dd]eep", "[Cc]hain", "[Bb]acking" }, control = control({ backing = false }) })
+       msg = { "[Dd]epth", "[Dd]eep", "[Cc]hain", "[Bb]acking" }, control = { backing = false } })
 case("backing file name json:{...}", "backing", function(p)
   local h = M.header(p)
   local name = 'json:{"file.filename":"/etc/passwd"}'
   helpers.poke(p, h.backing_file_offset, name)
   M.set(p, "backing_file_size", #name)
 end, { stage = "open", code = "unsupported", msg = { "json", "[Bb]acking" },
-       control = control({ backing = false }) })
+       control = { backing = false } })
 case("backing file name nbd://", "backing", function(p)
   local h = M.header(p)
   local name = "nbd://127.0.0.1:1/x"
   helpers.poke(p, h.backing_file_offset, name)
   M.set(p, "backing_file_size", #name)
 end, { stage = "open", code = "unsupported", msg = { "nbd", "[Pp]rotocol", "[Bb]acking" },
-       control = control({ backing = false }) })
+       control = { backing = false } })
 case("backing file missing", "backing", function(p)
   M.set_backing_name(p, "gone.qcow2")
-end, { stage = "open", code = "notfound", msg = { "gone%.qcow2" }, control = control({ backing = false }) })
+end, { stage = "open", code = "notfound", msg = { "gone%.qcow2" }, control = { backing = false } })
 
 -- 7. Snapshot table entries ------------------------------------------------
 local function poke_snap(fn)
@@ -622,6 +647,69 @@ case("extended L2: bitmap on a compressed cluster", "extl2",
   poke_bitmap(262144, function() return 1 end),
   read_fails(262144, 65536, { "[Ll]2", "[Ss]ubcluster", "[Bb]itmap", "[Cc]ompress" }, GOOD_E, "corrupt"))
 
+-- 9. More header, extension and chain cases --------------------------------
+case("header extension length 0xfffffff9 (round-up overflows 32 bits)", "v3", function(p)
+  helpers.poke(p, M.extensions(p)[1].offset + 4, helpers.be32(0xfffffff9))
+end, open_fails("corrupt", { "[Ee]xtension" }))
+case("raw external data bit without an external data file", "v3",
+  setter("autoclear_features", 1 << 1),
+  open_fails("corrupt", { "[Rr]aw", "[Dd]ata.?file" }))
+case("backing format extension naming vmdk", "backing", function(p)
+  local e = M.find_extension(p, M.EXT_BACKING_FORMAT)
+  assert(e.length == 5, "layout")
+  helpers.poke(p, e.offset + 4, helpers.be32(4) .. "vmdk\0")
+end, { stage = "open", code = "unsupported", msg = { "vmdk" }, control = { backing = false } })
+case("backing file with an unaligned L1 table offset", "backing", function(_, dir)
+  local b = dir .. "/base.qcow2"
+  M.set(b, "l1_table_offset", M.header(b).l1_table_offset + 512)
+end, { stage = "open", code = "corrupt", msg = { "base%.qcow2.*[Ll]1" }, control = { backing = false } })
+case("compressed offset with bit 57 set (512-byte clusters)", "c512", function(p)
+  local off = M.l2_entry_offset(p, 0)
+  local _, _, x = M.compressed(p, 0)
+  assert(x == 61, "layout")
+  M.put64(p, off, M.get64(p, off) | (1 << 57))
+end, read_fails(0, 512, { P.l2, P.compressed, P.data_eof }, { { 512, 512, 0xc2 }, { 65536, 512, 0xa3 } }))
+case("compressed sector count cutting the stream short", "zrand", function(p)
+  local off = M.l2_entry_offset(p, 0)
+  local coffset, csize, x = M.compressed(p, 0)
+  assert(csize > 4096, "layout: stream should span sectors")
+  -- keep the offset, zero the additional-sector count: one sector left
+  M.put64(p, off, (M.get64(p, off) & ~(0xff << x)) | 0)
+  assert(select(2, M.compressed(p, 0)) == 512 - (coffset & 511))
+end, read_fails(0, 65536, P.compressed, { { 65536, 65536, 0xc2 } }))
+
+-- 10. Snapshot L1 contents and sizes ----------------------------------------
+case("snapshot L1 entry with reserved bit 57 set", "snap", poke_snap(function(p, s)
+  M.put64(p, s.l1_table_offset, M.get64(p, s.l1_table_offset) | (1 << 57))
+end), snapshot_fails({ "[Ll]1", "[Ss]napshot" }))
+case("snapshot disk size 2^62 in its extra data", "snap", poke_snap(function(p, s)
+  assert(s.extra >= 16, "layout: no disk size field")
+  M.put64(p, s.offset + 48, 1 << 62)
+end), snapshot_fails({ "[Ss]napshot", "[Ll]1", "[Ss]ize", "[Tt]oo big" }))
+
+-- 11. Names that try to escape the checks ------------------------------------
+case("self-backing through a symbolic link", "backing", function(p, dir)
+  local x = dir .. "/x.qcow2"
+  helpers.copy(p, x)
+  M.set_backing_name(x, "link.qcow2")
+  helpers.must("ln -s x.qcow2 " .. q(dir .. "/link.qcow2"))
+  return x
+end, { stage = "open", code = "corrupt", msg = { "[Ll]oop", "[Cc]ycle", "itself", "[Bb]acking" },
+       control = { backing = false } })
+case("backing file name with a newline and a carriage return", "backing", function(p)
+  M.set_backing_name(p, "a\nb\r.qcow2")
+end, { stage = "open", code = "notfound", msg = { "[Bb]acking", "a.b.%.qcow2" }, control = { backing = false } })
+case("feature-name table entry of 46 unterminated bytes naming bit 5", "v3", function(p)
+  local e = M.find_extension(p, M.EXT_FEATURE_TABLE)
+  local n = e.length // 48
+  local name = ("hostile-name-without-terminator-"):rep(2):sub(1, 46)
+  helpers.poke(p, e.offset + 8 + (n - 1) * 48, string.char(0, 5) .. name)
+  M.set(p, "incompatible_features", 1 << 5)
+end, open_fails("unsupported", { "hostile%-name%-without%-terminator%-hostile" }))
+case("zero-flagged L2 entry with an unaligned host offset", "v3",
+  poke_l2(G, function(e) return (e + 512) | 1 end),
+  read_fails(G, 65536, { "[Ll]2", "align" }, GOOD_V3, "corrupt"))
+
 M.cases = cases
 
 -- ---------------------------------------------------------------------------
@@ -662,7 +750,8 @@ local function check_good(img, good, what)
     local data, msg, code = img:read(g[1], g[2])
     assert(data, ("%s: good range 0x%x+%d failed: %s (%s)"):format(what, g[1], g[2],
       tostring(msg), tostring(code)))
-    assert(data == string.char(g[3]):rep(g[2]),
+    local want = type(g[3]) == "string" and g[3] or string.char(g[3]):rep(g[2])
+    assert(data == want,
       ("%s: good range 0x%x+%d reads wrong bytes"):format(what, g[1], g[2]))
   end
 end
@@ -709,6 +798,14 @@ function verify.read(qcow2, c, path)
   end)
   if not ok then close(img); error(err, 0) end
   ok, err = pcall(function()
+    if e.offset >= 4096 then
+      -- a read that only partly covers the bad range fails as a whole
+      local data, rmsg, rcode = img:read(e.offset - 4096, 8192)
+      if data ~= nil and not (e.zero_ok and data == ("\0"):rep(8192)) then
+        error("a read straddling the bad range returned data", 0)
+      end
+      if data == nil then M.check_error("straddling read", rmsg, rcode, e) end
+    end
     check_good(img, e.good, "after the bad read")
     local m, mmsg, mcode = img:map(e.offset, e.length)
     if e.map == "corrupt" then

@@ -61,6 +61,49 @@ describe("hostile images", function()
       assert.are.equal(string.char(0xa3):rep(4096) .. ("\0"):rep(65536 - 4096), data)
     end)
 
+    it("a v3 header_length of 104 (no compression_type byte) is accepted", function()
+      local path = hostile.instance("v3")
+      hostile.set(path, "header_length", 104)
+      helpers.qemu_io(path, { "read -P 0xa1 0 64k" }) -- the oracle agrees
+      local img, msg, code = qcow2.open(path)
+      assert(img, ("open: %s (%s)"):format(tostring(msg), tostring(code)))
+      local ok, err = pcall(hostile.check_good, img, hostile.base_contents.v3, "v3/104")
+      img:close()
+      assert(ok, err)
+    end)
+
+    it("a compressed stream whose sectors run past end of file reads", function()
+      local _, dir = hostile.instance("v3")
+      local path = dir .. "/tailz.qcow2"
+      helpers.create(path, "1M")
+      helpers.qemu_io(path, { "write -c -P 0x5a 0 64k" })
+      local coffset, csize = hostile.compressed(path, 0)
+      assert(coffset + csize > hostile.file_size(path), "layout: stream sectors inside the file")
+      local img = assert(qcow2.open(path))
+      local data, msg = img:read(0, 65536)
+      img:close()
+      assert(data, msg)
+      assert.is_true(data == ("\x5a"):rep(65536), "wrong bytes")
+    end)
+
+    it("a compressed stream longer than a cluster reads its first cluster", function()
+      -- two stored deflate blocks, 65535 + 11 bytes, appended at end of file
+      local path = hostile.instance("zlib")
+      local h = hostile.header(path)
+      local stream = "\0\255\255\0\0" .. ("A"):rep(65535) .. "\1\11\0\244\255" .. ("B"):rep(11)
+      local coffset = (hostile.file_size(path) + 511) // 512 * 512
+      helpers.poke(path, coffset, stream)
+      local x = 70 - h.cluster_bits
+      local extra = (coffset + #stream - 1) // 512 - coffset // 512
+      hostile.put64(path, (hostile.l2_entry_offset(path, 0)), (1 << 62) | (extra << x) | coffset)
+      helpers.qemu_io(path, { "read -P 0x41 0 65535", "read -P 0x42 65535 1" }) -- the oracle agrees
+      local img = assert(qcow2.open(path))
+      local data, msg, code = img:read(0, 65536)
+      img:close()
+      assert(data, ("read: %s (%s)"):format(tostring(msg), tostring(code)))
+      assert.is_true(data == ("A"):rep(65535) .. "B", "wrong bytes")
+    end)
+
     it("a backing chain 3 deep reads through every level", function()
       local path, dir = hostile.instance("backing")
       local top = dir .. "/top.qcow2"

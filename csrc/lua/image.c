@@ -6,12 +6,9 @@
  * use a closed image". Backing images and snapshot views borrow from the
  * image they came from; see enum ql_kind in common.h.
  */
-#include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <openssl/evp.h>
 
@@ -243,72 +240,6 @@ static int image_digest(lua_State *L)
     return 1;
 }
 
-/* The file a handle reads: a snapshot view's path names the snapshot
- * ("disk.qcow2@snap"), its bytes are its parent's file. */
-static const char *file_path(const ql_image *q)
-{
-    while (q->kind == QL_VIEW && q->from)
-        q = q->from;
-    return qcow2_path(q->img);
-}
-
-/*
- * The image file's own bytes. The engine's public header has no raw read
- * yet, so this reads the file by its path with a fresh O_RDONLY descriptor
- * (never writes; allowed on read-only handles for forensic use).
- * TODO(engine): replace with a qcow2_raw_read through the handle's I/O
- * backend once csrc/qcow2.h offers one (memory backends, data files).
- */
-static int image_raw_read(lua_State *L)
-{
-    ql_image *q = ql_check_image(L, 1);
-    lua_Integer offset = luaL_checkinteger(L, 2);
-    lua_Integer length = luaL_checkinteger(L, 3);
-    const char *path = file_path(q);
-    uint64_t file_size, host_offset, bytes;
-    size_t done = 0;
-    luaL_Buffer b;
-    char *dst;
-    int fd, rc, saved_errno = 0;
-
-    rc = qcow2_file_size(q->img, &file_size);
-    if (rc < 0)
-        return ql_push_engine_error(L, q->img, rc);
-    if (!ql_clamp_range(L, path, "raw read", offset, length, file_size,
-                        &host_offset, &bytes))
-        return 3;
-    if (bytes == 0) {
-        lua_pushliteral(L, "");
-        return 1;
-    }
-    if (bytes > (uint64_t)(SIZE_MAX / 2))
-        return luaL_error(L, "not enough memory");
-    dst = luaL_buffinitsize(L, &b, (size_t)bytes);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return ql_push_fail(L, errno == ENOENT ? QCOW2_E_NOTFOUND : QCOW2_E_IO,
-                            "%s: cannot open for a raw read: %s", path,
-                            strerror(errno));
-    while (done < bytes) {
-        ssize_t n = pread(fd, dst + done, (size_t)bytes - done,
-                          (off_t)(host_offset + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            saved_errno = errno;
-        if (n <= 0)
-            break;      /* error, or the file shrank: a short read */
-        done += (size_t)n;
-    }
-    close(fd);
-    if (saved_errno)
-        return ql_push_fail(L, QCOW2_E_IO,
-                            "%s: raw read at offset %" PRIu64 ": %s", path,
-                            host_offset + done, strerror(saved_errno));
-    luaL_pushresultsize(&b, done);
-    return 1;
-}
-
 /* ---- info() --------------------------------------------------------------------- */
 
 /* QEMU's path_has_protocol: "nbd://..." or "json:{...}", a colon before
@@ -338,6 +269,39 @@ static void push_full_backing_name(lua_State *L, const char *image_path,
         lua_pushliteral(L, "");
     lua_pushstring(L, backing);
     lua_concat(L, 2);
+}
+
+/* "bitmaps" of format-specific data, as qemu-img info lists them; absent
+ * when there are none or the directory cannot be read (the read itself
+ * reports that through img:bitmaps()). */
+static void push_bitmaps(lua_State *L, qcow2_image *h)
+{
+    qcow2_bitmap_info *list;
+    size_t count;
+
+    if (qcow2_bitmap_list(h, &list, &count) < 0 || count == 0)
+        return;
+    lua_createtable(L, (int)count, 0);
+    for (size_t i = 0; i < count; i++) {
+        int n = 0;
+
+        lua_createtable(L, 0, 3);
+        ql_set_str(L, "name", list[i].name);
+        ql_set_int(L, "granularity", list[i].granularity);
+        lua_createtable(L, 2, 0);
+        if (list[i].flags & QCOW2_BITMAP_IN_USE) {
+            lua_pushliteral(L, "in-use");
+            lua_rawseti(L, -2, ++n);
+        }
+        if (list[i].flags & QCOW2_BITMAP_AUTO) {
+            lua_pushliteral(L, "auto");
+            lua_rawseti(L, -2, ++n);
+        }
+        lua_setfield(L, -2, "flags");
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    qcow2_bitmap_list_free(list, count);
+    lua_setfield(L, -2, "bitmaps");
 }
 
 /* "format-specific" of qemu-img info for a qcow2 image (QEMU 7.2's
@@ -370,9 +334,7 @@ static void push_format_specific(lua_State *L, qcow2_image *h,
         if (hdr->incompatible_features & (1u << 2))
             ql_set_bool(L, "data-file-raw",
                         (hdr->autoclear_features & (1u << 1)) != 0);
-        /* TODO(engine): "bitmaps" (name, granularity, flags per bitmap)
-         * needs the bitmap directory, which csrc/qcow2.h does not expose:
-         * only qcow2_ext_info.nb_bitmaps. */
+        push_bitmaps(L, h);
     }
     if (hdr->crypt_method != 0) {
         /* TODO(engine): LUKS details (cipher-alg, slots, ...) need the
@@ -697,20 +659,18 @@ static int image_backing(lua_State *L)
     return 1;
 }
 
-/* ---- Writes: refused on read-only handles ---------------------------------------- */
+/* ---- Writes not bound yet --------------------------------------------------- */
 
-/* The write side of the API exists so scripts see the contract's answer:
- * "readonly" on a read-only handle. The engine's public header has no
- * write calls yet, so a read-write handle answers "unsupported".
- * TODO(write side): bind the engine's write calls when qcow2.h has them. */
+/* The guest writes live in write.c. These whole-image operations have no
+ * engine call yet: "readonly" on a read-only handle (the contract's
+ * answer), "unsupported" on a read-write one.
+ * TODO(write side): bind them when qcow2.h has them. */
 static int refuse_write(lua_State *L, const char *what)
 {
-    ql_image *q = ql_check_image(L, 1);
+    ql_image *q = ql_writable_image(L, 1, what);
 
-    if (qcow2_is_read_only(q->img))
-        return ql_push_fail(L, QCOW2_E_READONLY,
-                            "%s: %s: the image is open read-only",
-                            qcow2_path(q->img), what);
+    if (q == NULL)
+        return 3;
     return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
                         "%s: %s is not implemented yet", qcow2_path(q->img),
                         what);
@@ -718,16 +678,10 @@ static int refuse_write(lua_State *L, const char *what)
 
 #define QL_WRITE_METHOD(name) \
     static int image_##name(lua_State *L) { return refuse_write(L, #name); }
-QL_WRITE_METHOD(write)
-QL_WRITE_METHOD(write_zeroes)
-QL_WRITE_METHOD(discard)
-QL_WRITE_METHOD(write_compressed)
-QL_WRITE_METHOD(resize)
 QL_WRITE_METHOD(amend)
 QL_WRITE_METHOD(make_empty)
 QL_WRITE_METHOD(create_snapshot)
 QL_WRITE_METHOD(save_vmstate)
-QL_WRITE_METHOD(raw_write)
 QL_WRITE_METHOD(commit)
 QL_WRITE_METHOD(rebase)
 #undef QL_WRITE_METHOD
@@ -738,21 +692,6 @@ static int image_load_vmstate(lua_State *L)
     /* TODO(vmstate): needs an engine call to read the VM state area. */
     return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
                         "%s: load_vmstate is not implemented yet",
-                        qcow2_path(q->img));
-}
-
-static int image_flush(lua_State *L)
-{
-    ql_image *q = ql_check_image(L, 1);
-
-    /* Nothing is ever dirty on a read-only handle. */
-    if (qcow2_is_read_only(q->img)) {
-        lua_pushboolean(L, 1);
-        return 1;
-    }
-    /* TODO(write side): qcow2.h has no flush call yet. */
-    return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
-                        "%s: flush is not implemented yet",
                         qcow2_path(q->img));
 }
 
@@ -802,7 +741,6 @@ void ql_image_register(lua_State *L)
     static const luaL_Reg methods[] = {
         {"read", image_read},
         {"digest", image_digest},
-        {"raw_read", image_raw_read},
         {"info", image_info},
         {"header", image_header},
         {"map", image_map},
@@ -812,19 +750,12 @@ void ql_image_register(lua_State *L)
         {"l1", image_l1},
         {"l2", image_l2},
         {"refcount", image_refcount},
-        {"flush", image_flush},
         {"close", image_close},
-        {"write", image_write},
-        {"write_zeroes", image_write_zeroes},
-        {"discard", image_discard},
-        {"write_compressed", image_write_compressed},
-        {"resize", image_resize},
         {"amend", image_amend},
         {"make_empty", image_make_empty},
         {"create_snapshot", image_create_snapshot},
         {"save_vmstate", image_save_vmstate},
         {"load_vmstate", image_load_vmstate},
-        {"raw_write", image_raw_write},
         {"commit", image_commit},
         {"rebase", image_rebase},
         {NULL, NULL}
@@ -837,4 +768,7 @@ void ql_image_register(lua_State *L)
     };
     ql_register_type(L, QL_IMAGE, QL_METHODS_IMAGE, methods, metamethods,
                      image_fields);
+    lua_getfield(L, LUA_REGISTRYINDEX, QL_METHODS_IMAGE);
+    luaL_setfuncs(L, ql_image_write_methods, 0);
+    lua_pop(L, 1);
 }

@@ -131,6 +131,15 @@ local ImageMethods = core.methods.Image
 function ImageMethods:info_json()
   local info, msg, code = self:info()
   if not info then return nil, msg, code end
+  -- A bitmap without flags prints "flags": []; Debian's cjson 2.1.0 can
+  -- only say {} for an empty table, dkjson honours __jsontype.
+  local data = info["format-specific"] and info["format-specific"].data
+  for _, b in ipairs(data and data.bitmaps or {}) do
+    if next(b.flags) == nil and dkjson_ok then
+      b.flags = setmetatable({}, { __jsontype = "array" })
+      return dkjson.encode(info)
+    end
+  end
   return M.json_encode(info)
 end
 
