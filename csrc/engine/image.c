@@ -444,7 +444,12 @@ static int open_backing(qcow2_image *img, const qcow2_open_opts *opts,
     child_opts.allow_raw = 1;
     ret = open_image(path, &child_opts, img->depth + 1, chain, format,
                      &img->backing, &child_err);
-    if (ret < 0)
+    /* Only the top names the chain link it followed; deeper levels pass
+     * the failing file's own message up unchanged, so a long chain cannot
+     * push the root cause out of the one-line message. */
+    if (ret < 0 && img->depth > 0)
+        img->err = child_err;
+    else if (ret < 0)
         qcow2_fail(img, ret, "backing file '%s': %s", img->backing_name,
                    without_path(&child_err, path));
     free(path);
