@@ -347,6 +347,22 @@ static void state_free(check_state *st)
     free(st->active_l1);
 }
 
+int check_count_references(qcow2_image *img, check_state *st,
+                           qcow2_check_result *scratch)
+{
+    int ret = state_init(st, img, QCOW2_REPAIR_NONE, scratch);
+
+    if (ret == 0)
+        ret = check_walk(st);
+    return ret;
+}
+
+void check_state_release(check_state *st)
+{
+    state_free(st);
+    memset(st, 0, sizeof *st);
+}
+
 /* One pass: qcow2_check_refcounts plus the snapshot table check. */
 static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res)
 {
@@ -429,9 +445,49 @@ static int mark_clean(qcow2_image *img)
     return ret;
 }
 
+/* Keep only the findings of kind "repaired" (a pass whose problems were
+ * already reported). */
+static void keep_repairs(qcow2_check_result *res)
+{
+    size_t kept = 0;
+
+    for (size_t i = 0; i < res->finding_count; i++) {
+        if (res->findings[i].kind == QCOW2_FINDING_REPAIRED)
+            res->findings[kept++] = res->findings[i];
+        else
+            free(res->findings[i].message);
+    }
+    res->finding_count = kept;
+}
+
+/* -r all on an image with corruptions: the three steps of repair.c, the
+ * leaks they leave freed before the COPIED flags are set (a flag must
+ * never claim refcount 1 while a leak still says 2). */
+static int repair_all(qcow2_image *img, qcow2_check_result *out)
+{
+    qcow2_check_result leaks;
+    int ret;
+
+    if ((ret = repair_bad_entries(img, out)) < 0 ||
+        (ret = repair_refcounts(img, out)) < 0)
+        return ret;
+    ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks);
+    if (ret < 0)
+        return ret;
+    keep_repairs(&leaks);
+    append_findings(out, &leaks);
+    qcow2_check_result_free(&leaks);
+    if ((ret = repair_copied(img, out)) < 0)
+        return ret;
+    qcow2_l2_cache_drop_all(img->l2_cache);
+    return qcow2_flush(img);
+}
+
 int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
 {
     qcow2_check_result again;
+    uint64_t corruptions_before = 0, leaks_before = 0;
+    int full_repair = 0;
     int ret;
 
     memset(out, 0, sizeof *out);
@@ -448,15 +504,26 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
     if (repair != QCOW2_REPAIR_NONE) {
         if ((ret = qcow2_check_writable(img)) < 0)
             return ret;
-        if (repair == QCOW2_REPAIR_ALL)
-            return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
-                              "repair of corruptions is not implemented "
-                              "yet (only leaks)");
         if ((ret = qcow2_flush(img)) < 0)
             return ret;
     }
 
-    ret = check_pass(img, repair, out);
+    if (repair == QCOW2_REPAIR_ALL) {
+        /* look first: corruptions take the full repair, leaks alone the
+         * leak repair, a clean image nothing at all (idempotence) */
+        ret = check_pass(img, QCOW2_REPAIR_NONE, out);
+        if (ret == 0 && out->corruptions == 0 && out->leaks != 0) {
+            qcow2_check_result_free(out);
+            ret = check_pass(img, QCOW2_REPAIR_LEAKS, out);
+        } else if (ret == 0 && out->corruptions != 0) {
+            full_repair = 1;
+            corruptions_before = out->corruptions;
+            leaks_before = out->leaks;
+            ret = repair_all(img, out);
+        }
+    } else {
+        ret = check_pass(img, repair, out);
+    }
     if (ret < 0) {
         qcow2_check_result_free(out);
         return ret;
@@ -464,7 +531,7 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
     if (repair == QCOW2_REPAIR_NONE)
         return 0;
 
-    if (out->leaks_fixed || out->corruptions_fixed) {
+    if (full_repair || out->leaks_fixed || out->corruptions_fixed) {
         /* qemu-img double checks the fixed image and reports that, with
          * the numbers fixed by the first pass */
         if ((ret = qcow2_flush(img)) < 0 ||
@@ -472,8 +539,17 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
             qcow2_check_result_free(out);
             return ret;
         }
-        again.leaks_fixed = out->leaks_fixed;
-        again.corruptions_fixed = out->corruptions_fixed;
+        if (full_repair) {
+            again.corruptions_fixed = corruptions_before > again.corruptions
+                                          ? corruptions_before -
+                                                again.corruptions
+                                          : 0;
+            again.leaks_fixed = leaks_before > again.leaks
+                                    ? leaks_before - again.leaks : 0;
+        } else {
+            again.leaks_fixed = out->leaks_fixed;
+            again.corruptions_fixed = out->corruptions_fixed;
+        }
         append_findings(out, &again);
         again.findings = out->findings;
         again.finding_count = out->finding_count;

@@ -73,6 +73,23 @@ int check_walk(check_state *st);
  * past the compared range. */
 int check_strict_tail(check_state *st);
 
+/* state_init + check_walk: the references of every structure counted
+ * into st->counts (findings go to scratch). Release st afterwards, even
+ * on failure. */
+int check_count_references(qcow2_image *img, check_state *st,
+                           qcow2_check_result *scratch);
+void check_state_release(check_state *st);
+
+/* ---- repair.c (qemu-img check -r all) ------------------------------------ */
+/* Clear L1/L2 entries that cannot be followed (reserved bits, unaligned,
+ * past the end of the file), in the active and the snapshot tables. */
+int repair_bad_entries(qcow2_image *img, qcow2_check_result *res);
+/* Raise refcounts that are too low, or rebuild the whole refcount
+ * structure when it cannot be trusted. */
+int repair_refcounts(qcow2_image *img, qcow2_check_result *res);
+/* Set the COPIED flags of the active tables from the refcounts on disk. */
+int repair_copied(qcow2_image *img, qcow2_check_result *res);
+
 static inline unsigned long long ull(uint64_t value)
 {
     return (unsigned long long)value;

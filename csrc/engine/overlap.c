@@ -162,6 +162,21 @@ static int first_overlap(qcow2_image *img, int checks, uint64_t offset,
     return 0;
 }
 
+/* Set the corrupt bit with a direct write of the incompatible-features
+ * field: bytes 72..79 are header whatever else claims them, and going
+ * through qcow2_write_checked could meet the same bad metadata again and
+ * recurse. The bit is set in memory first so nothing re-enters. */
+static void mark_corrupt(qcow2_image *img)
+{
+    uint8_t field[8];
+
+    img->hdr.incompatible_features |= INCOMPAT_CORRUPT;
+    put_be64(field, img->hdr.incompatible_features);
+    qcow2_io_set_label(img->io, "header");
+    if (img->io->ops->pwrite(img->io, field, sizeof field, 72) == 0)
+        (void)img->io->ops->flush(img->io);
+}
+
 int qcow2_overlap_check(qcow2_image *img, int ignore, uint64_t offset,
                         uint64_t length)
 {
@@ -183,7 +198,7 @@ int qcow2_overlap_check(qcow2_image *img, int ignore, uint64_t offset,
     if (img->hdr.version >= 3 &&
         !(img->hdr.incompatible_features & INCOMPAT_CORRUPT) &&
         !img->ws->poisoned)
-        (void)qcow2_header_set_feature(img, 0, 1, 1);
+        mark_corrupt(img);
     qcow2_fail(img, QCOW2_E_CORRUPT, "%s: write at 0x%llx (%llu bytes)",
                reason, (unsigned long long)offset,
                (unsigned long long)length);

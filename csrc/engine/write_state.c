@@ -102,161 +102,29 @@ static int mark_bitmaps_in_use(qcow2_image *img)
 
 /* ---- Repair of a dirty image --------------------------------------------- */
 
-/* Host-cluster reference counts computed from the metadata. */
-typedef struct ref_tally {
-    uint32_t *counts;
-    uint64_t clusters;
-} ref_tally;
-
-static int tally_range(qcow2_image *img, ref_tally *t, uint64_t offset,
-                       uint64_t length)
-{
-    uint64_t first, last;
-
-    if (length == 0)
-        return 0;
-    first = offset >> img->cluster_bits;
-    last = (offset + length - 1) >> img->cluster_bits;
-    if (last > (QCOW2_MAX_HOST_OFFSET >> img->cluster_bits))
-        return qcow2_fail(img, QCOW2_E_CORRUPT, "reference to 0x%llx past "
-                          "the largest host offset",
-                          (unsigned long long)offset);
-    if (last >= t->clusters) {
-        uint64_t grown = max_u64(last + 1, t->clusters * 2);
-        uint32_t *counts = realloc(t->counts, grown * sizeof *counts);
-        if (!counts)
-            return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-        memset(counts + t->clusters, 0,
-               (grown - t->clusters) * sizeof *counts);
-        t->counts = counts;
-        t->clusters = grown;
-    }
-    for (uint64_t c = first; c <= last; c++)
-        if (t->counts[c] < UINT32_MAX)
-            t->counts[c]++;
-    return 0;
-}
-
-/* An L2 table and everything it references, once per L1 that holds it. */
-static int tally_l2(qcow2_image *img, ref_tally *t, uint64_t l2_offset,
-                    uint8_t *table)
-{
-    int rc = tally_range(img, t, l2_offset, img->cluster_size);
-
-    if (rc == 0)
-        rc = qcow2_read_meta(img, l2_offset, table, img->cluster_size,
-                             "L2 table");
-    for (uint64_t i = 0; rc == 0 && i < img->l2_entries; i++) {
-        uint64_t entry = be64(table + i * img->l2_entry_bytes);
-        if (entry & QCOW_OFLAG_COMPRESSED) {
-            uint32_t x = 70 - img->cluster_bits;
-            uint64_t coffset = entry & ((1ull << x) - 1);
-            uint64_t sectors = ((entry >> x) &
-                                ((1ull << (img->cluster_bits - 8)) - 1)) + 1;
-            rc = tally_range(img, t, coffset & ~511ull, sectors * 512);
-        } else if ((entry & L2E_OFFSET_MASK) && !qcow2_has_data_file(img)) {
-            rc = tally_range(img, t, entry & L2E_OFFSET_MASK,
-                             img->cluster_size);
-        }
-    }
-    return rc;
-}
-
-static int tally_l1(qcow2_image *img, ref_tally *t, const uint64_t *l1,
-                    uint32_t size, uint64_t l1_offset, uint8_t *table)
-{
-    int rc = tally_range(img, t, l1_offset, (uint64_t)size * 8);
-
-    for (uint32_t i = 0; rc == 0 && i < size; i++) {
-        uint64_t l2_offset = l1[i] & L1E_OFFSET_MASK;
-        if (l2_offset)
-            rc = tally_l2(img, t, l2_offset, table);
-    }
-    return rc;
-}
-
-static int tally_metadata(qcow2_image *img, ref_tally *t, uint8_t *table)
-{
-    const qcow2_header *h = &img->hdr;
-    int rc = tally_range(img, t, 0, img->cluster_size);
-
-    if (rc == 0)
-        rc = tally_range(img, t, h->refcount_table_offset,
-                         (uint64_t)h->refcount_table_clusters *
-                         img->cluster_size);
-    for (uint64_t i = 0; rc == 0 && i < img->reftable_entries; i++)
-        if (img->reftable[i] & REFT_OFFSET_MASK)
-            rc = tally_range(img, t, img->reftable[i] & REFT_OFFSET_MASK,
-                             img->cluster_size);
-    if (rc == 0 && img->ext.has_crypto_header)
-        rc = tally_range(img, t, img->ext.crypto_header_offset,
-                         img->ext.crypto_header_length);
-    if (rc == 0)
-        rc = tally_l1(img, t, img->l1, img->l1_size, h->l1_table_offset,
-                      table);
-    for (uint32_t s = 0; rc == 0 && s < img->nb_snapshots; s++) {
-        const qcow2_snapshot *sn = &img->snapshots[s];
-        uint64_t *l1 = NULL;
-        rc = tally_range(img, t, sn->entry_offset, sn->entry_length);
-        if (rc == 0)
-            rc = qcow2_l1_load(img, sn->l1_table_offset, sn->l1_size,
-                               "snapshot L1 table", &l1);
-        if (rc == 0)
-            rc = tally_l1(img, t, l1, sn->l1_size, sn->l1_table_offset,
-                          table);
-        free(l1);
-    }
-    return rc;
-}
-
 /*
  * What a crashed writer with lazy refcounts leaves: refcounts lower than
- * the references. Every one found is raised; too-high refcounts (leaks)
- * stay. New refcount blocks go past the end of the file, where nothing
- * the metadata references can be.
+ * the references. As QEMU does on a read-write open of a dirty image, the
+ * full check with repair of everything runs (check.c, repair.c); it
+ * clears the dirty bit when it leaves no corruption. Only a check that
+ * could not complete fails the open.
  */
-static int raise_refcounts(qcow2_image *img)
-{
-    ref_tally t = { NULL, 0 };
-    uint64_t file_size;
-    uint8_t *table = malloc(img->cluster_size);
-    int rc = table ? 0 : qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-
-    if (rc == 0)
-        rc = tally_metadata(img, &t, table);
-    if (rc == 0)
-        rc = img->io->ops->size(img->io, &file_size);
-    if (rc == 0)
-        img->ws->free_cluster_hint =
-            max_u64(div_round_up(file_size, img->cluster_size), t.clusters);
-    for (uint64_t c = 0; rc == 0 && c < t.clusters; c++) {
-        uint64_t refcount;
-        if (t.counts[c] == 0)
-            continue;
-        rc = qcow2_refcount_get(img, c, &refcount);
-        if (rc == 0 && refcount < t.counts[c])
-            rc = qcow2_refcount_update(img, c << img->cluster_bits,
-                                       img->cluster_size,
-                                       (int64_t)(t.counts[c] - refcount));
-    }
-    img->ws->free_cluster_hint = 0;
-    free(t.counts);
-    free(table);
-    return rc;
-}
-
 static int repair_dirty(qcow2_image *img)
 {
-    int rc = raise_refcounts(img);
+    qcow2_check_result res;
+    int rc = qcow2_check(img, QCOW2_REPAIR_ALL, &res);
 
-    if (rc == 0)
-        rc = qcow2_barrier(img);
-    if (rc == 0)
-        rc = qcow2_header_set_feature(img, 0, 0, 0);
     if (rc < 0)
         return qcow2_fail(img, rc, "cannot repair the dirty image: %s",
                           img->err.msg);
-    return 0;
+    if (res.check_errors)
+        rc = qcow2_fail(img, QCOW2_E_IO, "Could not repair dirty image: "
+                        "%llu errors during the check",
+                        (unsigned long long)res.check_errors);
+    if (!(img->hdr.incompatible_features & INCOMPAT_DIRTY))
+        img->ws->dirty_on_disk = 0;
+    qcow2_check_result_free(&res);
+    return rc;
 }
 
 /* ---- Open and close ---------------------------------------------------------- */

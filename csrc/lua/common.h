@@ -90,10 +90,43 @@ int ql_map_push(lua_State *L, int owner_idx, qcow2_image *h,
                 uint64_t offset, uint64_t length);
 void ql_map_register(lua_State *L);
 
+/* --- Module functions and options (module.c, create.c) ------------------- */
+/* qcow2.create(path, opts) (create.c). */
+int ql_module_create(lua_State *L);
+/* Option readers shared by open and create: `fn` names the function in
+ * the error raised on a value of the wrong type (misuse raises). */
+int ql_opt_field(lua_State *L, int opts, const char *fn, const char *name,
+                 int type);                 /* pushes the value */
+int ql_opt_bool(lua_State *L, int opts, const char *fn, const char *name);
+int ql_opt_integer(lua_State *L, int opts, const char *fn, const char *name,
+                   int non_negative, lua_Integer *out);
+int ql_opt_choice(lua_State *L, int opts, const char *fn, const char *name,
+                  const char *const choices[]);
+/* opts.io, the fault plan for tests, into o. */
+void ql_opt_io(lua_State *L, int opts, const char *fn, qcow2_open_opts *o);
+
+/* --- Image write methods (write.c) ------------------------------------------- */
+/* write, write_zeroes, discard, write_compressed, flush, resize,
+ * raw_read, raw_write, io_log: added to the Image methods table. */
+extern const luaL_Reg ql_image_write_methods[];
+/* The open handle of an Image that may be written: raises when closed,
+ * returns NULL with fail, message, "readonly" pushed (3 values) when the
+ * handle is read-only (mode "r", a backing image, a snapshot view). */
+ql_image *ql_writable_image(lua_State *L, int idx, const char *what);
+
 /* --- Check results (check.c) ------------------------------------------------ */
 /* Register "qcow2.CheckResult" and add `check` to the Image methods; called
  * by luaopen_qcow2_core with the module table on top of the stack. */
 void ql_check_register(lua_State *L);
+
+/* --- Snapshot writing (snapshot_write.c) ------------------------------------ */
+/* Install create_snapshot, save_vmstate, load_vmstate (Image) and apply,
+ * delete (Snapshot) over the read-only stubs; after ql_check_register. */
+void ql_snapshot_write_register(lua_State *L);
+
+/* --- Amend (amend.c) ------------------------------------------------------ */
+/* Install img:amend and img:make_empty into the Image methods. */
+void ql_amend_register(lua_State *L);
 
 /* --- Errors ------------------------------------------------------------------ */
 /* nil, qcow2_errmsg(h), code name of status: returns 3. */

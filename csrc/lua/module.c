@@ -9,56 +9,120 @@
 
 /* ---- Option helpers ------------------------------------------------------ */
 
-/* Push opts[name]; raise unless it is nil or of type `type`. Returns the
- * Lua type found (LUA_TNIL when absent). */
-static int opt_field(lua_State *L, int opts, const char *name, int type)
+/* Push opts[name]; raise unless it is nil or of type `type`. `fn` names
+ * the function in the message ("open", "create"). Returns the Lua type
+ * found (LUA_TNIL when absent). */
+int ql_opt_field(lua_State *L, int opts, const char *fn, const char *name,
+                 int type)
 {
     int found = lua_getfield(L, opts, name);
     if (found != LUA_TNIL && found != type)
-        luaL_error(L, "bad option '%s' to 'open' (%s expected, got %s)",
-                   name, lua_typename(L, type), luaL_typename(L, -1));
+        luaL_error(L, "bad option '%s' to '%s' (%s expected, got %s)",
+                   name, fn, lua_typename(L, type), luaL_typename(L, -1));
     return found;
 }
 
-static int opt_bool(lua_State *L, int opts, const char *name, int dflt)
+/* A boolean option: -1 when absent, else 0 or 1. */
+int ql_opt_bool(lua_State *L, int opts, const char *fn, const char *name)
 {
-    int value = dflt;
-    if (opt_field(L, opts, name, LUA_TBOOLEAN) != LUA_TNIL)
+    int value = -1;
+    if (ql_opt_field(L, opts, fn, name, LUA_TBOOLEAN) != LUA_TNIL)
         value = lua_toboolean(L, -1);
     lua_pop(L, 1);
     return value;
 }
 
-/* A byte count: a non-negative integer. Returns 1 when given. */
-static int opt_bytes(lua_State *L, int opts, const char *name, uint64_t *out)
+/* An integer option: 1 with *out set when given, 0 when absent. Raises
+ * when it is not an integer, or is negative and `non_negative`. */
+int ql_opt_integer(lua_State *L, int opts, const char *fn, const char *name,
+                   int non_negative, lua_Integer *out)
 {
     int given = 0;
-    if (opt_field(L, opts, name, LUA_TNUMBER) != LUA_TNIL) {
+    if (ql_opt_field(L, opts, fn, name, LUA_TNUMBER) != LUA_TNIL) {
         int is_int = 0;
         lua_Integer v = lua_tointegerx(L, -1, &is_int);
-        if (!is_int || v < 0)
-            luaL_error(L, "bad option '%s' to 'open' (non-negative integer "
-                       "expected)", name);
-        *out = (uint64_t)v;
+        if (!is_int || (non_negative && v < 0))
+            luaL_error(L, "bad option '%s' to '%s' (%s expected)", name, fn,
+                       non_negative ? "non-negative integer" : "integer");
+        *out = v;
         given = 1;
     }
     lua_pop(L, 1);
     return given;
 }
 
-/* A string among `choices` (NULL terminated), or nil. */
-static void opt_choice(lua_State *L, int opts, const char *name,
-                       const char *const choices[])
+/* A byte count: a non-negative integer. Returns 1 when given. */
+static int opt_bytes(lua_State *L, int opts, const char *name, uint64_t *out)
 {
-    if (opt_field(L, opts, name, LUA_TSTRING) != LUA_TNIL) {
+    lua_Integer v;
+    if (!ql_opt_integer(L, opts, "open", name, 1, &v))
+        return 0;
+    *out = (uint64_t)v;
+    return 1;
+}
+
+/* The index of a string option among `choices` (NULL terminated), -1
+ * when absent; any other string raises. */
+int ql_opt_choice(lua_State *L, int opts, const char *fn, const char *name,
+                  const char *const choices[])
+{
+    int index = -1;
+    if (ql_opt_field(L, opts, fn, name, LUA_TSTRING) != LUA_TNIL) {
         const char *value = lua_tostring(L, -1);
-        int ok = 0;
-        for (int i = 0; choices[i]; i++)
-            ok |= strcmp(choices[i], value) == 0;
-        if (!ok)
-            luaL_error(L, "bad option '%s' to 'open' (invalid value '%s')",
-                       name, value);
+        for (int i = 0; choices[i] && index < 0; i++)
+            if (strcmp(choices[i], value) == 0)
+                index = i;
+        if (index < 0)
+            luaL_error(L, "bad option '%s' to '%s' (invalid value '%s')",
+                       name, fn, value);
     }
+    lua_pop(L, 1);
+    return index;
+}
+
+/*
+ * The `io` fault plan: {fail_after_writes = N, errno = "EIO" | "ENOSPC"},
+ * {stop_after_writes = N}, {trace = true}. A test-only option, so it is
+ * strict: an unknown key or a misplaced errno raises, since a typo would
+ * otherwise turn a fault test into one that injects nothing.
+ */
+void ql_opt_io(lua_State *L, int opts, const char *fn, qcow2_open_opts *o)
+{
+    static const char *const errnos[] = { "EIO", "ENOSPC", NULL };
+    static const char *const known[] = {
+        "fail_after_writes", "errno", "stop_after_writes", "trace", NULL
+    };
+    lua_Integer n;
+    int io, errno_index, trace;
+
+    if (ql_opt_field(L, opts, fn, "io", LUA_TTABLE) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    io = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, io)) {
+        int ok = 0;
+        lua_pop(L, 1);
+        for (int i = 0; known[i] && lua_type(L, -1) == LUA_TSTRING; i++)
+            ok |= strcmp(known[i], lua_tostring(L, -1)) == 0;
+        if (!ok) {
+            lua_pushvalue(L, -1);   /* tostring may not touch the key */
+            luaL_error(L, "bad option 'io' to '%s' (unknown field '%s')", fn,
+                       luaL_tolstring(L, -1, NULL));
+        }
+    }
+    if (ql_opt_integer(L, io, fn, "fail_after_writes", 1, &n))
+        o->fail_after_writes = n;
+    errno_index = ql_opt_choice(L, io, fn, "errno", errnos);
+    if (errno_index >= 0 && o->fail_after_writes < 0)
+        luaL_error(L, "bad option 'io' to '%s' (errno needs "
+                   "fail_after_writes)", fn);
+    o->fail_status = errno_index == 1 ? QCOW2_E_NOSPC : QCOW2_E_IO;
+    if (ql_opt_integer(L, io, fn, "stop_after_writes", 1, &n))
+        o->stop_after_writes = n;
+    trace = ql_opt_bool(L, io, fn, "trace");
+    o->trace_writes = trace > 0;
     lua_pop(L, 1);
 }
 
@@ -194,7 +258,7 @@ static int module_open(lua_State *L)
     if (!lua_isnil(L, 2)) {
         luaL_checktype(L, 2, LUA_TTABLE);
 
-        if (opt_field(L, 2, "mode", LUA_TSTRING) != LUA_TNIL) {
+        if (ql_opt_field(L, 2, "open", "mode", LUA_TSTRING) != LUA_TNIL) {
             const char *mode = lua_tostring(L, -1);
             if (strcmp(mode, "rw") == 0)
                 o.read_write = 1;
@@ -224,35 +288,35 @@ static int module_open(lua_State *L)
                               luaL_typename(L, -1));
         }
 
-        o.allow_raw = opt_bool(L, 2, "allow_raw", 0);
+        o.allow_raw = ql_opt_bool(L, 2, "open", "allow_raw") > 0;
         if (!cache_sizes(L, 2, &o))
             return 3;
 
         /* Accepted and checked for type; the engine's open options do not
-         * carry them yet.
-         * TODO(encryption): pass `key` once qcow2_open_opts has a key.
-         * TODO(write side): repair, lazy_refcounts, overlap_check and
-         * discard apply to read-write handles. */
-        opt_field(L, 2, "key", LUA_TSTRING);
+         * carry it yet.
+         * TODO(encryption): pass `key` once qcow2_open_opts has a key. */
+        ql_opt_field(L, 2, "open", "key", LUA_TSTRING);
         lua_pop(L, 1);
-        opt_bool(L, 2, "repair", 0);
-        opt_bool(L, 2, "lazy_refcounts", 0);
-        opt_choice(L, 2, "overlap_check", overlap_modes);
-        if (lua_getfield(L, 2, "discard") != LUA_TNIL &&
-            lua_type(L, -1) != LUA_TBOOLEAN) {
+
+        /* QEMU's runtime options of read-write handles; a read-only
+         * handle never writes, so they change nothing there. */
+        o.repair = ql_opt_bool(L, 2, "open", "repair") > 0;
+        o.lazy_refcounts = ql_opt_bool(L, 2, "open", "lazy_refcounts");
+        o.overlap_check = ql_opt_choice(L, 2, "open", "overlap_check",
+                                        overlap_modes);
+        /* discard: a boolean, or QEMU's words for it. */
+        if (lua_getfield(L, 2, "discard") == LUA_TBOOLEAN) {
+            o.discard = lua_toboolean(L, -1);
+            lua_pop(L, 1);
+        } else {
             static const char *const discard_modes[] = {
                 "ignore", "off", "unmap", "on", NULL
             };
             lua_pop(L, 1);
-            opt_choice(L, 2, "discard", discard_modes);
-        } else {
-            lua_pop(L, 1);
+            o.discard = ql_opt_choice(L, 2, "open", "discard",
+                                      discard_modes) >= 2;
         }
-        /* TODO(fault injection): io = {fail_after_writes=, errno=,
-         * stop_after_writes=, trace=} selects the engine's fault backend;
-         * qcow2.h has no way to ask for it yet. */
-        opt_field(L, 2, "io", LUA_TTABLE);
-        lua_pop(L, 1);
+        ql_opt_io(L, 2, "open", &o);
     }
 
     /* The userdata first: a memory error after qcow2_open would leak h. */
@@ -295,6 +359,7 @@ int luaopen_qcow2_core(lua_State *L)
     static const luaL_Reg functions[] = {
         {"open", module_open},
         {"probe", module_probe},
+        {"create", ql_module_create},
         {NULL, NULL}
     };
 
@@ -316,5 +381,7 @@ int luaopen_qcow2_core(lua_State *L)
     lua_setfield(L, -2, "ClusterMap");
     lua_setfield(L, -2, "methods");
     ql_check_register(L);
+    ql_snapshot_write_register(L);
+    ql_amend_register(L);
     return 1;
 }

@@ -1,0 +1,455 @@
+/*
+ * qemu-img check -r all (QEMU's qcow2_check_refcounts with
+ * BDRV_FIX_ERRORS and rebuild_refcount_structure, in this engine's own
+ * order): what check.c found is mended in three steps, each one safe to
+ * interrupt.
+ *
+ *   1. Table entries that cannot be followed (reserved bits, unaligned,
+ *      pointing past the end of the file) are cleared: the guest range
+ *      reads as unallocated. References only go away here, so a crash
+ *      leaves leaks at worst.
+ *   2. Refcounts too low are raised; when the refcount structure itself
+ *      is broken (bad or missing refcount table entries, refcount blocks
+ *      outside the image or shared, a referenced cluster at refcount 0)
+ *      it is rebuilt from the counted references at fresh clusters past
+ *      everything in use, and the header switched to it in one synced
+ *      write. The old structures are leaks from then on.
+ *   3. (check.c) leaks are freed, then the COPIED flags of the active
+ *      tables set from the refcounts now on disk.
+ *
+ * Every change is a finding of kind QCOW2_FINDING_REPAIRED.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "write.h"
+
+/* A small check_state that only carries img and res, for check_note. */
+static void note_state(check_state *st, qcow2_image *img,
+                       qcow2_check_result *res)
+{
+    memset(st, 0, sizeof *st);
+    st->img = img;
+    st->res = res;
+}
+
+/* ---- Step 1: entries that cannot be followed ------------------------------ */
+
+/* The repaired form of an L2 entry (the entry itself when it is fine). */
+static uint64_t mend_l2_entry(const qcow2_image *img, uint64_t entry,
+                              uint64_t file_size, int has_data_file)
+{
+    uint64_t offset = entry & L2E_OFFSET_MASK;
+    int zero_flag = (entry & QCOW_OFLAG_ZERO) && !img->extended_l2;
+
+    if (entry & QCOW_OFLAG_COMPRESSED) {
+        uint32_t shift = 62 - (img->cluster_bits - 8);
+        uint64_t coffset = entry & ((1ull << shift) - 1);
+        if (has_data_file || coffset >= file_size ||
+            coffset < img->cluster_size)
+            return 0;
+        /* the COPIED flag must never be set on compressed clusters */
+        return entry & ~QCOW_OFLAG_COPIED;
+    }
+    if (entry & L2E_RESERVED_MASK)
+        return 0;
+    if (offset == 0)
+        return entry;
+    if (!is_aligned(offset, img->cluster_size))
+        /* QEMU's fix of an unaligned preallocated zero cluster: a plain
+         * zero cluster; unaligned data cannot be trusted at all */
+        return zero_flag ? QCOW_OFLAG_ZERO : 0;
+    if (!has_data_file && (offset >= file_size || offset < img->cluster_size))
+        return 0;
+    return entry;
+}
+
+/* One L2 table: bad entries cleared in place (one write of the table). */
+static int mend_l2(qcow2_image *img, qcow2_check_result *res,
+                   uint64_t l2_offset, uint64_t file_size, uint8_t *table)
+{
+    uint32_t entry_bytes = img->l2_entry_bytes;
+    int has_data_file = qcow2_has_data_file(img), changed = 0, rc;
+    check_state st;
+
+    note_state(&st, img, res);
+    rc = qcow2_read_meta(img, l2_offset, table, img->cluster_size,
+                         "L2 table");
+    if (rc < 0)
+        return rc;
+    for (uint64_t i = 0; i < img->l2_entries; i++) {
+        uint64_t entry = be64(table + i * entry_bytes);
+        uint64_t mended = mend_l2_entry(img, entry, file_size,
+                                        has_data_file);
+        if (mended == entry)
+            continue;
+        put_be64(table + i * entry_bytes, mended);
+        if (img->extended_l2 && mended == 0)
+            put_be64(table + i * entry_bytes + 8, 0);
+        changed = 1;
+        check_note(&st, QCOW2_FINDING_REPAIRED, l2_offset + i * entry_bytes,
+                   "Repairing L2 entry %llu of the table at 0x%llx: "
+                   "%llx -> %llx", ull(i), ull(l2_offset), ull(entry),
+                   ull(mended));
+    }
+    if (!changed)
+        return 0;
+    rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2 | OVERLAP_INACTIVE_L2,
+                             "l2", l2_offset, table, img->cluster_size);
+    qcow2_l2_cache_drop(img->l2_cache, l2_offset);
+    return rc;
+}
+
+/* One L1 table (active when `active`): bad entries cleared, every L2
+ * table it holds mended. */
+static int mend_l1(qcow2_image *img, qcow2_check_result *res,
+                   uint64_t l1_offset, uint32_t l1_size, int active,
+                   uint64_t file_size, uint8_t *table)
+{
+    uint64_t *l1 = NULL;
+    check_state st;
+    int rc;
+
+    note_state(&st, img, res);
+    if (l1_size == 0)
+        return 0;
+    rc = qcow2_l1_load(img, l1_offset, l1_size, "L1 table", &l1);
+    for (uint32_t i = 0; rc == 0 && i < l1_size; i++) {
+        uint64_t entry = l1[i], l2_offset = entry & L1E_OFFSET_MASK;
+        uint8_t zero[8] = { 0 };
+
+        if (entry == 0)
+            continue;
+        if (!(entry & L1E_RESERVED_MASK) && l2_offset != 0 &&
+            is_aligned(l2_offset, img->cluster_size) &&
+            l2_offset >= img->cluster_size &&
+            range_inside(l2_offset, img->cluster_size, file_size)) {
+            rc = mend_l2(img, res, l2_offset, file_size, table);
+            continue;
+        }
+        rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
+                                 "l1", l1_offset + (uint64_t)i * 8, zero,
+                                 sizeof zero);
+        if (rc < 0)
+            break;
+        if (active && i < img->l1_size)
+            img->l1[i] = 0;
+        check_note(&st, QCOW2_FINDING_REPAIRED, l1_offset + (uint64_t)i * 8,
+                   "Repairing L1 entry %u of the table at 0x%llx: %llx "
+                   "cleared (the L2 table cannot be followed)", i,
+                   ull(l1_offset), ull(entry));
+    }
+    free(l1);
+    return rc;
+}
+
+int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
+{
+    uint64_t file_size;
+    uint8_t *table;
+    int rc;
+
+    rc = img->io->ops->size(img->io, &file_size);
+    if (rc < 0)
+        return qcow2_fail(img, rc, "cannot get the size of the file");
+    table = malloc((size_t)img->cluster_size);
+    if (!table)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    rc = mend_l1(img, res, img->hdr.l1_table_offset, img->hdr.l1_size, 1,
+                 file_size, table);
+    for (uint32_t s = 0; rc == 0 && s < img->nb_snapshots; s++) {
+        const qcow2_snapshot *sn = &img->snapshots[s];
+        /* an unusable snapshot L1 stays as it is: reported, not guessed */
+        if (!is_aligned(sn->l1_table_offset, img->cluster_size) ||
+            sn->l1_size > QCOW2_MAX_L1_BYTES / 8 ||
+            !range_inside(sn->l1_table_offset, (uint64_t)sn->l1_size * 8,
+                          file_size))
+            continue;
+        rc = mend_l1(img, res, sn->l1_table_offset, sn->l1_size, 0,
+                     file_size, table);
+    }
+    free(table);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    return rc;
+}
+
+/* ---- Step 2: refcounts ---------------------------------------------------- */
+
+/* Store one refcount entry of any width (QEMU's packing, docs 4.2). */
+static void refblock_put(const qcow2_image *img, uint8_t *block,
+                         uint64_t index, uint64_t value)
+{
+    uint32_t bits = img->refcount_bits;
+
+    if (bits < 8) {
+        uint32_t per_byte = 8 / bits;
+        uint32_t shift = (uint32_t)(index % per_byte) * bits;
+        uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
+        block[index / per_byte] = (uint8_t)((block[index / per_byte] & ~mask) |
+                                            ((value << shift) & mask));
+        return;
+    }
+    switch (bits) {
+    case 8:  block[index] = (uint8_t)value; break;
+    case 16: put_be16(block + index * 2, (uint16_t)value); break;
+    case 32: put_be32(block + index * 4, (uint32_t)value); break;
+    default: put_be64(block + index * 8, value); break;
+    }
+}
+
+/* 1 when the refcount structure cannot be trusted as it is (QEMU's
+ * "rebuild" flag), 0 when raising some refcounts is enough. */
+static int needs_rebuild(check_state *st)
+{
+    qcow2_image *img = st->img;
+
+    for (uint64_t i = 0; i < img->reftable_entries; i++) {
+        uint64_t raw = img->reftable[i], offset = raw & REFT_OFFSET_MASK;
+        if (raw & REFT_RESERVED_MASK ||
+            !is_aligned(offset, img->cluster_size))
+            return 1;
+        if (offset == 0)
+            continue;
+        if ((offset >> img->cluster_bits) >= st->nb_clusters ||
+            st->counts[offset >> img->cluster_bits] != 1)
+            return 1;
+    }
+    for (uint64_t i = 0; i < st->nb_clusters; i++) {
+        uint64_t on_disk;
+        if (st->counts[i] == 0)
+            continue;
+        if (check_disk_refcount(st, i, &on_disk) < 0 || on_disk == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Raise every refcount below its references (their blocks exist: the
+ * refcount is not 0). */
+static int raise_refcounts(check_state *st, qcow2_check_result *res)
+{
+    qcow2_image *img = st->img;
+    check_state notes;
+
+    note_state(&notes, img, res);
+    for (uint64_t i = 0; i < st->nb_clusters; i++) {
+        uint64_t on_disk;
+        int rc;
+        if (st->counts[i] == 0 || check_disk_refcount(st, i, &on_disk) < 0 ||
+            on_disk >= st->counts[i])
+            continue;
+        rc = qcow2_refcount_update(img, i << img->cluster_bits,
+                                   img->cluster_size,
+                                   (int64_t)(st->counts[i] - on_disk));
+        st->refblock_index = UINT64_MAX;    /* the block changed */
+        if (rc < 0)
+            return rc;
+        check_note(&notes, QCOW2_FINDING_REPAIRED, i << img->cluster_bits,
+                   "Repairing cluster %llu refcount=%llu reference=%llu",
+                   ull(i), ull(on_disk), ull(st->counts[i]));
+    }
+    return qcow2_barrier(img);
+}
+
+/*
+ * QEMU's rebuild_refcount_structure: refcount blocks for the whole range
+ * [0, end of the new structures) and a table for them, placed at the
+ * first cluster past both the file and every counted reference, so
+ * nothing in use (and nothing the old, untrusted structure claims) is
+ * overwritten. Blocks, barrier, table, barrier, header pair.
+ */
+static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
+{
+    qcow2_image *img = st->img;
+    uint64_t cs = img->cluster_size, entries = img->refblock_entries;
+    uint64_t start = max_u64(div_round_up(st->file_size, cs),
+                             st->nb_clusters);
+    uint64_t blocks = 0, table_clusters = 1, table_entries;
+    uint64_t *reftable = NULL;
+    uint8_t *buf = NULL;
+    check_state notes;
+    int rc = 0;
+
+    note_state(&notes, img, res);
+    /* fixed point: the new structures count themselves */
+    for (;;) {
+        uint64_t indices = div_round_up(start + blocks + table_clusters,
+                                        entries);
+        uint64_t needed_table = div_round_up(indices * 8, cs);
+        if (indices == blocks && needed_table == table_clusters)
+            break;
+        blocks = indices;
+        table_clusters = needed_table;
+    }
+    if (table_clusters * cs > QCOW2_MAX_REFTABLE_BYTES)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "the rebuilt refcount "
+                          "table would need %llu clusters, more than QEMU "
+                          "allows", ull(table_clusters));
+    table_entries = table_clusters * cs / 8;
+    buf = malloc((size_t)(table_clusters * cs > cs ? table_clusters * cs
+                                                   : cs));
+    reftable = calloc((size_t)table_entries, sizeof *reftable);
+    if (!buf || !reftable) {
+        free(buf);
+        free(reftable);
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    }
+    check_note(&notes, QCOW2_FINDING_REPAIRED, start * cs,
+               "Rebuilding refcount structure: %llu refcount blocks and a "
+               "%llu-cluster refcount table at 0x%llx", ull(blocks),
+               ull(table_clusters), ull(start * cs));
+
+    for (uint64_t b = 0; rc == 0 && b < blocks; b++) {
+        memset(buf, 0, (size_t)cs);
+        for (uint64_t e = 0; e < entries; e++) {
+            uint64_t cluster = b * entries + e, value = 0;
+            if (cluster < st->nb_clusters)
+                value = st->counts[cluster];
+            if (cluster >= start &&
+                cluster < start + blocks + table_clusters)
+                value++;
+            if (value > st->count_max)
+                value = st->count_max;
+            if (value)
+                refblock_put(img, buf, e, value);
+        }
+        reftable[b] = (start + b) * cs;
+        /* the old structure may claim these clusters: it is being
+         * replaced, so only the other structures are guarded */
+        rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK |
+                                 OVERLAP_REFCOUNT_TABLE, "refcount_block",
+                                 reftable[b], buf, (size_t)cs);
+    }
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0) {
+        memset(buf, 0, (size_t)(table_clusters * cs));
+        for (uint64_t b = 0; b < blocks; b++)
+            put_be64(buf + b * 8, reftable[b]);
+        rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK |
+                                 OVERLAP_REFCOUNT_TABLE, "refcount_table",
+                                 (start + blocks) * cs, buf,
+                                 (size_t)(table_clusters * cs));
+    }
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_header_set_reftable(img, (start + blocks) * cs,
+                                       (uint32_t)table_clusters);
+    free(buf);
+    if (rc < 0) {
+        free(reftable);
+        return rc;
+    }
+    free(img->reftable);
+    img->reftable = reftable;
+    img->reftable_entries = table_entries;
+    img->ws->free_cluster_hint = 0;
+    img->ws->free_byte_offset = 0;
+    return 0;
+}
+
+int repair_refcounts(qcow2_image *img, qcow2_check_result *res)
+{
+    qcow2_check_result scratch;
+    check_state st;
+    int rc;
+
+    memset(&scratch, 0, sizeof scratch);
+    rc = check_count_references(img, &st, &scratch);
+    if (rc == 0)
+        rc = needs_rebuild(&st) ? rebuild_refcounts(&st, res)
+                                : raise_refcounts(&st, res);
+    check_state_release(&st);
+    qcow2_check_result_free(&scratch);
+    return rc;
+}
+
+/* ---- Step 3: COPIED flags ------------------------------------------------- */
+
+/* COPIED exactly when the refcount on disk is 1 (always with a data file,
+ * never on compressed entries). *want gets the entry as it should be. */
+static int copied_entry(qcow2_image *img, uint64_t entry, uint64_t offset,
+                        int has_data_file, uint64_t *want)
+{
+    uint64_t refcount = 1;
+    int rc = 0;
+
+    *want = entry;
+    if (!has_data_file)
+        rc = qcow2_refcount_get(img, offset >> img->cluster_bits, &refcount);
+    if (rc < 0)
+        return rc;
+    *want = refcount == 1 ? entry | QCOW_OFLAG_COPIED
+                          : entry & ~QCOW_OFLAG_COPIED;
+    return 0;
+}
+
+int repair_copied(qcow2_image *img, qcow2_check_result *res)
+{
+    uint32_t entry_bytes = img->l2_entry_bytes;
+    int has_data_file = qcow2_has_data_file(img), rc = 0;
+    uint8_t *table = malloc((size_t)img->cluster_size);
+    check_state st;
+
+    note_state(&st, img, res);
+    if (!table)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint32_t i = 0; rc == 0 && i < img->l1_size; i++) {
+        uint64_t entry = img->l1[i], l2_offset = entry & L1E_OFFSET_MASK;
+        uint64_t want;
+        int changed = 0;
+
+        if (l2_offset == 0)
+            continue;
+        rc = copied_entry(img, entry, l2_offset, 0, &want);
+        if (rc == 0 && want != entry) {
+            uint8_t bytes[8];
+            put_be64(bytes, want);
+            rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1, "l1",
+                                     img->hdr.l1_table_offset +
+                                     (uint64_t)i * 8, bytes, sizeof bytes);
+            if (rc < 0)
+                break;
+            img->l1[i] = want;
+            check_note(&st, QCOW2_FINDING_REPAIRED,
+                       img->hdr.l1_table_offset + (uint64_t)i * 8,
+                       "Repairing OFLAG_COPIED L2 cluster: l1_index=%u "
+                       "l1_entry=%llx -> %llx", i, ull(entry), ull(want));
+        }
+        if (rc == 0)
+            rc = qcow2_read_meta(img, l2_offset, table, img->cluster_size,
+                                 "L2 table");
+        for (uint64_t j = 0; rc == 0 && j < img->l2_entries; j++) {
+            uint64_t l2_entry = be64(table + j * entry_bytes);
+            uint64_t data = l2_entry & L2E_OFFSET_MASK;
+            int zero = (l2_entry & QCOW_OFLAG_ZERO) && !img->extended_l2;
+
+            if (l2_entry & QCOW_OFLAG_COMPRESSED)
+                continue;
+            if (data == 0 && (zero || !has_data_file ||
+                              !(l2_entry & QCOW_OFLAG_COPIED)))
+                continue;
+            rc = copied_entry(img, l2_entry, data, has_data_file, &want);
+            if (rc < 0 || want == l2_entry)
+                continue;
+            put_be64(table + j * entry_bytes, want);
+            changed = 1;
+            check_note(&st, QCOW2_FINDING_REPAIRED,
+                       l2_offset + j * entry_bytes, "Repairing OFLAG_COPIED "
+                       "data cluster: l2_entry=%llx -> %llx", ull(l2_entry),
+                       ull(want));
+        }
+        if (rc == 0 && changed) {
+            rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2", l2_offset,
+                                     table, img->cluster_size);
+            qcow2_l2_cache_drop(img->l2_cache, l2_offset);
+        }
+    }
+    free(table);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    return rc;
+}

@@ -1,0 +1,244 @@
+/*
+ * lua-qcow2 binding: the writing side of internal snapshots.
+ *
+ * Installed by ql_snapshot_write_register (called from luaopen_qcow2_core)
+ * over the read-only stubs: Image:create_snapshot, Image:save_vmstate,
+ * Image:load_vmstate, Snapshot:apply, Snapshot:delete. Read-only handles
+ * keep the contract's answer: nil, message, "readonly".
+ */
+#include <string.h>
+
+#include "common.h"
+
+/* User values of a Snapshot userdata (snapshot.c). */
+#define QL_SNAP_UV_IMAGE    1
+#define QL_SNAP_UV_ID       2
+#define QL_SNAP_UV_NAME     3
+
+static int refuse_readonly(lua_State *L, qcow2_image *h, const char *what)
+{
+    return ql_push_fail(L, QCOW2_E_READONLY,
+                        "%s: %s: the image is open read-only",
+                        qcow2_path(h), what);
+}
+
+static lua_Integer opt_integer_field(lua_State *L, int idx, const char *key,
+                                     lua_Integer dflt, int *present)
+{
+    lua_Integer value = dflt;
+    int type = lua_getfield(L, idx, key);
+
+    if (present)
+        *present = type != LUA_TNIL;
+    if (type != LUA_TNIL) {
+        if (!lua_isinteger(L, -1))
+            luaL_error(L, "bad option '%s' to 'create_snapshot' (integer "
+                       "expected, got %s)", key, luaL_typename(L, -1));
+        value = lua_tointeger(L, -1);
+    }
+    lua_pop(L, 1);
+    return value;
+}
+
+/* img:create_snapshot(name [, {vm_state=, vm_clock=, date=, date_nsec=,
+ * icount=}]) -> Snapshot | nil, message, code */
+static int image_create_snapshot(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    qcow2_snapshot_create_opts opts;
+    qcow2_snapshot_info info;
+    uint32_t index = 0;
+    int has_date, rc;
+
+    lua_settop(L, 3);
+    if (qcow2_is_read_only(q->img))
+        return refuse_readonly(L, q->img, "create_snapshot");
+    qcow2_snapshot_create_opts_init(&opts);
+    if (!lua_isnil(L, 3)) {
+        lua_Integer date, nsec, clock;
+
+        luaL_checktype(L, 3, LUA_TTABLE);
+        if (lua_getfield(L, 3, "vm_state") != LUA_TNIL) {
+            size_t length;
+            if (lua_type(L, -1) != LUA_TSTRING)
+                return luaL_error(L, "bad option 'vm_state' to "
+                                  "'create_snapshot' (string expected, got "
+                                  "%s)", luaL_typename(L, -1));
+            /* The string stays on the stack (index 4) during the call. */
+            opts.vm_state = lua_tolstring(L, -1, &length);
+            opts.vm_state_size = length;
+        }
+        clock = opt_integer_field(L, 3, "vm_clock", 0, NULL);
+        date = opt_integer_field(L, 3, "date", 0, &has_date);
+        nsec = opt_integer_field(L, 3, "date_nsec", 0, NULL);
+        opts.icount = opt_integer_field(L, 3, "icount", 0, NULL);
+        if (clock < 0)
+            return luaL_error(L, "bad option 'vm_clock' to 'create_snapshot'"
+                              " (negative)");
+        if (date < 0 || date > 0xffffffffLL || nsec < 0 ||
+            nsec >= 1000000000LL)
+            return luaL_error(L, "bad option 'date' to 'create_snapshot' "
+                              "(out of range)");
+        opts.vm_clock_nsec = (uint64_t)clock;
+        opts.has_date = has_date;
+        opts.date_sec = (uint32_t)date;
+        opts.date_nsec = (uint32_t)nsec;
+    }
+    rc = qcow2_snapshot_create(q->img, name, &opts, &index);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    rc = qcow2_snapshot_get(q->img, index, &info);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    ql_snapshot_push(L, 1, index, &info);
+    return 1;
+}
+
+static uint64_t check_position(lua_State *L, int arg)
+{
+    lua_Integer pos = luaL_checkinteger(L, arg);
+
+    luaL_argcheck(L, pos >= 0, arg, "negative position");
+    return (uint64_t)pos;
+}
+
+/* img:save_vmstate(pos, data) -> true | nil, message, code */
+static int image_save_vmstate(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    uint64_t pos = check_position(L, 2);
+    size_t length;
+    const char *data = luaL_checklstring(L, 3, &length);
+    int rc;
+
+    if (qcow2_is_read_only(q->img))
+        return refuse_readonly(L, q->img, "save_vmstate");
+    rc = qcow2_vmstate_save(q->img, pos, data, length);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* img:load_vmstate(pos, length) -> string | nil, message, code */
+static int image_load_vmstate(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    uint64_t pos = check_position(L, 2);
+    lua_Integer length = luaL_checkinteger(L, 3);
+    luaL_Buffer b;
+    char *out;
+    int rc;
+
+    luaL_argcheck(L, length >= 0, 3, "negative length");
+    out = luaL_buffinitsize(L, &b, (size_t)length);
+    rc = qcow2_vmstate_load(q->img, pos, out, (size_t)length);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    luaL_pushresultsize(&b, (size_t)length);
+    return 1;
+}
+
+/*
+ * The open Image of the Snapshot at index 1 (raises when closed) and the
+ * entry's current index, matched by id and name: an entry deleted (or an
+ * id reused by a later snapshot) is "notfound". Returns 1, or 0 with
+ * nil, message, code pushed.
+ */
+static int locate(lua_State *L, const char *what, ql_image **image,
+                  uint32_t *index)
+{
+    const char *id, *name;
+    qcow2_image *h;
+    uint32_t n;
+
+    luaL_checkudata(L, 1, QL_SNAPSHOT);
+    lua_getiuservalue(L, 1, QL_SNAP_UV_IMAGE);
+    *image = ql_check_image(L, -1);
+    h = (*image)->img;
+    lua_getiuservalue(L, 1, QL_SNAP_UV_ID);
+    id = lua_tostring(L, -1);
+    lua_getiuservalue(L, 1, QL_SNAP_UV_NAME);
+    name = lua_tostring(L, -1);
+    lua_pop(L, 2);      /* both stay alive as user values */
+    if (qcow2_is_read_only(h)) {
+        refuse_readonly(L, h, what);
+        return 0;
+    }
+    n = qcow2_snapshot_count(h);
+    for (uint32_t i = 0; i < n; i++) {
+        qcow2_snapshot_info info;
+        if (qcow2_snapshot_get(h, i, &info) == 0 && info.id && info.name &&
+            strcmp(info.id, id) == 0 && strcmp(info.name, name) == 0) {
+            *index = i;
+            return 1;
+        }
+    }
+    ql_push_fail(L, QCOW2_E_NOTFOUND, "%s: snapshot %s (%s) no longer "
+                 "exists", qcow2_path(h), id, name);
+    return 0;
+}
+
+/* s:apply() -> true | nil, message, code */
+static int snapshot_apply(lua_State *L)
+{
+    ql_image *image;
+    uint32_t index;
+    int rc;
+
+    if (!locate(L, "apply", &image, &index))
+        return 3;
+    rc = qcow2_snapshot_apply(image->img, index);
+    if (rc < 0)
+        return ql_push_engine_error(L, image->img, rc);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* s:delete() -> true | nil, message, code. Refused ("busy") while a
+ * snapshot view of the image is open: it could be reading the clusters
+ * the delete frees. */
+static int snapshot_delete(lua_State *L)
+{
+    ql_image *image;
+    uint32_t index;
+    int rc;
+
+    if (!locate(L, "delete", &image, &index))
+        return 3;
+    if (image->views)
+        return ql_push_fail(L, QCOW2_E_BUSY, "%s: delete: close the open "
+                            "snapshot views first",
+                            qcow2_path(image->img));
+    rc = qcow2_snapshot_delete(image->img, index);
+    if (rc < 0)
+        return ql_push_engine_error(L, image->img, rc);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static void set_methods(lua_State *L, const char *key, const luaL_Reg *reg)
+{
+    if (lua_getfield(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE)
+        luaL_setfuncs(L, reg, 0);
+    lua_pop(L, 1);
+}
+
+void ql_snapshot_write_register(lua_State *L)
+{
+    static const luaL_Reg image_methods[] = {
+        {"create_snapshot", image_create_snapshot},
+        {"save_vmstate", image_save_vmstate},
+        {"load_vmstate", image_load_vmstate},
+        {NULL, NULL}
+    };
+    static const luaL_Reg snapshot_methods[] = {
+        {"apply", snapshot_apply},
+        {"delete", snapshot_delete},
+        {NULL, NULL}
+    };
+
+    set_methods(L, QL_METHODS_IMAGE, image_methods);
+    set_methods(L, QL_METHODS_SNAPSHOT, snapshot_methods);
+}

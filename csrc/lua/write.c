@@ -1,0 +1,270 @@
+/*
+ * lua-qcow2 binding: the Image methods that write ("qcow2.Image", continued
+ * from image.c), plus raw_read and io_log, their test-side companions.
+ *
+ * Every writing method answers the same way: true on success (like
+ * file:flush), nil, message, code on failure (the engine's code: "io",
+ * "nospace", "invalid", "corrupt", ...), and "readonly" on a handle that
+ * may not write: mode "r", a backing image, a snapshot view. Argument
+ * types are checked here (misuse raises); ranges against the disk are
+ * checked here too so the message names the call; everything about the
+ * format is the engine's.
+ */
+#include <inttypes.h>
+#include <string.h>
+
+#include "common.h"
+
+ql_image *ql_writable_image(lua_State *L, int idx, const char *what)
+{
+    ql_image *q = ql_check_image(L, idx);
+
+    /* Backing images and snapshot views are read-only whatever the
+     * engine says: they borrow files another handle owns. */
+    if (q->kind != QL_OWNED || qcow2_is_read_only(q->img)) {
+        ql_push_fail(L, QCOW2_E_READONLY, "%s: %s: the image is open "
+                     "read-only", qcow2_path(q->img), what);
+        return NULL;
+    }
+    return q;
+}
+
+/* [offset, offset+length) must lie inside the disk: a guest write past
+ * the end is refused, not clamped (a read may be short; a write that
+ * silently drops bytes would lose data). Returns 1, or 0 with fail,
+ * message, "invalid" pushed. */
+static int guest_range(lua_State *L, ql_image *q, const char *what,
+                       lua_Integer offset, lua_Integer length)
+{
+    uint64_t size = qcow2_virtual_size(q->img);
+
+    if (offset < 0 || length < 0) {
+        ql_push_fail(L, QCOW2_E_INVALID, "%s: %s: negative %s %lld",
+                     qcow2_path(q->img), what,
+                     offset < 0 ? "offset" : "length",
+                     (long long)(offset < 0 ? offset : length));
+        return 0;
+    }
+    if ((uint64_t)offset > size || (uint64_t)length > size - (uint64_t)offset) {
+        ql_push_fail(L, QCOW2_E_INVALID, "%s: %s of %lld bytes at offset "
+                     "%lld runs past the end of the disk (%" PRIu64 " bytes)",
+                     qcow2_path(q->img), what, (long long)length,
+                     (long long)offset, size);
+        return 0;
+    }
+    return 1;
+}
+
+/* true, or nil, message, code of a failed engine call. */
+static int push_status(lua_State *L, ql_image *q, int rc)
+{
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* img:write(offset, data) -> true | nil, message, code */
+static int image_write(lua_State *L)
+{
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    size_t length;
+    const char *data = luaL_checklstring(L, 3, &length);
+    ql_image *q = ql_writable_image(L, 1, "write");
+
+    if (q == NULL)
+        return 3;
+    if (!guest_range(L, q, "write", offset, (lua_Integer)length))
+        return 3;
+    if (length == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return push_status(L, q, qcow2_write(q->img, (uint64_t)offset, data,
+                                         length));
+}
+
+/* img:write_zeroes(offset, length [, {unmap = bool}]) */
+static int image_write_zeroes(lua_State *L)
+{
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    lua_Integer length = luaL_checkinteger(L, 3);
+    int unmap = 0;
+    ql_image *q;
+
+    if (!lua_isnoneornil(L, 4)) {
+        luaL_checktype(L, 4, LUA_TTABLE);
+        unmap = ql_opt_bool(L, 4, "write_zeroes", "unmap") > 0;
+    }
+    q = ql_writable_image(L, 1, "write_zeroes");
+    if (q == NULL)
+        return 3;
+    if (!guest_range(L, q, "write_zeroes", offset, length))
+        return 3;
+    if (length == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return push_status(L, q, qcow2_write_zeroes(q->img, (uint64_t)offset,
+                                                (uint64_t)length, unmap));
+}
+
+/* img:discard(offset, length) */
+static int image_discard(lua_State *L)
+{
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    lua_Integer length = luaL_checkinteger(L, 3);
+    ql_image *q = ql_writable_image(L, 1, "discard");
+
+    if (q == NULL)
+        return 3;
+    if (!guest_range(L, q, "discard", offset, length))
+        return 3;
+    if (length == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return push_status(L, q, qcow2_discard(q->img, (uint64_t)offset,
+                                           (uint64_t)length));
+}
+
+/* img:write_compressed(offset, data): one whole cluster (the engine
+ * refuses anything else with "invalid"). */
+static int image_write_compressed(lua_State *L)
+{
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    size_t length;
+    const char *data = luaL_checklstring(L, 3, &length);
+    ql_image *q = ql_writable_image(L, 1, "write_compressed");
+
+    if (q == NULL)
+        return 3;
+    if (!guest_range(L, q, "write_compressed", offset, (lua_Integer)length))
+        return 3;
+    return push_status(L, q, qcow2_write_compressed(q->img, (uint64_t)offset,
+                                                    data, length));
+}
+
+/* img:flush(): caches to disk, then fsync. A read-only handle has nothing
+ * to flush and answers true. */
+static int image_flush(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+
+    if (q->kind != QL_OWNED || qcow2_is_read_only(q->img)) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return push_status(L, q, qcow2_flush(q->img));
+}
+
+/* img:resize(size); img.size follows (it is read from the engine). */
+static int image_resize(lua_State *L)
+{
+    lua_Integer size = luaL_checkinteger(L, 2);
+    ql_image *q = ql_writable_image(L, 1, "resize");
+
+    if (q == NULL)
+        return 3;
+    if (size < 0)
+        return ql_push_fail(L, QCOW2_E_INVALID, "%s: resize: negative size "
+                            "%lld", qcow2_path(q->img), (long long)size);
+    return push_status(L, q, qcow2_resize(q->img, (uint64_t)size));
+}
+
+/*
+ * img:raw_read(host_offset, length): the image file's own bytes, through
+ * the handle's I/O (never writes; allowed on read-only handles and
+ * snapshot views for forensic use). An offset past the end of the file is
+ * "invalid"; a length running past it is cut short, as io's reads are.
+ */
+static int image_raw_read(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    lua_Integer length = luaL_checkinteger(L, 3);
+    uint64_t file_size, host_offset, bytes;
+    size_t done = 0;
+    luaL_Buffer b;
+    char *dst;
+    int rc;
+
+    rc = qcow2_file_size(q->img, &file_size);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    if (!ql_clamp_range(L, qcow2_path(q->img), "raw read", offset, length,
+                        file_size, &host_offset, &bytes))
+        return 3;
+    if (bytes == 0) {
+        lua_pushliteral(L, "");
+        return 1;
+    }
+    if (bytes > (uint64_t)(SIZE_MAX / 2))
+        return luaL_error(L, "not enough memory");
+    dst = luaL_buffinitsize(L, &b, (size_t)bytes);
+    rc = qcow2_raw_read(q->img, host_offset, dst, (size_t)bytes, &done);
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    if (done > bytes)
+        done = (size_t)bytes;
+    luaL_pushresultsize(&b, done);
+    return 1;
+}
+
+/* img:raw_write(host_offset, data): bytes into the image file itself,
+ * bypassing the format and its checks (read-write handles only). */
+static int image_raw_write(lua_State *L)
+{
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    size_t length;
+    const char *data = luaL_checklstring(L, 3, &length);
+    ql_image *q = ql_writable_image(L, 1, "raw_write");
+
+    if (q == NULL)
+        return 3;
+    if (offset < 0)
+        return ql_push_fail(L, QCOW2_E_INVALID, "%s: raw write: negative "
+                            "offset %lld", qcow2_path(q->img),
+                            (long long)offset);
+    if (length == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return push_status(L, q, qcow2_raw_write(q->img, (uint64_t)offset, data,
+                                             length));
+}
+
+/* img:io_log() -> {{offset=, length=, what=}, ...}: the writes recorded
+ * with io = {trace = true}, in order (an empty array without tracing). */
+static int image_io_log(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    size_t count = qcow2_io_log_count(q->img);
+
+    lua_createtable(L, count > INT32_MAX ? 0 : (int)count, 0);
+    for (size_t i = 0; i < count; i++) {
+        qcow2_io_record record;
+        int rc = qcow2_io_log_at(q->img, i, &record);
+        if (rc < 0)
+            return ql_push_engine_error(L, q->img, rc);
+        lua_createtable(L, 0, 3);
+        ql_set_int(L, "offset", record.offset);
+        ql_set_int(L, "length", record.length);
+        ql_set_str(L, "what", record.what ? record.what : "unknown");
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+const luaL_Reg ql_image_write_methods[] = {
+    {"write", image_write},
+    {"write_zeroes", image_write_zeroes},
+    {"discard", image_discard},
+    {"write_compressed", image_write_compressed},
+    {"flush", image_flush},
+    {"resize", image_resize},
+    {"raw_read", image_raw_read},
+    {"raw_write", image_raw_write},
+    {"io_log", image_io_log},
+    {NULL, NULL}
+};
