@@ -134,9 +134,7 @@ describe("Image:check on clean and crashed images", function()
 
   it("agrees on a LUKS-encrypted image (its header region is refcounted)", function()
     local p = dir .. "/luks.qcow2"
-    h.qemu_img("create -q -f qcow2 --object secret,id=s0,data=pw -o "
-      .. "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "
-      .. h.q(p) .. " 4M")
+    h.create_luks(p, "4M", "pw")
     -- QEMU needs the key to open it (so its JSON names the options)
     local opts = "driver=qcow2,file.filename=" .. p .. ",encrypt.key-secret=s0"
     h.qemu_io(opts, { "write -P 0x11 0 64k" }, "--object secret,id=s0,data=pw --image-opts")

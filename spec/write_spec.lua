@@ -11,6 +11,18 @@ local qcow2 = require("qcow2")
 local FULL = os.getenv("QCOW2_SWEEP") == "full"
 local KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
+-- Byte strings compared with a readable failure: the first differing
+-- offset and the bytes there, not megabytes of binary.
+local function same_bytes(expected, got, what)
+  if expected == got then return end
+  local at = 1
+  while at <= #expected and expected:byte(at) == (got or ""):byte(at) do at = at + 1 end
+  error(("%sbytes differ at +%d: expected 0x%02x, got %s (lengths %d and %s)"):format(
+    what and (what .. ": ") or "", at - 1, expected:byte(at) or 0,
+    got and got:byte(at) and ("0x%02x"):format(got:byte(at)) or "nothing",
+    #expected, got and #got or "nil"), 2)
+end
+
 -- A disk of a few MiB with a last cluster that is partial for the large
 -- cluster sizes; small clusters get many L2 tables and refcount blocks.
 local DISK = 4 * MiB + 3 * 512
@@ -179,7 +191,7 @@ describe("Image write methods", function()
     assert.is_true(img:write_compressed(192 * KiB, ("z"):rep(64 * KiB)))
     assert.is_true(img:flush())
     assert.are.equal("he\0\0o", img:read(1000, 5))
-    assert.are.equal(("z"):rep(64 * KiB), img:read(192 * KiB, 64 * KiB))
+    same_bytes(("z"):rep(64 * KiB), img:read(192 * KiB, 64 * KiB))
   end)
 
   it("accept empty writes", function()
@@ -222,7 +234,7 @@ describe("Image write methods", function()
     img = assert(qcow2.create(path, { size = 100 * KiB, overwrite = true }))
     local tail = ("t"):rep(100 * KiB - 64 * KiB)
     assert.is_true(img:write_compressed(64 * KiB, tail))
-    assert.are.equal(tail, img:read(64 * KiB, #tail))
+    same_bytes(tail, img:read(64 * KiB, #tail))
     img:close(); img = nil
     assert.is_true((model.check(path)))
     local m = h.map_json(path)
@@ -540,7 +552,7 @@ describe("large disks", function()
         if math.abs(expected[later][1] - offset) < 4096 then clobbered = true; break end
       end
       if not clobbered then
-        assert.are.equal(model.data(4096, i), ro:read(offset, 4096), "write " .. i)
+        same_bytes(model.data(4096, i), ro:read(offset, 4096), "write " .. i)
         checked = checked + 1
         if checked >= 100 then break end
       end
@@ -570,7 +582,7 @@ describe("large disks", function()
     local ro <close> = assert(qcow2.open(path))
     assert.are.equal("first", ro:read(0, 5))
     assert.are.equal("last!", ro:read(1 * TiB - 5, 5))
-    assert.are.equal(("m"):rep(100000), ro:read(333 * GiB + 12345, 100000))
+    same_bytes(("m"):rep(100000), ro:read(333 * GiB + 12345, 100000))
   end)
   end
 end)
@@ -647,11 +659,11 @@ describe("Image:resize", function()
     local img = assert(qcow2.create(path, { size = 1 * MiB, backing_file = "base.qcow2",
                                             backing_format = "qcow2" }))
     assert.is_true(img:resize(3 * MiB))
-    assert.are.equal(("\170"):rep(1000), img:read(1 * MiB - 1000, 1000))
-    assert.are.equal(("\0"):rep(1000), img:read(1 * MiB, 1000))
+    same_bytes(("\170"):rep(1000), img:read(1 * MiB - 1000, 1000))
+    same_bytes(("\0"):rep(1000), img:read(1 * MiB, 1000))
     img:close()
     assert.is_true((model.check(path)))
-    assert.are.equal(("\0"):rep(2 * MiB), h.raw_bytes(path):sub(1 * MiB + 1))
+    same_bytes(("\0"):rep(2 * MiB), h.raw_bytes(path):sub(1 * MiB + 1))
   end)
 
   it("resizes an image with internal snapshots and leaves the snapshots as they were", function()
@@ -663,15 +675,15 @@ describe("Image:resize", function()
     local img = assert(qcow2.open(path, { mode = "rw" }))
     assert.is_true(img:resize(2 * MiB))
     assert.is_true(img:resize(6 * MiB))
-    assert.are.equal(("\94"):rep(4096), img:read(2 * MiB - 4096, 4096))
-    assert.are.equal(("\0"):rep(4096), img:read(2 * MiB, 4096))
+    same_bytes(("\94"):rep(4096), img:read(2 * MiB - 4096, 4096))
+    same_bytes(("\0"):rep(4096), img:read(2 * MiB, 4096))
     img:close()
     assert.is_true((model.check(path)))
     -- qemu-img shows a snapshot at the disk's current size
-    assert.are.equal(("\94"):rep(4 * MiB) .. ("\0"):rep(2 * MiB), h.raw_bytes(path, "s1"))
+    same_bytes(("\94"):rep(4 * MiB) .. ("\0"):rep(2 * MiB), h.raw_bytes(path, "s1"))
     local ro <close> = assert(qcow2.open(path))
     local view <close> = assert(ro:snapshot("s1"):open())
     assert.are.equal(4 * MiB, view.size)
-    assert.are.equal(("\94"):rep(4 * MiB), view:read(0, 4 * MiB))
+    same_bytes(("\94"):rep(4 * MiB), view:read(0, 4 * MiB))
   end)
 end)

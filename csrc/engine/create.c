@@ -111,8 +111,11 @@ static int check_features(const qcow2_create_opts *o, create_plan *plan,
         return qcow2_error_set(err, QCOW2_E_INVALID, "Refcount width must be "
                                "a power of two and may not exceed 64 bits");
     if (plan->version < 3 && o->refcount_bits != 16)
+        /* qemu-img 7.2 words this one refusal "or above" */
         return qcow2_error_set(err, QCOW2_E_INVALID, "Different refcount "
-                               "widths than 16 bits require " NEEDS_V3);
+                               "widths than 16 bits require compatibility "
+                               "level 1.1 or above (use version=v3 or "
+                               "greater)");
     plan->refcount_order = (uint32_t)order;
     if (o->data_file_raw && !o->data_file)
         return qcow2_error_set(err, QCOW2_E_INVALID,
@@ -573,7 +576,11 @@ int qcow2_create(const char *path, const qcow2_create_opts *opts,
         return qcow2_error_set(err, QCOW2_E_NOMEM, "out of memory");
     rc = create_file(path, opts->overwrite, err);
     if (rc == 0 && data_path)
-        rc = create_data_file(data_path, plan.size, err);
+        /* In raw mode every guest cluster is mapped 1:1, the last one
+         * whole, so qemu-img's data file ends on a cluster boundary. */
+        rc = create_data_file(data_path, opts->data_file_raw
+                                  ? align_up(plan.size, 1ull << plan.cluster_bits)
+                                  : plan.size, err);
     if (rc == 0) {
         rc = build_image(path, data_path, &plan, err);
         /* A half-built file is of no use to anyone. */

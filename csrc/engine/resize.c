@@ -485,6 +485,23 @@ static int grow(qcow2_image *img, uint64_t size)
     return rc;
 }
 
+/* The grown range reads as zeroes even where the backing file is longer
+ * than the old size: QEMU's truncate zero-writes [old, min(new, backing))
+ * so stale backing data never shows through. */
+static int zero_over_backing(qcow2_image *img, uint64_t old_size,
+                             uint64_t size)
+{
+    uint64_t backing_size, end;
+
+    if (!img->backing)
+        return 0;
+    backing_size = qcow2_virtual_size(img->backing);
+    if (backing_size <= old_size)
+        return 0;
+    end = min_u64(size, backing_size);
+    return qcow2_write_zeroes(img, old_size, end - old_size, 0);
+}
+
 int qcow2_resize(qcow2_image *img, uint64_t size)
 {
     int rc = check_writable(img);
@@ -505,10 +522,13 @@ int qcow2_resize(qcow2_image *img, uint64_t size)
                           "with persistent bitmaps");
     if (size == img->size)
         return 0;
+    uint64_t old_size = img->size;
     rc = size > img->size ? grow(img, size) : shrink(img, size);
     if (rc == 0)
         rc = qcow2_header_set_size(img, size);
     if (rc == 0)
         img->size = size;
+    if (rc == 0 && size > old_size)
+        rc = zero_over_backing(img, old_size, size);
     return rc;
 }
