@@ -57,4 +57,41 @@ for _, case in ipairs({ { "plain", plain }, { "compressed", comp }, { "fragmente
     timed(function() img:map():to_json() end),
     timed(function() sh(("qemu-img map --output=json %s > /dev/null"):format(path)) end))
 end
+-- Writes: the same seeded 4 KiB random writes into a fresh 1 GiB image.
+do
+  local n, offsets, x = 4096, {}, 12345
+  for i = 1, n do
+    x = (x * 1103515245 + 12345) % 2147483648
+    offsets[i] = (x % (1 << 18)) * 4096
+  end
+  local block = string.rep("\x5a", 4096)
+  local lib_path, qemu_path = dir .. "/w-lib.qcow2", dir .. "/w-qemu.qcow2"
+  local script = dir .. "/w.cmds"
+  local f = assert(io.open(script, "w"))
+  for i = 1, n do f:write(("write -P 0x5a %d 4k\n"):format(offsets[i])) end
+  f:close()
+  row(("%d random 4 KiB writes (1 GiB image)"):format(n),
+    timed(function()
+      local img = assert(qcow2.create(lib_path, { size = 1 << 30, overwrite = true }))
+      for i = 1, n do assert(img:write(offsets[i], block)) end
+      img:close()
+    end),
+    timed(function()
+      sh(("rm -f %s && qemu-img create -q -f qcow2 %s 1G && qemu-io -f qcow2 %s < %s > /dev/null")
+        :format(qemu_path, qemu_path, qemu_path, script))
+    end))
+end
+
+-- Memory: peak resident size of this process (the library's side of every
+-- workload above) against qemu-img map and qemu-io read of the plain image.
+local function peak_kib(status_file)
+  for line in io.lines(status_file) do
+    local kib = line:match("^VmHWM:%s+(%d+)")
+    if kib then return tonumber(kib) end
+  end
+end
+local qemu_peak = tonumber((sh(("command -v /usr/bin/time >/dev/null && /usr/bin/time -f %%M qemu-io -f qcow2 -c 'read 0 %dM' %s 2>&1 >/dev/null | tail -n 1 || echo 0")
+  :format(size_mb, plain)):match("(%d+)%s*$"))) or 0
+print(("peak RSS: library process %d KiB%s"):format(peak_kib("/proc/self/status"),
+  qemu_peak > 0 and (", qemu-io whole-disk read %d KiB"):format(qemu_peak) or " (install GNU time for qemu-io's)"))
 os.execute("rm -rf " .. dir)
