@@ -252,6 +252,18 @@ static int compare_refcounts(check_state *st, uint64_t *highest)
 /* QEMU's check_oflag_copied over the active tables: COPIED must be set
  * exactly when the refcount is 1. A refcount that cannot be read is
  * skipped without a word (compare_refcounts reported it already). */
+/* The COPIED check against the counted references of the cluster at
+ * host_offset instead of its on-disk refcount. */
+static void count_copied_vs_counted(check_state *st, uint64_t host_offset,
+                                    uint64_t entry)
+{
+    uint64_t cluster = host_offset >> st->img->cluster_bits;
+    uint64_t counted = cluster < st->capacity ? st->counts[cluster] : 0;
+
+    if ((counted == 1) != ((entry & QCOW_OFLAG_COPIED) != 0))
+        st->copied_vs_counted++;
+}
+
 static int check_copied(check_state *st, uint8_t *table)
 {
     qcow2_image *img = st->img;
@@ -267,7 +279,9 @@ static int check_copied(check_state *st, uint8_t *table)
         if (check_disk_refcount(st, l2_offset >> img->cluster_bits,
                                 &refcount) < 0)
             continue;
-        if ((refcount == 1) != ((l1_entry & QCOW_OFLAG_COPIED) != 0))
+        count_copied_vs_counted(st, l2_offset, l1_entry);
+        if ((refcount == 1) != ((l1_entry & QCOW_OFLAG_COPIED) != 0) &&
+            ++st->copied_vs_disk)   /* count, then report */
             check_corrupt(st, img->hdr.l1_table_offset + (uint64_t)i * 8,
                           "ERROR OFLAG_COPIED L2 cluster: l1_index=%u "
                           "l1_entry=%llx refcount=%llu", i, ull(l1_entry),
@@ -293,7 +307,12 @@ static int check_copied(check_state *st, uint8_t *table)
             else if (check_disk_refcount(st, data_offset >> img->cluster_bits,
                                          &refcount) < 0)
                 continue;
-            if ((refcount == 1) != ((l2_entry & QCOW_OFLAG_COPIED) != 0))
+            if (!st->has_data_file)
+                count_copied_vs_counted(st, data_offset, l2_entry);
+            else if (!(l2_entry & QCOW_OFLAG_COPIED))
+                st->copied_vs_counted++;
+            if ((refcount == 1) != ((l2_entry & QCOW_OFLAG_COPIED) != 0) &&
+                ++st->copied_vs_disk)
                 check_corrupt(st, l2_offset + j * entry_bytes,
                               "ERROR OFLAG_COPIED data cluster: "
                               "l2_entry=%llx refcount=%llu", ull(l2_entry),
@@ -364,7 +383,8 @@ void check_state_release(check_state *st)
 }
 
 /* One pass: qcow2_check_refcounts plus the snapshot table check. */
-static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res)
+static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
+                      uint64_t *repair_pass_corruptions)
 {
     check_state st;
     uint64_t highest = 0;
@@ -396,6 +416,12 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res)
     if (ret == 0)
         ret = check_strict_tail(&st);
     res->image_end_offset = (highest + 1) << img->cluster_bits;
+    /* What qemu-img -r all's own pass counts: its COPIED check runs after
+     * the refcounts are fixed, so it compares with the counted references. */
+    if (repair_pass_corruptions)
+        *repair_pass_corruptions = res->corruptions - st.copied_vs_disk +
+                                   st.copied_vs_counted +
+                                   st.refblocks_outside;
     state_free(&st);
     if (ret == QCOW2_E_NOMEM && img->err.code == 0)
         qcow2_fail(img, ret, "out of memory during the check");
@@ -471,7 +497,7 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
     if ((ret = repair_bad_entries(img, out)) < 0 ||
         (ret = repair_refcounts(img, out)) < 0)
         return ret;
-    ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks);
+    ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks, NULL);
     if (ret < 0)
         return ret;
     keep_repairs(&leaks);
@@ -487,6 +513,7 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
 {
     qcow2_check_result again;
     uint64_t corruptions_before = 0, leaks_before = 0;
+    uint64_t repair_pass_corruptions = 0;
     int full_repair = 0;
     int ret;
 
@@ -511,18 +538,18 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
     if (repair == QCOW2_REPAIR_ALL) {
         /* look first: corruptions take the full repair, leaks alone the
          * leak repair, a clean image nothing at all (idempotence) */
-        ret = check_pass(img, QCOW2_REPAIR_NONE, out);
+        ret = check_pass(img, QCOW2_REPAIR_NONE, out, &repair_pass_corruptions);
         if (ret == 0 && out->corruptions == 0 && out->leaks != 0) {
             qcow2_check_result_free(out);
-            ret = check_pass(img, QCOW2_REPAIR_LEAKS, out);
+            ret = check_pass(img, QCOW2_REPAIR_LEAKS, out, NULL);
         } else if (ret == 0 && out->corruptions != 0) {
             full_repair = 1;
-            corruptions_before = out->corruptions;
+            corruptions_before = repair_pass_corruptions;
             leaks_before = out->leaks;
             ret = repair_all(img, out);
         }
     } else {
-        ret = check_pass(img, repair, out);
+        ret = check_pass(img, repair, out, NULL);
     }
     if (ret < 0) {
         qcow2_check_result_free(out);
@@ -535,7 +562,7 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
         /* qemu-img double checks the fixed image and reports that, with
          * the numbers fixed by the first pass */
         if ((ret = qcow2_flush(img)) < 0 ||
-            (ret = check_pass(img, QCOW2_REPAIR_NONE, &again)) < 0) {
+            (ret = check_pass(img, QCOW2_REPAIR_NONE, &again, NULL)) < 0) {
             qcow2_check_result_free(out);
             return ret;
         }

@@ -42,6 +42,14 @@ typedef struct check_state {
     uint64_t refblock_index;    /* reftable index held, or UINT64_MAX */
     int refcounts_dead;         /* an unaligned refcount block was met:
                                    QEMU then fails every later read */
+    /* COPIED mismatches against the on-disk refcounts (reported) and
+     * against the counted references (what -r all's pass would see once
+     * it has fixed the refcounts, as QEMU checks COPIED after fixing). */
+    uint64_t copied_vs_disk;
+    uint64_t copied_vs_counted;
+    /* Refcount blocks past the end of the file: -r all grows the file over
+     * them, and each then counts once more, referenced with refcount 0. */
+    uint64_t refblocks_outside;
 } check_state;
 
 /* ---- check.c ------------------------------------------------------------ */

@@ -400,6 +400,7 @@ static int check_refblocks(check_state *st)
             continue;
         }
         if (cluster >= st->nb_clusters) {
+            st->refblocks_outside++;
             check_corrupt(st, entry_offset, "ERROR refcount block %llu is "
                           "outside image", ull(i));
             continue;
