@@ -66,4 +66,8 @@ print("\nActive disk: sha256 " .. img:digest("sha256"))
 local l1 = img:l1()
 print(("L1 table: %d entries, first 0x%x; refcount of host cluster 0 (header): %d"):format(
   #l1, l1[1] or 0, img:refcount(0)))
+local r = img:check()
+print(("Consistency check: %s (%d corruptions, %d leaks; %d/%d clusters allocated, %d compressed)"):format(
+  r.ok and "clean" or "PROBLEMS", r.corruptions, r.leaks, r.allocated_clusters,
+  r.total_clusters, r.compressed_clusters))
 print(("\nImages kept in %s"):format(dir))
