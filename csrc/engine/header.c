@@ -19,12 +19,7 @@
 #define MAX_BITMAP_DIRECTORY    (1024ull * 65535)
 #define COMPRESSION_TYPE_OFFSET 104
 
-/* Names QEMU writes in its feature table, for images without one. */
-static const struct {
-    int kind;
-    int bit;
-    const char *name;
-} known_features[] = {
+const qcow2_known_feature qcow2_known_features[QCOW2_KNOWN_FEATURES] = {
     { 0, 0, "dirty bit" },
     { 0, 1, "corrupt bit" },
     { 0, 2, "external data file" },
@@ -784,10 +779,11 @@ const char *qcow2_feature_bit_name(const qcow2_image *img, int kind, int bit)
                 return feature->name;
         }
     }
-    for (size_t i = 0; i < sizeof known_features / sizeof known_features[0];
+    for (size_t i = 0; i < QCOW2_KNOWN_FEATURES;
          i++) {
-        if (known_features[i].kind == kind && known_features[i].bit == bit)
-            return known_features[i].name;
+        if (qcow2_known_features[i].type == kind &&
+            qcow2_known_features[i].bit == bit)
+            return qcow2_known_features[i].name;
     }
     return NULL;
 }

@@ -11,21 +11,6 @@
 #define HEADER_V3_LENGTH    112u    /* what QEMU 7.2 writes for v3 */
 #define FEATURE_NAME_BYTES  48u
 
-/* QEMU's feature-name table, in its order. */
-static const struct {
-    uint8_t type, bit;
-    const char *name;
-} feature_names[] = {
-    { 0, 0, "dirty bit" },
-    { 0, 1, "corrupt bit" },
-    { 0, 2, "external data file" },
-    { 0, 3, "compression type" },
-    { 0, 4, "extended L2 entries" },
-    { 1, 0, "lazy refcounts" },
-    { 2, 0, "bitmaps" },
-    { 2, 1, "raw external data" },
-};
-
 /* Cluster 0 being assembled; `used` bytes so far, `room` at most. */
 typedef struct header_buf {
     uint8_t *bytes;
@@ -96,16 +81,14 @@ static void put_header_fields(const qcow2_image *img, uint8_t *b,
 
 static void add_feature_table(header_buf *hb)
 {
-    uint8_t table[sizeof feature_names / sizeof feature_names[0]]
-                 [FEATURE_NAME_BYTES];
+    uint8_t table[QCOW2_KNOWN_FEATURES][FEATURE_NAME_BYTES];
 
     memset(table, 0, sizeof table);
-    for (size_t i = 0; i < sizeof feature_names / sizeof feature_names[0];
-         i++) {
-        table[i][0] = feature_names[i].type;
-        table[i][1] = feature_names[i].bit;
-        memcpy(&table[i][2], feature_names[i].name,
-               strlen(feature_names[i].name));
+    for (size_t i = 0; i < QCOW2_KNOWN_FEATURES; i++) {
+        table[i][0] = qcow2_known_features[i].type;
+        table[i][1] = qcow2_known_features[i].bit;
+        memcpy(&table[i][2], qcow2_known_features[i].name,
+               strlen(qcow2_known_features[i].name));
     }
     header_ext_add(hb, EXT_FEATURE_TABLE, table, sizeof table);
 }

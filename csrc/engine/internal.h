@@ -217,6 +217,17 @@ uint64_t qcow2_default_l2_cache_bytes(const qcow2_image *img);
 int qcow2_header_load(qcow2_image *img);
 void qcow2_header_free(qcow2_image *img);
 
+/* The feature names QEMU 7.2 writes in its feature-name table, in its
+ * order (header.c): names for images without a table, and the table
+ * header_write.c writes. */
+#define QCOW2_KNOWN_FEATURES 8
+typedef struct qcow2_known_feature {
+    uint8_t type;               /* 0 incompatible, 1 compatible, 2 autoclear */
+    uint8_t bit;
+    const char *name;
+} qcow2_known_feature;
+extern const qcow2_known_feature qcow2_known_features[QCOW2_KNOWN_FEATURES];
+
 /* ---- Refcounts (refcount.c) ------------------------------------------ */
 int qcow2_reftable_load(qcow2_image *img);
 /* Clusters [0, end_cluster) whose refcount is not zero, reading each

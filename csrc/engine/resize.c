@@ -9,17 +9,6 @@
 
 #include "write.h"
 
-static int check_writable(qcow2_image *img)
-{
-    if (img->read_only || !img->ws || img->is_snapshot_view)
-        return qcow2_fail(img, QCOW2_E_READONLY, "image is open read-only");
-    if (img->ws->poisoned) {
-        img->err = img->ws->poison;
-        return img->ws->poison.code;
-    }
-    return 0;
-}
-
 static uint64_t l1_coverage(const qcow2_image *img)
 {
     return 1ull << (img->cluster_bits + img->l2_bits);
@@ -504,7 +493,7 @@ static int zero_over_backing(qcow2_image *img, uint64_t old_size,
 
 int qcow2_resize(qcow2_image *img, uint64_t size)
 {
-    int rc = check_writable(img);
+    int rc = qcow2_check_writable(img);
 
     if (rc < 0)
         return rc;
