@@ -4,9 +4,14 @@
  * byte allocation for compressed streams, new refcount blocks and
  * refcount-table growth, in crash-safe order.
  *
- * Nothing is cached: every update reads the bytes of the refcount block it
- * touches and writes back exactly those bytes, so the file is always the
- * truth and code elsewhere (check, snapshots) may write refcounts too.
+ * Write-through: every update reads the bytes of the refcount block it
+ * touches (from the refcount-block cache, refcount_cache.c, which reads
+ * each block whole once) and writes back exactly those bytes at once, so
+ * the file is always the truth and code elsewhere (check, snapshots) may
+ * write refcounts too: qcow2_write_checked keeps cached blocks equal to
+ * the disk. Nothing is ever held dirty, so an increase is on disk when
+ * qcow2_refcount_update returns and one barrier orders it before the L2
+ * entry that depends on it.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -102,11 +107,13 @@ static void span_set(refblock_span *span, uint64_t entry, uint64_t value)
 
 static int span_load(qcow2_image *img, refblock_span *span)
 {
-    return qcow2_read_meta(img, span->block_offset + span->byte_start,
-                           span->bytes, span->byte_len, "refcount block");
+    return qcow2_refcount_block_read(img, span->block_offset,
+                                     span->byte_start, span->bytes,
+                                     span->byte_len);
 }
 
-/* Written through: only the bytes that hold the span's entries. */
+/* Written through: only the bytes that hold the span's entries
+ * (qcow2_write_checked patches the cached block too). */
 static int span_store(qcow2_image *img, const refblock_span *span)
 {
     return qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
@@ -452,6 +459,9 @@ static int write_new_refblock(qcow2_image *img, uint64_t cluster, int self)
     rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
                              cluster << img->cluster_bits, bytes,
                              img->cluster_size);
+    if (rc == 0)    /* its entries are updated next: keep it */
+        qcow2_refcount_cache_install(img, cluster << img->cluster_bits,
+                                     bytes);
     free(bytes);
     if (rc == 0)
         rc = qcow2_barrier(img);
@@ -591,7 +601,10 @@ static int count_area_in_block(qcow2_image *img, uint64_t index,
                               (unsigned long long)c);
         span_set(&span, c - covered, 1);
     }
-    return span_store(img, &span);
+    rc = span_store(img, &span);
+    if (rc == 0 && is_new)
+        qcow2_refcount_cache_install(img, block, bytes);
+    return rc;
 }
 
 static int write_reftable(qcow2_image *img, const uint64_t *table,

@@ -410,6 +410,7 @@ static int make_completely_empty(qcow2_image *img, uint64_t l1_clusters)
     img->ws->free_cluster_hint = 0;
     img->ws->free_byte_offset = 0;
     qcow2_l2_cache_drop_all(img->l2_cache);
+    qcow2_refcount_cache_drop_all(img);     /* new refcount structure */
     if (img->codec)
         qcow2_codec_forget(img->codec);
 

@@ -290,6 +290,7 @@ static void bootstrap_free(qcow2_image *img)
     free(img->ws);
     free(img->l1);
     free(img->reftable);
+    qcow2_refcount_cache_free(img->refcount_cache);   /* refcount_cache.c */
     free(img->backing_name);
     free(img->backing_format_ext);
     free(img->data_file_ext);

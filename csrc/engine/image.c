@@ -364,6 +364,8 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
         return ret;
     if ((ret = create_l2_cache(img, opts)) < 0)
         return ret;
+    /* The refcount-block cache is created on first use (refcount_cache.c). */
+    img->refcount_cache_bytes = opts->refcount_cache_size;
     /* Read-write (write_state.c): options, autoclear bits, dirty-image
      * repair; read-only leaves the file as it is. */
     return img->read_only ? 0 : qcow2_write_state_init(img, opts);
@@ -526,6 +528,7 @@ void qcow2_close(qcow2_image *img)
         (void)qcow2_write_state_close(img);
     if (img->l2_cache)
         qcow2_l2_cache_free(img->l2_cache);
+    qcow2_refcount_cache_free(img->refcount_cache);   /* refcount_cache.c */
     if (img->codec)
         qcow2_codec_free(img->codec);
     if (img->owns_backing)

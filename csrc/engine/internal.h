@@ -132,6 +132,7 @@ typedef struct qcow2_snapshot {
 
 typedef struct qcow2_l2_cache qcow2_l2_cache;   /* cache.c */
 typedef struct qcow2_codec qcow2_codec;         /* compress.c */
+typedef struct qcow2_refcount_cache qcow2_refcount_cache; /* refcount_cache.c */
 
 struct qcow2_image {
     qcow2_error err;            /* last failure of a call on this handle */
@@ -188,6 +189,10 @@ struct qcow2_image {
     uint64_t l2_cache_bytes;
     qcow2_codec *codec;         /* created on the first compressed read */
     struct qcow2_write_state *ws;  /* read-write handles only (write.h) */
+    /* Added by the refcount-cache work (refcount_cache.c): created on
+     * first use, freed by qcow2_close; never on views or raw images. */
+    qcow2_refcount_cache *refcount_cache;
+    uint64_t refcount_cache_bytes;  /* open option; 0 = default */
 };
 
 /* ---- Metadata reads (image.c) ------------------------------------------- */
@@ -234,6 +239,19 @@ int qcow2_reftable_load(qcow2_image *img);
  * refcount block once. */
 int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
                               uint64_t *out);
+
+/* ---- Refcount-block cache (refcount_cache.c) -------------------------
+ * Write-through: cached blocks always hold the bytes on disk; writers
+ * keep it so through qcow2_write_checked (see write.h). */
+/* Bytes [byte_start, byte_start+len) of the refcount block at
+ * block_offset: from the cache (the whole block read once on a miss), or
+ * straight from the file (views, raw images, blocks cut short by the end
+ * of the file). Errors as qcow2_read_meta's ("refcount block"). */
+int qcow2_refcount_block_read(qcow2_image *img, uint64_t block_offset,
+                              uint64_t byte_start, void *buf, size_t len);
+void qcow2_refcount_cache_free(qcow2_refcount_cache *cache);
+/* QEMU 7.2's default: 4 clusters. */
+uint64_t qcow2_default_refcount_cache_bytes(const qcow2_image *img);
 
 /* ---- Snapshots (snapshot.c) -------------------------------------------- */
 int qcow2_snapshots_load(qcow2_image *img);

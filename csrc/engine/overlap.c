@@ -238,7 +238,11 @@ int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
     rc = qcow2_overlap_check(img, ignore, offset, length);
     if (rc < 0)
         return rc;
-    return write_io(img, img->io, what, offset, buf, length);
+    rc = write_io(img, img->io, what, offset, buf, length);
+    /* Refcount-block cache (refcount_cache.c): cached blocks mirror the
+     * disk, whoever writes their bytes. */
+    qcow2_refcount_cache_written(img, offset, buf, length, rc == 0);
+    return rc;
 }
 
 int qcow2_write_data(qcow2_image *img, uint64_t offset, const void *buf,

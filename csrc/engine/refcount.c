@@ -93,6 +93,8 @@ static int refcount_block_of(qcow2_image *img, uint64_t host_cluster,
 /*
  * Entry refblock_index of the block at refblock_offset. Widths below a
  * byte are packed least-significant bits first; 8..64 are big-endian.
+ * Read through the refcount-block cache (refcount_cache.c) when the
+ * handle keeps one.
  */
 static int refcount_block_entry(qcow2_image *img, uint64_t refblock_offset,
                                 uint64_t refblock_index, uint64_t *refcount)
@@ -106,17 +108,18 @@ static int refcount_block_entry(qcow2_image *img, uint64_t refblock_offset,
         uint32_t per_byte = 8 / bits;
         uint32_t shift = (uint32_t)(refblock_index % per_byte) * bits;
 
-        byte_offset = refblock_offset + refblock_index / per_byte;
-        ret = qcow2_read_meta(img, byte_offset, bytes, 1, "refcount block");
+        byte_offset = refblock_index / per_byte;
+        ret = qcow2_refcount_block_read(img, refblock_offset, byte_offset,
+                                        bytes, 1);
         if (ret < 0)
             return ret;
         *refcount = (uint64_t)(bytes[0] >> shift) & ((1u << bits) - 1);
         return 0;
     }
 
-    byte_offset = refblock_offset + refblock_index * (bits / 8);
-    ret = qcow2_read_meta(img, byte_offset, bytes, bits / 8,
-                          "refcount block");
+    byte_offset = refblock_index * (bits / 8);
+    ret = qcow2_refcount_block_read(img, refblock_offset, byte_offset,
+                                    bytes, bits / 8);
     if (ret < 0)
         return ret;
     switch (bits) {

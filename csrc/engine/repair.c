@@ -338,6 +338,9 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
     if (rc == 0)
         rc = qcow2_header_set_reftable(img, (start + blocks) * cs,
                                        (uint32_t)table_clusters);
+    /* The old structure's blocks are gone (or were overwritten): drop
+     * every cached refcount block, switched or not (refcount_cache.c). */
+    qcow2_refcount_cache_drop_all(img);
     free(buf);
     if (rc < 0) {
         free(reftable);

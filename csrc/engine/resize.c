@@ -408,9 +408,12 @@ static void trim_file_tail(qcow2_image *img)
                                                   img->cluster_size),
                                 &last) < 0)
         return;
-    if ((uint64_t)(last + 1) * img->cluster_size < file_size)
+    if ((uint64_t)(last + 1) * img->cluster_size < file_size) {
         (void)img->io->ops->truncate(img->io,
                                      (uint64_t)(last + 1) * img->cluster_size);
+        /* Cached blocks past the cut would outlive their bytes. */
+        qcow2_refcount_cache_drop_all(img);
+    }
 }
 
 static int shrink(qcow2_image *img, uint64_t size)

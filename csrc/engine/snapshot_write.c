@@ -3,23 +3,26 @@
  * qcow2_snapshot_create, _goto, _delete, qcow2_write_snapshots,
  * qcow2_update_snapshot_refcount; qcow2.c's save/load_vmstate).
  *
- * Crash-safe order (docs/qcow2-format.md 5.4, 10.2):
- *   create  snapshot L1 copy written at fresh clusters, synced -> +1 on
- *           every L2 table and cluster the active L1 reaches, synced ->
- *           COPIED cleared in the active L2 tables, synced -> active L1
- *           (synced) -> new snapshot table at fresh clusters, synced ->
- *           header pair switched (one synced write) -> old table freed.
- *   apply   active L1 grown -> +1 on everything the snapshot L1 reaches
- *           (COPIED recomputed in its tables), synced -> active L1
- *           overwritten (synced) -> size -> -1 on the old active tree ->
- *           COPIED recomputed in the active tables.
- *   delete  table rewritten without the entry (header switch) -> -1 on
- *           the snapshot's tree -> its L1 freed -> COPIED recomputed.
- * A crash leaves leaked clusters (refcounts too high), never a reference
- * to a cluster whose refcount is too low. QEMU's layout has no atomic way
- * to change a refcount and the COPIED bit that mirrors it, so a crash in
- * the middle of a walk can leave COPIED bits qemu-img check flags (and
- * `check -r all` fixes), as QEMU itself leaves them.
+ * Every operation takes effect with ONE header write (switch.c): the new
+ * state is computed in memory (the references of every cluster counted,
+ * the COPIED bits recomputed from them), every new structure (L2 copies
+ * whose COPIED bits change, the active L1, the snapshot table, a whole
+ * new refcount structure) is written at fresh clusters past the end of
+ * the file, synced, and then header bytes 36..71 switch the active L1,
+ * the refcount table and the snapshot table together (bytes 24..71 when
+ * apply changes the virtual size).
+ *   create  the old active L1 and its tables become the snapshot's; the
+ *           active L1 is a new table whose L2 tables are shared, or fresh
+ *           copies with COPIED cleared where the refcount becomes 2.
+ *   apply   the active L1 is a new table holding the snapshot's tables
+ *           (copied where COPIED must change); the old tree's clusters
+ *           are counted 0 in the new structure.
+ *   delete  the snapshot table without the entry; the snapshot's tree is
+ *           counted 0; active tables whose clusters drop to refcount 1
+ *           are copied with COPIED set.
+ * A cut anywhere leaves either the old state or the new one, each exact:
+ * qemu-img check finds no corruption and no leak. What becomes
+ * unreferenced is simply at refcount 0 in the new structure.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,200 +74,6 @@ static int common_checks(qcow2_image *img, const char *what)
                           "snapshots are not supported with an external "
                           "data file", what);
     return 0;
-}
-
-/* ---- Refcount walks ------------------------------------------------------ */
-
-/* Host range a compressed L2 entry's stream occupies (its sectors). */
-static void compressed_range(const qcow2_image *img, uint64_t entry,
-                             uint64_t *offset, uint64_t *length)
-{
-    uint32_t x = 70 - img->cluster_bits;
-    uint64_t coffset = entry & ((1ull << x) - 1);
-    uint64_t sectors = ((entry >> x) &
-                        ((1ull << (img->cluster_bits - 8)) - 1)) + 1;
-
-    *offset = coffset & ~511ull;
-    *length = sectors * 512;
-}
-
-/* Contiguous normal clusters are updated with one call. */
-typedef struct run_acc {
-    uint64_t start, length;
-} run_acc;
-
-static int run_flush(qcow2_image *img, run_acc *run, int64_t addend)
-{
-    int rc = 0;
-
-    if (run->length)
-        rc = qcow2_refcount_update(img, run->start, run->length, addend);
-    run->length = 0;
-    return rc;
-}
-
-static int run_add(qcow2_image *img, run_acc *run, uint64_t host,
-                   int64_t addend)
-{
-    int rc = 0;
-
-    if (run->length && run->start + run->length == host) {
-        run->length += img->cluster_size;
-        return 0;
-    }
-    rc = run_flush(img, run, addend);
-    run->start = host;
-    run->length = img->cluster_size;
-    return rc;
-}
-
-/* COPIED of one L2 entry as the refcounts now say (QEMU: set exactly on
- * normal and zero-alloc entries of refcount 1). *entry is updated. */
-static int fix_entry_copied(qcow2_image *img, uint64_t *entry)
-{
-    uint64_t old = *entry, host = old & L2E_OFFSET_MASK, refcount = 0;
-    int rc;
-
-    *entry = old & ~QCOW_OFLAG_COPIED;
-    if ((old & QCOW_OFLAG_COMPRESSED) || host == 0)
-        return 0;
-    rc = qcow2_refcount_get(img, host >> img->cluster_bits, &refcount);
-    if (rc < 0)
-        return rc;
-    if (refcount == 1)
-        *entry |= QCOW_OFLAG_COPIED;
-    return 0;
-}
-
-/*
- * QEMU's qcow2_update_snapshot_refcount for one L2 table: addend on every
- * cluster its entries reference (synced), then, with fix_copied, the
- * entries' COPIED bits recomputed and the table written in place, then
- * addend on the table itself. *l1_entry gets its COPIED bit recomputed.
- */
-static int walk_l2(qcow2_image *img, uint64_t *l1_entry, int64_t addend,
-                   int fix_copied, uint8_t *table)
-{
-    uint64_t l2_offset = *l1_entry & L1E_OFFSET_MASK, refcount = 0;
-    run_acc run = { 0, 0 };
-    int changed = 0, rc;
-
-    if (!is_aligned(l2_offset, img->cluster_size))
-        return qcow2_fail(img, QCOW2_E_CORRUPT, "L2 table offset 0x%llx "
-                          "is not cluster aligned", ull(l2_offset));
-    rc = qcow2_read_meta(img, l2_offset, table, img->cluster_size,
-                         "L2 table");
-    for (uint64_t i = 0; rc == 0 && addend && i < img->l2_entries; i++) {
-        uint64_t entry = be64(table + i * img->l2_entry_bytes);
-        uint64_t host = entry & L2E_OFFSET_MASK, offset, length;
-
-        if (entry & QCOW_OFLAG_COMPRESSED) {
-            /* Streams may share a host cluster: one update each. */
-            rc = run_flush(img, &run, addend);
-            compressed_range(img, entry, &offset, &length);
-            if (rc == 0)
-                rc = qcow2_refcount_update(img, offset, length, addend);
-        } else if (host) {
-            if (!is_aligned(host, img->cluster_size))
-                return qcow2_fail(img, QCOW2_E_CORRUPT, "L2 entry 0x%llx "
-                                  "is not cluster aligned", ull(entry));
-            rc = run_add(img, &run, host, addend);
-        }
-    }
-    if (rc == 0)
-        rc = run_flush(img, &run, addend);
-    if (rc == 0 && fix_copied) {
-        /* The refcounts are on disk before the bits that mirror them. */
-        rc = qcow2_barrier(img);
-        for (uint64_t i = 0; rc == 0 && i < img->l2_entries; i++) {
-            uint8_t *p = table + i * img->l2_entry_bytes;
-            uint64_t entry = be64(p);
-            rc = fix_entry_copied(img, &entry);
-            if (rc == 0 && entry != be64(p)) {
-                put_be64(p, entry);
-                changed = 1;
-            }
-        }
-        if (rc == 0 && changed) {
-            rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2 |
-                                     OVERLAP_INACTIVE_L2, "l2", l2_offset,
-                                     table, img->cluster_size);
-            qcow2_l2_cache_drop(img->l2_cache, l2_offset);
-        }
-    }
-    if (rc == 0 && addend)
-        rc = qcow2_refcount_update(img, l2_offset, img->cluster_size,
-                                   addend);
-    if (rc == 0)
-        rc = qcow2_refcount_get(img, l2_offset >> img->cluster_bits,
-                                &refcount);
-    if (rc == 0) {
-        *l1_entry &= ~QCOW_OFLAG_COPIED;
-        if (refcount == 1)
-            *l1_entry |= QCOW_OFLAG_COPIED;
-    }
-    return rc;
-}
-
-/* Every table of l1 (host order, updated in memory only), then a
- * barrier: the caller writes the L1 that depends on it. */
-static int walk_l1(qcow2_image *img, uint64_t *l1, uint32_t l1_size,
-                   int64_t addend, int fix_copied)
-{
-    uint8_t *table = malloc(img->cluster_size);
-    int rc = table ? 0 : qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-
-    for (uint32_t i = 0; rc == 0 && i < l1_size; i++) {
-        if (l1[i] & L1E_RESERVED_MASK)
-            rc = qcow2_fail(img, QCOW2_E_CORRUPT, "L1 entry %u has "
-                            "reserved bits set: 0x%016llx", i, ull(l1[i]));
-        else if (l1[i] & L1E_OFFSET_MASK)
-            rc = walk_l2(img, &l1[i], addend, fix_copied, table);
-    }
-    free(table);
-    if (rc == 0)
-        rc = qcow2_barrier(img);
-    return rc;
-}
-
-/* The active L1 (whole table, synced) from host-order entries. */
-static int write_active_l1(qcow2_image *img, const uint64_t *l1)
-{
-    size_t bytes = (size_t)img->l1_size * 8;
-    uint8_t *table = malloc(bytes ? bytes : 1);
-    int rc;
-
-    if (!table)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    for (uint32_t i = 0; i < img->l1_size; i++)
-        put_be64(table + 8ull * i, l1[i]);
-    rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1, "l1",
-                             img->hdr.l1_table_offset, table, bytes);
-    if (rc == 0)
-        rc = qcow2_barrier(img);
-    free(table);
-    /* Half an L1 table on disk: nothing more may be trusted. */
-    return rc < 0 ? qcow2_poison(img, rc) : 0;
-}
-
-/* COPIED recomputed on the active tables (QEMU: addend 0). */
-static int recompute_active_copied(qcow2_image *img)
-{
-    size_t bytes = (size_t)img->l1_size * sizeof(uint64_t);
-    uint64_t *l1 = malloc(bytes ? bytes : 1);
-    int rc;
-
-    if (!l1)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    memcpy(l1, img->l1, bytes);
-    rc = walk_l1(img, l1, img->l1_size, 0, 1);
-    if (rc == 0 && memcmp(l1, img->l1, bytes) != 0) {
-        rc = write_active_l1(img, l1);
-        if (rc == 0)
-            memcpy(img->l1, l1, bytes);
-    }
-    free(l1);
-    return rc;
 }
 
 /* ---- The snapshot table ------------------------------------------------- */
@@ -347,56 +156,39 @@ static uint64_t current_table_size(const qcow2_image *img)
  * synced, the header's (nb_snapshots, snapshots_offset) switched with one
  * synced write, the old table freed; then the parsed copy reloaded.
  */
-static int write_table(qcow2_image *img, qcow2_snapshot *const *list,
-                       uint32_t count)
+/*
+ * The table (QEMU's qcow2_write_snapshots layout) at fresh clusters,
+ * written, not synced; the old table's clusters uncounted. *offset is 0
+ * for an empty table.
+ */
+static int write_table(qcow2_switch *sw, qcow2_snapshot *const *list,
+                       uint32_t count, uint64_t *offset)
 {
-    uint64_t size = 0, offset = 0, at = 0;
-    uint64_t old_offset = img->hdr.snapshots_offset;
-    uint64_t old_size = current_table_size(img);
-    uint8_t *table = NULL;
+    qcow2_image *img = sw->img;
+    uint64_t size = 0, at = 0;
+    uint8_t *table;
     int rc = table_size(img, list, count, &size);
 
-    if (rc < 0)
+    *offset = 0;
+    if (rc == 0)
+        rc = qcow2_switch_add(sw, img->hdr.snapshots_offset,
+                              current_table_size(img), -1);
+    if (rc < 0 || count == 0)
         return rc;
-    if (count) {
-        table = calloc(1, (size_t)size);
-        if (!table)
-            return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-        for (uint32_t i = 0; i < count; i++) {
-            at = align_up(at, 8);
-            at += put_entry(img, list[i], table + at);
-        }
-        rc = qcow2_alloc_clusters(img, div_round_up(size, img->cluster_size),
-                                  &offset);
-        if (rc == 0)
-            rc = qcow2_barrier(img);
-        if (rc == 0) {
-            rc = qcow2_write_checked(img, 0, "snapshot_table", offset, table,
-                                     (size_t)size);
-            if (rc == 0)
-                rc = qcow2_barrier(img);
-            if (rc < 0)
-                (void)qcow2_free_clusters(img, offset, size);
-        }
-        free(table);
-        if (rc < 0)
-            return rc;
+    table = calloc(1, (size_t)size);
+    if (!table)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint32_t i = 0; i < count; i++) {
+        at = align_up(at, 8);
+        at += put_entry(img, list[i], table + at);
     }
-    rc = qcow2_header_set_snapshots(img, offset, count);
-    if (rc < 0) {
-        /* The 12 bytes may or may not have landed. */
-        return qcow2_poison(img, rc);
-    }
-    /* The parsed copy first: the overlap check reads it, and it must not
-     * describe the old table at the new offset. */
-    refresh_file_size(img);
-    qcow2_snapshots_free(img);
-    rc = qcow2_snapshots_load(img);
-    if (rc < 0)
-        return qcow2_poison(img, rc);
-    if (old_size)
-        (void)qcow2_free_clusters(img, old_offset, old_size);
-    return 0;
+    rc = qcow2_switch_alloc(sw, div_round_up(size, img->cluster_size),
+                            offset);
+    if (rc == 0)
+        rc = qcow2_write_checked(img, 0, "snapshot_table", *offset, table,
+                                 (size_t)size);
+    free(table);
+    return rc;
 }
 
 /* ---- Lookup ---------------------------------------------------------------- */
@@ -525,35 +317,6 @@ static int create_checks(qcow2_image *img, const char *name)
 }
 
 /* A copy of the active L1 at fresh clusters, synced. */
-static int copy_active_l1(qcow2_image *img, uint64_t *offset)
-{
-    size_t bytes = (size_t)img->l1_size * 8;
-    uint8_t *table;
-    int rc;
-
-    *offset = 0;
-    if (bytes == 0)
-        return 0;
-    table = malloc(bytes);
-    if (!table)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    for (uint32_t i = 0; i < img->l1_size; i++)
-        put_be64(table + 8ull * i, img->l1[i]);
-    rc = qcow2_alloc_clusters(img, div_round_up(bytes, img->cluster_size),
-                              offset);
-    if (rc == 0)
-        rc = qcow2_barrier(img);
-    if (rc == 0) {
-        rc = qcow2_write_checked(img, 0, "l1", *offset, table, bytes);
-        if (rc == 0)
-            rc = qcow2_barrier(img);
-        if (rc < 0)
-            (void)qcow2_free_clusters(img, *offset, bytes);
-    }
-    free(table);
-    return rc;
-}
-
 static void now(uint32_t *sec, uint32_t *nsec)
 {
     struct timespec ts;
@@ -570,8 +333,10 @@ int qcow2_snapshot_create(qcow2_image *img, const char *name,
 {
     qcow2_snapshot_create_opts defaults;
     qcow2_snapshot sn, **list = NULL;
+    qcow2_switch sw;
     char id[32];
-    uint64_t *l1 = NULL;
+    uint64_t *l1 = NULL, l1_offset = 0, table_offset = 0;
+    uint32_t count = img->nb_snapshots + 1;
     int rc;
 
     if (!opts) {
@@ -602,40 +367,43 @@ int qcow2_snapshot_create(qcow2_image *img, const char *name,
     sn.disk_size = img->size;
     sn.icount = opts->icount;
     sn.l1_size = img->l1_size;
+    /* The active L1 as it lies becomes the snapshot's (still counted). */
+    sn.l1_table_offset = img->l1_size ? img->hdr.l1_table_offset : 0;
+    count = img->nb_snapshots + 1;
 
-    rc = copy_active_l1(img, &sn.l1_table_offset);
-    if (rc < 0)
-        return rc;
-    /* From here on a failure leaks clusters and nothing else. */
     l1 = malloc(((size_t)img->l1_size + 1) * sizeof *l1);
-    list = malloc(((size_t)img->nb_snapshots + 1) * sizeof *list);
+    list = malloc((size_t)count * sizeof *list);
     if (!l1 || !list) {
-        rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-        goto out;
+        free(l1);
+        free(list);
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     }
     memcpy(l1, img->l1, (size_t)img->l1_size * sizeof *l1);
-    rc = walk_l1(img, l1, img->l1_size, 1, 1);
-    if (rc == 0 && memcmp(l1, img->l1, (size_t)img->l1_size * 8) != 0) {
-        rc = write_active_l1(img, l1);
-        if (rc == 0)
-            memcpy(img->l1, l1, (size_t)img->l1_size * sizeof *l1);
-    }
-    if (rc < 0)
-        goto out;
     for (uint32_t i = 0; i < img->nb_snapshots; i++)
         list[i] = &img->snapshots[i];
     list[img->nb_snapshots] = &sn;
-    rc = write_table(img, list, img->nb_snapshots + 1);
+    rc = qcow2_switch_begin(img, &sw);
+    if (rc == 0) {
+        /* A second reference to the whole tree, from a new active L1. */
+        rc = qcow2_switch_active_tree(&sw, l1, img->l1_size);
+        if (rc == 0)
+            rc = qcow2_switch_write_l1(&sw, l1, img->l1_size, &l1_offset);
+        if (rc == 0)
+            rc = write_table(&sw, list, count, &table_offset);
+        if (rc == 0)
+            rc = qcow2_switch_commit(&sw, l1_offset, l1, img->l1_size,
+                                     table_offset, count, img->size);
+        qcow2_switch_end(&sw);
+    }
+    free(l1);
+    free(list);
     if (rc < 0)
-        goto out;
+        return rc;
     if (opts->vm_state_size)
         discard_vmstate(img, opts->vm_state_size);
     if (index)
         *index = img->nb_snapshots - 1;
-out:
-    free(l1);
-    free(list);
-    return rc;
+    return 0;
 }
 
 /* ---- Apply -------------------------------------------------------------- */
@@ -666,9 +434,8 @@ static int load_snapshot_l1(qcow2_image *img, const qcow2_snapshot *sn,
 int qcow2_snapshot_apply(qcow2_image *img, uint32_t index)
 {
     const qcow2_snapshot *sn;
-    uint64_t *sn_l1 = NULL, *old_l1 = NULL, *new_l1 = NULL;
-    uint64_t size, needed;
-    uint32_t old_size;
+    uint64_t *sn_l1 = NULL, *l1 = NULL, size, needed, entries, l1_offset;
+    qcow2_switch sw;
     int rc = common_checks(img, "apply a snapshot");
 
     if (rc < 0)
@@ -684,50 +451,42 @@ int qcow2_snapshot_apply(qcow2_image *img, uint32_t index)
     if (qcow2_l1_entries_needed(img, size, &needed) < 0)
         return qcow2_fail(img, QCOW2_E_CORRUPT, "snapshot '%s': disk size "
                           "%llu is too large", sn->name, ull(size));
+    /* QEMU: truncate to the snapshot's size, then grow to its L1 size
+     * (the active L1 never shrinks). */
+    entries = max_u64(max_u64(needed, sn->l1_size), img->l1_size);
+    if (entries > QCOW2_MAX_L1_BYTES / 8)
+        return qcow2_fail(img, QCOW2_E_INVALID, "The image size is too large "
+                          "for file format 'qcow2' (try using a larger "
+                          "cluster size)");
     rc = load_snapshot_l1(img, sn, &sn_l1);
     if (rc < 0)
         return rc;
-    /* QEMU: truncate to the snapshot's size, then grow to its L1 size. */
-    rc = qcow2_l1_grow(img, max_u64(needed, sn->l1_size));
-    if (rc < 0)
-        goto out;
-    new_l1 = calloc(img->l1_size ? img->l1_size : 1, sizeof *new_l1);
-    if (!new_l1) {
-        rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-        goto out;
+    l1 = calloc(entries ? (size_t)entries : 1, sizeof *l1);
+    if (!l1) {
+        free(sn_l1);
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     }
-    /* +1 first: the snapshot's tree is counted for the active L1 before
-     * anything references it from there; its tables get COPIED right. */
-    rc = walk_l1(img, sn_l1, sn->l1_size, 1, 1);
-    if (rc < 0)
-        goto out;
-    memcpy(new_l1, sn_l1, (size_t)sn->l1_size * sizeof *new_l1);
-    rc = write_active_l1(img, new_l1);
-    if (rc < 0)
-        goto out;
-    old_l1 = img->l1;
-    old_size = img->l1_size;
-    img->l1 = new_l1;
-    new_l1 = NULL;
-    qcow2_l2_cache_drop_all(img->l2_cache);
-    if (img->codec)
-        qcow2_codec_forget(img->codec);
-    if (size != img->size) {
-        rc = qcow2_header_set_size(img, size);
-        if (rc < 0) {
-            rc = qcow2_poison(img, rc);
-            goto out;
-        }
-        img->size = size;
+    memcpy(l1, sn_l1, (size_t)sn->l1_size * sizeof *l1);
+    rc = qcow2_switch_begin(img, &sw);
+    if (rc == 0) {
+        /* The old active tree and its L1 are no longer referenced. */
+        rc = qcow2_switch_tree(&sw, img->l1, img->l1_size, -1);
+        if (rc == 0)
+            rc = qcow2_switch_add(&sw, img->hdr.l1_table_offset,
+                                  (uint64_t)img->l1_size * 8, -1);
+        if (rc == 0)
+            rc = qcow2_switch_active_tree(&sw, l1, (uint32_t)entries);
+        if (rc == 0)
+            rc = qcow2_switch_write_l1(&sw, l1, (uint32_t)entries,
+                                       &l1_offset);
+        if (rc == 0)
+            rc = qcow2_switch_commit(&sw, l1_offset, l1, (uint32_t)entries,
+                                     img->hdr.snapshots_offset,
+                                     img->nb_snapshots, size);
+        qcow2_switch_end(&sw);
     }
-    /* The old tree is unreferenced now: dropping it can only leak. */
-    rc = walk_l1(img, old_l1, old_size, -1, 0);
-    if (rc == 0)
-        rc = recompute_active_copied(img);
-out:
     free(sn_l1);
-    free(old_l1);
-    free(new_l1);
+    free(l1);
     return rc;
 }
 
@@ -736,8 +495,9 @@ out:
 int qcow2_snapshot_delete(qcow2_image *img, uint32_t index)
 {
     qcow2_snapshot **list;
-    uint64_t *sn_l1 = NULL, l1_offset;
-    uint32_t l1_size, count = 0;
+    qcow2_switch sw;
+    uint64_t *sn_l1 = NULL, *l1, l1_offset, table_offset = 0;
+    uint32_t count = 0;
     int rc = common_checks(img, "delete a snapshot");
 
     if (rc < 0)
@@ -748,27 +508,48 @@ int qcow2_snapshot_delete(qcow2_image *img, uint32_t index)
     rc = load_snapshot_l1(img, &img->snapshots[index], &sn_l1);
     if (rc < 0)
         return rc;
-    l1_offset = img->snapshots[index].l1_table_offset;
-    l1_size = img->snapshots[index].l1_size;
     list = malloc(((size_t)img->nb_snapshots + 1) * sizeof *list);
-    if (!list) {
+    l1 = malloc(((size_t)img->l1_size + 1) * sizeof *l1);
+    if (!list || !l1) {
         free(sn_l1);
+        free(list);
+        free(l1);
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     }
     for (uint32_t i = 0; i < img->nb_snapshots; i++)
         if (i != index)
             list[count++] = &img->snapshots[i];
-    rc = write_table(img, list, count);
+    memcpy(l1, img->l1, (size_t)img->l1_size * sizeof *l1);
+    l1_offset = img->hdr.l1_table_offset;
+    rc = qcow2_switch_begin(img, &sw);
+    if (rc == 0) {
+        const qcow2_snapshot *sn = &img->snapshots[index];
+        rc = qcow2_switch_tree(&sw, sn_l1, sn->l1_size, -1);
+        if (rc == 0)
+            rc = qcow2_switch_add(&sw, sn->l1_table_offset,
+                                  (uint64_t)sn->l1_size * 8, -1);
+        /* The active tree counted afresh: COPIED where refcounts drop to
+         * 1 (changed tables are copied, the L1 with them). */
+        if (rc == 0)
+            rc = qcow2_switch_tree(&sw, img->l1, img->l1_size, -1);
+        if (rc == 0)
+            rc = qcow2_switch_active_tree(&sw, l1, img->l1_size);
+        if (rc == 0 && memcmp(l1, img->l1, (size_t)img->l1_size * 8)) {
+            rc = qcow2_switch_add(&sw, img->hdr.l1_table_offset,
+                                  (uint64_t)img->l1_size * 8, -1);
+            if (rc == 0)
+                rc = qcow2_switch_write_l1(&sw, l1, img->l1_size,
+                                           &l1_offset);
+        }
+        if (rc == 0)
+            rc = write_table(&sw, list, count, &table_offset);
+        if (rc == 0)
+            rc = qcow2_switch_commit(&sw, l1_offset, l1, img->l1_size,
+                                     table_offset, count, img->size);
+        qcow2_switch_end(&sw);
+    }
     free(list);
-    /* The snapshot is gone from the table: from here on, only leaks. */
-    if (rc == 0)
-        rc = walk_l1(img, sn_l1, l1_size, -1, 0);
-    if (rc == 0 && l1_size)
-        rc = qcow2_free_clusters(img, l1_offset, (uint64_t)l1_size * 8);
-    if (rc == 0)
-        rc = qcow2_barrier(img);
-    if (rc == 0)
-        rc = recompute_active_copied(img);
+    free(l1);
     free(sn_l1);
     return rc;
 }

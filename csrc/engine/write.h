@@ -102,6 +102,25 @@ int qcow2_free_clusters(qcow2_image *img, uint64_t offset, uint64_t length);
 /* Total host clusters covered by the refcount table. */
 uint64_t qcow2_refcount_coverage(const qcow2_image *img);
 
+/* ---- refcount_cache.c (added by the refcount-cache work) --------------
+ * The cache is write-through (nothing dirty, ever): refcount increases
+ * are on disk when qcow2_refcount_update returns, so the barrier before a
+ * dependent L2 entry is what flushes refcount blocks before the L2 tables
+ * that depend on them. */
+/* Mirror a write of the image file into the cached blocks it overlaps
+ * (ok), or forget them (!ok: the disk is unknown). qcow2_write_checked
+ * calls it for every write. */
+void qcow2_refcount_cache_written(qcow2_image *img, uint64_t offset,
+                                  const void *buf, size_t length, int ok);
+/* A whole block just written (cluster_size bytes): keep it, saving the
+ * read that would follow. Best effort. */
+void qcow2_refcount_cache_install(qcow2_image *img, uint64_t block_offset,
+                                  const void *block);
+/* Forget one block / every block: after writes that bypass
+ * qcow2_write_checked (raw writes) or a refcount-table switch. */
+void qcow2_refcount_cache_drop(qcow2_image *img, uint64_t block_offset);
+void qcow2_refcount_cache_drop_all(qcow2_image *img);
+
 /* ---- header_write.c ----------------------------------------------------- */
 /* Serialize img->hdr, every extension (unknown ones kept) and the backing
  * name into cluster 0 and write it (one write), then barrier. Fails with
@@ -148,7 +167,7 @@ int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
                         uint64_t additional_clusters, int exact,
                         uint64_t new_block_index, uint64_t new_block_offset,
                         uint64_t *end_offset);
-/* The refcount of one host cluster, read from the file (no cache): 0
+/* The refcount of one host cluster, read through the refcount-block cache: 0
  * past the refcount table or under an empty entry. */
 int qcow2_refcount_get(qcow2_image *img, uint64_t host_cluster,
                        uint64_t *refcount);
@@ -230,5 +249,57 @@ uint64_t qcow2_l2_index(const qcow2_image *img, uint64_t guest_offset);
 /* Guest bytes one L2 table maps. */
 uint64_t qcow2_l2_coverage(const qcow2_image *img);
 int qcow2_has_data_file(const qcow2_image *img);
+
+/* ---- switch.c: whole-state switches (snapshot create/apply/delete) ---- */
+/* One synced 36-byte write of header bytes 36..71: the active L1, the
+ * refcount table and the snapshot table switched together; img->hdr
+ * updated on success. */
+int qcow2_header_switch_all(qcow2_image *img, uint64_t l1_offset,
+                            uint32_t l1_size, uint64_t reftable_offset,
+                            uint32_t reftable_clusters,
+                            uint64_t snapshots_offset, uint32_t nb_snapshots);
+/* The references of the new state, per host cluster, and where the new
+ * structures go (fresh clusters past the file and every reference). */
+typedef struct qcow2_switch {
+    qcow2_image *img;
+    uint64_t *counts;           /* references per host cluster */
+    uint64_t capacity;          /* entries of counts */
+    uint64_t nb_clusters;       /* entries in use */
+    uint64_t next;              /* next fresh cluster */
+    uint64_t old_file_size;
+    int switched;               /* the header write was attempted */
+} qcow2_switch;
+/* Count every reference of the image as it is (the check walk), the
+ * refcount structure left out (it is rebuilt). Refuses images the walk
+ * finds corrupt. */
+int qcow2_switch_begin(qcow2_image *img, qcow2_switch *sw);
+/* delta on the count of every cluster [offset, offset+length) touches. */
+int qcow2_switch_add(qcow2_switch *sw, uint64_t offset, uint64_t length,
+                     int64_t delta);
+/* `clusters` fresh clusters, counted 1 each. */
+int qcow2_switch_alloc(qcow2_switch *sw, uint64_t clusters,
+                       uint64_t *offset);
+/* delta on every L2 table of l1 and every cluster those reference. */
+int qcow2_switch_tree(qcow2_switch *sw, const uint64_t *l1, uint32_t l1_size,
+                      int64_t delta);
+/* l1 becomes the new active L1: +1 on its tree, COPIED bits recomputed
+ * from the final counts; a table whose bits change is copied to a fresh
+ * cluster (written, not synced) and l1 updated (COPIED included). */
+int qcow2_switch_active_tree(qcow2_switch *sw, uint64_t *l1,
+                             uint32_t l1_size);
+/* l1 at fresh clusters (written, not synced); an empty table keeps the
+ * current offset. */
+int qcow2_switch_write_l1(qcow2_switch *sw, const uint64_t *l1,
+                          uint32_t l1_size, uint64_t *offset);
+/* New refcount structure from the counts, barrier, the header switched in
+ * one synced write (with the virtual size when it changes: 48 bytes from
+ * 24), then img's L1, refcount table, snapshots, size and caches follow. */
+int qcow2_switch_commit(qcow2_switch *sw, uint64_t l1_offset,
+                        const uint64_t *l1, uint32_t l1_size,
+                        uint64_t snapshots_offset, uint32_t nb_snapshots,
+                        uint64_t size);
+/* Release; without a switch, what was written past the old end of the
+ * file is cut off again. */
+void qcow2_switch_end(qcow2_switch *sw);
 
 #endif /* QCOW2_WRITE_H */

@@ -266,6 +266,8 @@ int qcow2_raw_write(qcow2_image *img, uint64_t offset, const void *buf,
     /* Deliberately past the overlap check: tests poke metadata. */
     qcow2_io_set_label(img->io, "raw");
     rc = img->io->ops->pwrite(img->io, buf, length, offset);
+    /* Refcount blocks too (refcount_cache.c), even after a failed write. */
+    qcow2_refcount_cache_drop_all(img);
     if (rc < 0)
         return qcow2_fail(img, rc, "raw write of %zu bytes at 0x%llx failed",
                           length, (unsigned long long)offset);
