@@ -171,4 +171,23 @@ describe("the refcount-block cache", function()
       assert.is_true((model.check(path)))
     end)
   end
+
+  it("reads refcounts of blocks the handle added to the file, without a reopen", function()
+    local path = h.tmpdir() .. "/grow.qcow2"
+    local img = assert(qcow2.create(path, { size = 64 * MiB, cluster_size = CS }))
+    for k = 0, 3000 do assert(img:write(k * 8 * KiB, "x")) end
+    -- every data cluster the map names has refcount 1 on this same handle
+    local seen = 0
+    for e in img:map():extents() do
+      if e.type == "data" then
+        for off = e.offset, e.offset + e.length - 1, CS do
+          assert.are.equal(1, assert(img:refcount(off // CS)))
+          seen = seen + 1
+        end
+      end
+    end
+    assert.is_true(seen > 3000)
+    img:close()
+    assert.are.equal(0, (select(2, h.check_json(path))))
+  end)
 end)

@@ -80,6 +80,13 @@ static int refcount_block_of(qcow2_image *img, uint64_t host_cluster,
                           "refcount block offset 0x%llx in refcount table "
                           "entry %llu is not cluster aligned", ull(entry),
                           ull(reftable_index));
+    /* A read-write handle grows its file: look at the size again before
+     * calling a block outside it. */
+    if (!range_inside(entry, img->cluster_size, img->file_size) && img->ws) {
+        uint64_t now;
+        if (img->io->ops->size(img->io, &now) == 0 && now > img->file_size)
+            img->file_size = now;
+    }
     if (!range_inside(entry, img->cluster_size, img->file_size))
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "refcount block 0x%llx in refcount table entry "
