@@ -401,6 +401,12 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
     res->total_clusters = div_round_up(img->hdr.size / 512 * 512,
                                        img->cluster_size);
     ret = check_walk(&st);
+    /* entries whose extra data was cut at a repair-mode open: QEMU counts
+     * each as a corruption that -r all fixes by rewriting the table */
+    for (uint32_t i = 0; ret == 0 && i < img->snapshot_extra_dropped; i++)
+        check_corrupt(&st, img->hdr.snapshots_offset, "ERROR: snapshot table "
+                      "entry has more than %u bytes of extra data",
+                      QCOW2_MAX_SNAPSHOT_EXTRA);
     if (ret == 0)
         ret = compare_refcounts(&st, &highest);
     if (ret == 0) {
@@ -545,6 +551,11 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
         } else if (ret == 0 && out->corruptions != 0) {
             full_repair = 1;
             corruptions_before = repair_pass_corruptions;
+            if (img->snapshot_extra_dropped &&
+                (ret = qcow2_snapshot_table_rewrite(img)) < 0) {
+                qcow2_check_result_free(out);
+                return ret;
+            }
             leaks_before = out->leaks;
             ret = repair_all(img, out);
         }

@@ -358,6 +358,7 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
     if (ret < 0)
         return ret;
     img->l1_size = img->hdr.l1_size;
+    img->open_for_repair = opts->read_write && opts->repair;
     if ((ret = qcow2_reftable_load(img)) < 0 ||
         (ret = qcow2_snapshots_load(img)) < 0 ||
         (ret = open_data_file(img)) < 0)

@@ -189,6 +189,10 @@ struct qcow2_image {
     uint64_t l2_cache_bytes;
     qcow2_codec *codec;         /* created on the first compressed read */
     struct qcow2_write_state *ws;  /* read-write handles only (write.h) */
+    int open_for_repair;        /* rw + repair: tolerate what check -r all
+                                   fixes (QEMU's BDRV_O_CHECK) */
+    uint32_t snapshot_extra_dropped; /* entries whose extra data past QEMU's
+                                   1024 bytes was cut at load (repair only) */
     /* Added by the refcount-cache work (refcount_cache.c): created on
      * first use, freed by qcow2_close; never on views or raw images. */
     qcow2_refcount_cache *refcount_cache;

@@ -65,6 +65,27 @@ static void parse_fixed_part(qcow2_snapshot *sn, const uint8_t *fixed,
     sn->extra_data_size = be32(fixed + 36);
 }
 
+/* An oversized entry met by a repair-mode open reads as QEMU's block layer
+ * reads it: the part past the end of the file is zeroes (the length is
+ * already bounded by the 64 MiB table limit). */
+static int read_zero_filled(qcow2_image *img, uint64_t offset, uint8_t *buf,
+                            size_t length)
+{
+    size_t done = 0;
+
+    while (done < length) {
+        int64_t n = img->io->ops->pread(img->io, buf + done, length - done,
+                                        offset + done);
+        if (n < 0)
+            return qcow2_fail(img, (int)n, "cannot read the snapshot table");
+        if (n == 0)
+            break;
+        done += (size_t)n;
+    }
+    memset(buf + done, 0, length - done);
+    return 0;
+}
+
 /*
  * One entry at `offset` (8-byte aligned). Every read is bounded by the
  * file (qcow2_read_meta) and the table by QEMU's 64 MiB; *entry_end gets
@@ -86,12 +107,19 @@ static int read_snapshot_entry(qcow2_image *img, uint32_t index,
         return ret;
     parse_fixed_part(sn, fixed, &id_length, &name_length);
     sn->entry_offset = offset;
-    if (sn->extra_data_size > QCOW2_MAX_SNAPSHOT_EXTRA)
+    /* QEMU refuses the image, except when opened for check -r all, which
+     * keeps the first 1024 bytes and rewrites the table (check.c). */
+    if (sn->extra_data_size > QCOW2_MAX_SNAPSHOT_EXTRA && !img->open_for_repair)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "snapshot %u: extra_data_size %u too large "
                           "(max %u)", index, sn->extra_data_size,
                           QCOW2_MAX_SNAPSHOT_EXTRA);
     variable_length = (uint64_t)sn->extra_data_size + id_length + name_length;
+    /* bounded before the 32-bit entry_length and the allocation below */
+    if (variable_length > QCOW2_MAX_SNAPSHOT_TABLE)
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "snapshot table larger than %u bytes at "
+                          "snapshot %u", QCOW2_MAX_SNAPSHOT_TABLE, index);
     sn->entry_length = (uint32_t)(SNAPSHOT_HEADER_BYTES + variable_length);
     table_end = offset + sn->entry_length;
     if (table_end - img->hdr.snapshots_offset > QCOW2_MAX_SNAPSHOT_TABLE)
@@ -103,8 +131,12 @@ static int read_snapshot_entry(qcow2_image *img, uint32_t index,
     if (!variable)
         return qcow2_fail(img, QCOW2_E_NOMEM,
                           "out of memory for the snapshot table");
-    ret = qcow2_read_meta(img, offset + SNAPSHOT_HEADER_BYTES, variable,
-                          (size_t)variable_length, "snapshot table");
+    if (sn->extra_data_size > QCOW2_MAX_SNAPSHOT_EXTRA)
+        ret = read_zero_filled(img, offset + SNAPSHOT_HEADER_BYTES, variable,
+                               (size_t)variable_length);
+    else
+        ret = qcow2_read_meta(img, offset + SNAPSHOT_HEADER_BYTES, variable,
+                              (size_t)variable_length, "snapshot table");
     if (ret == 0) {
         sn->extra_data = malloc(sn->extra_data_size + 1);
         sn->id = copy_string(variable + sn->extra_data_size, id_length);
@@ -119,6 +151,11 @@ static int read_snapshot_entry(qcow2_image *img, uint32_t index,
     free(variable);
     if (ret < 0)
         return ret;
+    if (sn->extra_data_size > QCOW2_MAX_SNAPSHOT_EXTRA) {
+        sn->extra_data_size = QCOW2_MAX_SNAPSHOT_EXTRA;  /* entry_length
+                                   keeps the on-disk size */
+        img->snapshot_extra_dropped++;
+    }
     parse_extra_data(sn);
     *entry_end = table_end;
     /* A snapshot's L1 is not checked here: QEMU opens (and checks, and
@@ -134,6 +171,13 @@ static int check_snapshot_table_place(qcow2_image *img, uint64_t length)
     const qcow2_header *h = &img->hdr;
     int ret;
 
+    /* extra data cut at a repair-mode open may have reached past the end
+     * of the file (QEMU reads it as zeroes): the table stays in cluster
+     * terms, only its tail beyond the file is forgiven */
+    if (img->snapshot_extra_dropped &&
+        !range_inside(h->snapshots_offset, length, img->file_size))
+        length = img->file_size > h->snapshots_offset
+                     ? img->file_size - h->snapshots_offset : length;
     ret = qcow2_check_table(img, "snapshot table", h->snapshots_offset,
                             length);
     if (ret < 0)

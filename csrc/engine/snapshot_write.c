@@ -553,3 +553,41 @@ int qcow2_snapshot_delete(qcow2_image *img, uint32_t index)
     free(sn_l1);
     return rc;
 }
+
+/* check -r all on entries whose extra data was cut at load: the table
+ * written again as it now stands, switched atomically like any snapshot
+ * operation. */
+int qcow2_snapshot_table_rewrite(qcow2_image *img)
+{
+    qcow2_snapshot **list;
+    uint64_t *l1, table_offset = 0;
+    uint32_t count = img->nb_snapshots;
+    qcow2_switch sw;
+    int rc;
+
+    list = malloc(((size_t)count + 1) * sizeof *list);
+    l1 = malloc(((size_t)img->l1_size + 1) * sizeof *l1);
+    if (!list || !l1) {
+        free(list);
+        free(l1);
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    }
+    for (uint32_t i = 0; i < count; i++)
+        list[i] = &img->snapshots[i];
+    /* commit reloads img->l1: hand it a copy */
+    memcpy(l1, img->l1, (size_t)img->l1_size * sizeof *l1);
+    rc = qcow2_switch_begin(img, &sw);
+    if (rc == 0) {
+        rc = write_table(&sw, list, count, &table_offset);
+        if (rc == 0)
+            rc = qcow2_switch_commit(&sw, img->hdr.l1_table_offset, l1,
+                                     img->l1_size, table_offset, count,
+                                     img->size);
+        qcow2_switch_end(&sw);
+    }
+    if (rc == 0)
+        img->snapshot_extra_dropped = 0;
+    free(list);
+    free(l1);
+    return rc;
+}

@@ -302,4 +302,8 @@ int qcow2_switch_commit(qcow2_switch *sw, uint64_t l1_offset,
  * file is cut off again. */
 void qcow2_switch_end(qcow2_switch *sw);
 
+/* snapshot_write.c: the snapshot table rewritten as parsed (check -r all
+ * after extra data past 1024 bytes was cut at load). */
+int qcow2_snapshot_table_rewrite(qcow2_image *img);
+
 #endif /* QCOW2_WRITE_H */
