@@ -14,23 +14,6 @@ static uint64_t l1_coverage(const qcow2_image *img)
     return 1ull << (img->cluster_bits + img->l2_bits);
 }
 
-/* Write one active L1 entry (synced) and mirror it in memory. */
-static int l1_entry_write(qcow2_image *img, uint32_t l1_index, uint64_t entry)
-{
-    uint8_t bytes[8];
-    int rc;
-
-    put_be64(bytes, entry);
-    rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1, "l1",
-                             img->hdr.l1_table_offset + 8ull * l1_index,
-                             bytes, sizeof bytes);
-    if (rc == 0)
-        rc = qcow2_barrier(img);
-    if (rc == 0)
-        img->l1[l1_index] = entry;
-    return rc;
-}
-
 /* ---- L1 growth ------------------------------------------------------------ */
 
 int qcow2_l1_grow(qcow2_image *img, uint64_t min_entries)
@@ -205,7 +188,7 @@ int qcow2_preallocate_metadata(qcow2_image *img, uint64_t from, uint64_t to,
         if (rc == 0 && is_new) {
             rc = qcow2_barrier(img);
             if (rc == 0)
-                rc = l1_entry_write(img, l1_index,
+                rc = qcow2_l1_entry_write(img, l1_index,
                                     l2_offset | QCOW_OFLAG_COPIED);
         }
         if (rc < 0)
@@ -297,7 +280,7 @@ static int shrink_l2_tail(qcow2_image *img, uint32_t l1_index,
     if (img->l2_cache)
         qcow2_l2_cache_drop(img->l2_cache, l2_offset);
     if (rc == 0 && shared)
-        rc = l1_entry_write(img, l1_index, target | QCOW_OFLAG_COPIED);
+        rc = qcow2_l1_entry_write(img, l1_index, target | QCOW_OFLAG_COPIED);
     if (rc < 0)
         goto out;
     release_entries(img, old, first, end);

@@ -216,8 +216,8 @@ static void release_entry(qcow2_image *img, uint64_t entry)
                               img->cluster_size);
 }
 
-static int write_l1_entry(qcow2_image *img, uint32_t l1_index,
-                          uint64_t entry)
+int qcow2_l1_entry_write(qcow2_image *img, uint32_t l1_index,
+                         uint64_t entry)
 {
     uint8_t bytes[8];
     int rc;
@@ -254,7 +254,7 @@ static int commit_new_table(qcow2_image *img, qcow2_l2_work *work)
         (void)qcow2_free_clusters(img, fresh, img->cluster_size);
         return rc;
     }
-    rc = write_l1_entry(img, work->l1_index, fresh | QCOW_OFLAG_COPIED);
+    rc = qcow2_l1_entry_write(img, work->l1_index, fresh | QCOW_OFLAG_COPIED);
     if (rc < 0)
         return rc;
     work->l2_offset = fresh;

@@ -306,4 +306,9 @@ void qcow2_switch_end(qcow2_switch *sw);
  * after extra data past 1024 bytes was cut at load). */
 int qcow2_snapshot_table_rewrite(qcow2_image *img);
 
+/* write.c: one active L1 entry written (synced) and mirrored in memory; a
+ * failure poisons the handle, the metadata update being half done. */
+int qcow2_l1_entry_write(qcow2_image *img, uint32_t l1_index,
+                         uint64_t entry);
+
 #endif /* QCOW2_WRITE_H */
