@@ -243,6 +243,9 @@ int qcow2_reftable_load(qcow2_image *img);
  * refcount block once. */
 int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
                               uint64_t *out);
+/* Store one refcount entry of any width into a refcount block image. */
+void qcow2_refblock_put(const qcow2_image *img, uint8_t *block,
+                        uint64_t index, uint64_t value);
 
 /* ---- Refcount-block cache (refcount_cache.c) -------------------------
  * Write-through: cached blocks always hold the bytes on disk; writers

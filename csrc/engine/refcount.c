@@ -213,3 +213,26 @@ int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
     free(block);
     return ret;
 }
+
+/* Store one refcount entry of any width into a refcount block image
+ * (docs 4.2: below 8 bits least-significant first, else big-endian). */
+void qcow2_refblock_put(const qcow2_image *img, uint8_t *block,
+                        uint64_t index, uint64_t value)
+{
+    uint32_t bits = img->refcount_bits;
+
+    if (bits < 8) {
+        uint32_t per_byte = 8 / bits;
+        uint32_t shift = (uint32_t)(index % per_byte) * bits;
+        uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
+        block[index / per_byte] = (uint8_t)((block[index / per_byte] & ~mask) |
+                                            ((value << shift) & mask));
+        return;
+    }
+    switch (bits) {
+    case 8:  block[index] = (uint8_t)value; break;
+    case 16: put_be16(block + index * 2, (uint16_t)value); break;
+    case 32: put_be32(block + index * 4, (uint32_t)value); break;
+    default: put_be64(block + index * 8, value); break;
+    }
+}

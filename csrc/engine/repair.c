@@ -178,26 +178,6 @@ int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
 /* ---- Step 2: refcounts ---------------------------------------------------- */
 
 /* Store one refcount entry of any width (QEMU's packing, docs 4.2). */
-static void refblock_put(const qcow2_image *img, uint8_t *block,
-                         uint64_t index, uint64_t value)
-{
-    uint32_t bits = img->refcount_bits;
-
-    if (bits < 8) {
-        uint32_t per_byte = 8 / bits;
-        uint32_t shift = (uint32_t)(index % per_byte) * bits;
-        uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
-        block[index / per_byte] = (uint8_t)((block[index / per_byte] & ~mask) |
-                                            ((value << shift) & mask));
-        return;
-    }
-    switch (bits) {
-    case 8:  block[index] = (uint8_t)value; break;
-    case 16: put_be16(block + index * 2, (uint16_t)value); break;
-    case 32: put_be32(block + index * 4, (uint32_t)value); break;
-    default: put_be64(block + index * 8, value); break;
-    }
-}
 
 /* 1 when the refcount structure cannot be trusted as it is (QEMU's
  * "rebuild" flag), 0 when raising some refcounts is enough. */
@@ -313,7 +293,7 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
             if (value > st->count_max)
                 value = st->count_max;
             if (value)
-                refblock_put(img, buf, e, value);
+                qcow2_refblock_put(img, buf, e, value);
         }
         reftable[b] = (start + b) * cs;
         /* the old structure may claim these clusters: it is being

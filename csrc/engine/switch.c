@@ -371,27 +371,6 @@ int qcow2_switch_write_l1(qcow2_switch *sw, const uint64_t *l1,
 
 /* ---- The refcount structure ---------------------------------------------------- */
 
-/* Store one refcount entry of any width (docs 4.2; repair.c's packing). */
-static void refblock_put(const qcow2_image *img, uint8_t *block,
-                         uint64_t index, uint64_t value)
-{
-    uint32_t bits = img->refcount_bits;
-
-    if (bits < 8) {
-        uint32_t per_byte = 8 / bits;
-        uint32_t shift = (uint32_t)(index % per_byte) * bits;
-        uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
-        block[index / per_byte] = (uint8_t)((block[index / per_byte] & ~mask) |
-                                            ((value << shift) & mask));
-        return;
-    }
-    switch (bits) {
-    case 8:  block[index] = (uint8_t)value; break;
-    case 16: put_be16(block + index * 2, (uint16_t)value); break;
-    case 32: put_be32(block + index * 4, (uint32_t)value); break;
-    default: put_be64(block + index * 8, value); break;
-    }
-}
 
 /*
  * Refcount blocks covering [0, end of the new structures) at sw->next,
@@ -445,7 +424,7 @@ static int write_refcounts(qcow2_switch *sw, uint64_t *table_offset,
         for (uint64_t e = 0; e < per_block; e++) {
             uint64_t k = b * per_block + e;
             if (k < sw->nb_clusters && sw->counts[k])
-                refblock_put(img, buf, e, sw->counts[k]);
+                qcow2_refblock_put(img, buf, e, sw->counts[k]);
         }
         table[b] = offset + b * cs;
         rc = qcow2_write_checked(img, 0, "refcount_block", table[b], buf,
