@@ -49,6 +49,7 @@ build = {
             "csrc/engine/read.c",
             "csrc/engine/refcount.c",
             "csrc/engine/refcount_cache.c",
+            "csrc/engine/reftable_grow.c",
             "csrc/engine/repair.c",
             "csrc/engine/resize.c",
             "csrc/engine/snapshot.c",

@@ -16,24 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
-
-#define REFTABLE_MAX_ENTRIES  (QCOW2_MAX_REFTABLE_BYTES / 8)
+#include "alloc.h"
 
 /* ---- Entry packing ------------------------------------------------------- */
 
-/* Some entries of one refcount block, held as the bytes that store them:
- * 1/2/4-bit entries share bytes (least significant bits first), wider
- * ones are big-endian integers. */
-typedef struct refblock_span {
-    uint64_t block_offset;      /* host offset of the refcount block */
-    uint64_t first;             /* first entry (index inside the block) */
-    uint64_t count;             /* entries */
-    uint64_t byte_start;        /* byte of the block holding `first` */
-    size_t byte_len;
-    uint8_t *bytes;             /* byte_len bytes */
-    uint32_t bits;
-} refblock_span;
 
 static uint64_t refcount_max(const qcow2_image *img)
 {
@@ -41,9 +27,9 @@ static uint64_t refcount_max(const qcow2_image *img)
                                     : (1ull << img->refcount_bits) - 1;
 }
 
-static void span_init(const qcow2_image *img, uint64_t block_offset,
-                      uint64_t first, uint64_t count, uint8_t *bytes,
-                      refblock_span *span)
+void alloc_span_init(const qcow2_image *img, uint64_t block_offset,
+                     uint64_t first, uint64_t count, uint8_t *bytes,
+                     refblock_span *span)
 {
     uint32_t bits = img->refcount_bits;
 
@@ -63,7 +49,7 @@ static void span_init(const qcow2_image *img, uint64_t block_offset,
     }
 }
 
-static uint64_t span_get(const refblock_span *span, uint64_t entry)
+uint64_t alloc_span_get(const refblock_span *span, uint64_t entry)
 {
     uint32_t bits = span->bits;
     const uint8_t *p;
@@ -83,7 +69,7 @@ static uint64_t span_get(const refblock_span *span, uint64_t entry)
     }
 }
 
-static void span_set(refblock_span *span, uint64_t entry, uint64_t value)
+void alloc_span_set(refblock_span *span, uint64_t entry, uint64_t value)
 {
     uint32_t bits = span->bits;
     uint8_t *p;
@@ -105,7 +91,7 @@ static void span_set(refblock_span *span, uint64_t entry, uint64_t value)
     }
 }
 
-static int span_load(qcow2_image *img, refblock_span *span)
+int alloc_span_load(qcow2_image *img, refblock_span *span)
 {
     return qcow2_refcount_block_read(img, span->block_offset,
                                      span->byte_start, span->bytes,
@@ -114,7 +100,7 @@ static int span_load(qcow2_image *img, refblock_span *span)
 
 /* Written through: only the bytes that hold the span's entries
  * (qcow2_write_checked patches the cached block too). */
-static int span_store(qcow2_image *img, const refblock_span *span)
+int alloc_span_store(qcow2_image *img, const refblock_span *span)
 {
     return qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
                                span->block_offset + span->byte_start,
@@ -123,7 +109,7 @@ static int span_store(qcow2_image *img, const refblock_span *span)
 
 /* ---- Refcount table ------------------------------------------------------ */
 
-static int need_write_state(qcow2_image *img)
+int alloc_need_write_state(qcow2_image *img)
 {
     if (!img->ws || img->read_only)
         return qcow2_fail(img, QCOW2_E_READONLY, "image is open read-only");
@@ -176,11 +162,11 @@ int qcow2_refcount_get(qcow2_image *img, uint64_t host_cluster,
     rc = refblock_at(img, host_cluster / entries, &block);
     if (rc < 0 || block == 0)
         return rc;
-    span_init(img, block, host_cluster % entries, 1, bytes, &span);
-    rc = span_load(img, &span);
+    alloc_span_init(img, block, host_cluster % entries, 1, bytes, &span);
+    rc = alloc_span_load(img, &span);
     if (rc < 0)
         return rc;
-    *refcount = span_get(&span, host_cluster % entries);
+    *refcount = alloc_span_get(&span, host_cluster % entries);
     return 0;
 }
 
@@ -204,7 +190,7 @@ static int reftable_hook(qcow2_image *img, uint64_t index, uint64_t block)
 
 /* ---- Free-cluster search ----------------------------------------------- */
 
-static uint64_t max_host_cluster(const qcow2_image *img)
+uint64_t alloc_max_host_cluster(const qcow2_image *img)
 {
     return QCOW2_MAX_HOST_OFFSET >> img->cluster_bits;
 }
@@ -227,8 +213,8 @@ static int find_free_run(qcow2_image *img, uint64_t *from, uint64_t count,
         uint64_t n = entries - in_block, block;
         refblock_span span;
 
-        if (cluster > max_host_cluster(img) ||
-            count - run > max_host_cluster(img) - cluster) {
+        if (cluster > alloc_max_host_cluster(img) ||
+            count - run > alloc_max_host_cluster(img) - cluster) {
             rc = qcow2_fail(img, QCOW2_E_NOSPC, "no room for %llu clusters "
                             "below the largest host offset",
                             (unsigned long long)count);
@@ -250,13 +236,13 @@ static int find_free_run(qcow2_image *img, uint64_t *from, uint64_t count,
             rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
             break;
         }
-        span_init(img, block, in_block, n, bytes, &span);
-        rc = span_load(img, &span);
+        alloc_span_init(img, block, in_block, n, bytes, &span);
+        rc = alloc_span_load(img, &span);
         if (rc < 0)
             break;
         for (uint64_t e = in_block; e < entries && run < count; e++) {
             cluster++;
-            if (span_get(&span, e) != 0) {
+            if (alloc_span_get(&span, e) != 0) {
                 run = 0;
                 run_start = cluster;
             } else {
@@ -340,23 +326,23 @@ static int update_pass(qcow2_image *img, uint64_t first, uint64_t last,
             cluster += n;
             continue;
         }
-        span_init(img, block, in_block, n, bytes, &span);
-        rc = span_load(img, &span);
+        alloc_span_init(img, block, in_block, n, bytes, &span);
+        rc = alloc_span_load(img, &span);
         if (rc < 0)
             return rc;
         for (uint64_t k = 0; k < n; k++) {
             rc = apply_delta(img, cluster + k,
-                             span_get(&span, in_block + k), delta, &updated);
+                             alloc_span_get(&span, in_block + k), delta, &updated);
             if (rc < 0)
                 return rc;
             if (apply) {
-                span_set(&span, in_block + k, updated);
+                alloc_span_set(&span, in_block + k, updated);
                 if (updated == 0)
                     cluster_freed(img, cluster + k);
             }
         }
         if (apply) {
-            rc = span_store(img, &span);
+            rc = alloc_span_store(img, &span);
             if (rc < 0)
                 return rc;
         }
@@ -402,7 +388,7 @@ int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
     uint8_t *bytes;
     int rc;
 
-    rc = need_write_state(img);
+    rc = alloc_need_write_state(img);
     if (rc < 0 || length == 0 || delta == 0)
         return rc;
     if (add_overflows(offset, length, &end) ||
@@ -453,8 +439,8 @@ static int write_new_refblock(qcow2_image *img, uint64_t cluster, int self)
     if (self) {
         refblock_span span;
         uint64_t entry = cluster % img->refblock_entries;
-        span_init(img, 0, 0, img->refblock_entries, bytes, &span);
-        span_set(&span, entry, 1);
+        alloc_span_init(img, 0, 0, img->refblock_entries, bytes, &span);
+        alloc_span_set(&span, entry, 1);
     }
     rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
                              cluster << img->cluster_bits, bytes,
@@ -482,7 +468,7 @@ static int hook_refblock(qcow2_image *img, uint64_t index, uint64_t cluster,
      * clusters we need, where they describe themselves. */
     blocks_used = div_round_up(max_u64(needed_cluster, cluster) + 1, entries);
     if (mul_overflows(blocks_used, entries, &meta_offset) ||
-        meta_offset > max_host_cluster(img))
+        meta_offset > alloc_max_host_cluster(img))
         return qcow2_fail(img, QCOW2_E_NOSPC, "refcount table cannot grow "
                           "past the largest host offset");
     meta_offset <<= img->cluster_bits;
@@ -543,190 +529,6 @@ static int create_refblock(qcow2_image *img, uint64_t index,
     return rc;
 }
 
-/* ---- Refcount table growth ------------------------------------------------ */
-
-/* QEMU's fixed point: refcount blocks needed so that `clusters` plus the
- * blocks and table themselves are covered; `generous` adds half the
- * table again, as QEMU does for a table that will keep growing. */
-static uint64_t refcount_blocks_needed(const qcow2_image *img,
-                                       uint64_t clusters, int generous)
-{
-    uint64_t per_table_cluster = img->cluster_size / 8;
-    uint64_t entries = img->refblock_entries;
-    uint64_t table = 0, blocks = 0, total = 0, previous;
-
-    do {
-        previous = total;
-        blocks = div_round_up(clusters + table + blocks, entries);
-        table = div_round_up(blocks, per_table_cluster);
-        total = clusters + blocks + table;
-        if (total == previous && generous) {
-            clusters += div_round_up(table, 2);
-            total = 0;
-            generous = 0;
-        }
-    } while (total != previous);
-    return blocks;
-}
-
-/* Set refcount 1 on the clusters of [area_first, area_end) that refcount
- * block `index` covers; they must be free. A new block is written whole. */
-static int count_area_in_block(qcow2_image *img, uint64_t index,
-                               uint64_t block, int is_new,
-                               uint64_t area_first, uint64_t area_end,
-                               uint8_t *bytes)
-{
-    uint64_t entries = img->refblock_entries;
-    uint64_t covered = index * entries;
-    uint64_t first = max_u64(area_first, covered);
-    uint64_t end = min_u64(area_end, covered + entries);
-    refblock_span span;
-    int rc;
-
-    if (is_new) {
-        memset(bytes, 0, img->cluster_size);
-        span_init(img, block, 0, entries, bytes, &span);
-    } else if (first < end) {
-        span_init(img, block, first - covered, end - first, bytes, &span);
-        rc = span_load(img, &span);
-        if (rc < 0)
-            return rc;
-    } else {
-        return 0;
-    }
-    for (uint64_t c = first; c < end; c++) {
-        if (span_get(&span, c - covered) != 0)
-            return qcow2_fail(img, QCOW2_E_CORRUPT, "cluster %llu meant for "
-                              "the new refcount structures is in use",
-                              (unsigned long long)c);
-        span_set(&span, c - covered, 1);
-    }
-    rc = span_store(img, &span);
-    if (rc == 0 && is_new)
-        qcow2_refcount_cache_install(img, block, bytes);
-    return rc;
-}
-
-static int write_reftable(qcow2_image *img, const uint64_t *table,
-                          uint64_t entries, uint64_t offset)
-{
-    uint8_t *bytes = malloc(entries * 8);
-    int rc;
-
-    if (!bytes)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    for (uint64_t i = 0; i < entries; i++)
-        put_be64(bytes + i * 8, table[i]);
-    rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_TABLE, "refcount_table",
-                             offset, bytes, entries * 8);
-    free(bytes);
-    return rc;
-}
-
-int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
-                        uint64_t additional_clusters, int exact,
-                        uint64_t new_block_index, uint64_t new_block_offset,
-                        uint64_t *end_offset)
-{
-    uint64_t cs = img->cluster_size, per_table_cluster = cs / 8;
-    uint64_t start = start_offset >> img->cluster_bits;
-    uint64_t clusters, total_blocks, table_entries, table_clusters;
-    uint64_t area_index, missing = 0, block_cluster, table_cluster, end;
-    uint64_t old_offset = img->hdr.refcount_table_offset;
-    uint64_t old_clusters = img->hdr.refcount_table_clusters;
-    uint64_t *table;
-    uint8_t *bytes;
-    int rc;
-
-    rc = need_write_state(img);
-    if (rc < 0)
-        return rc;
-    if (!is_aligned(start_offset, cs) ||
-        add_overflows(start, additional_clusters, &clusters) ||
-        clusters > max_host_cluster(img))
-        return qcow2_fail(img, QCOW2_E_NOSPC, "refcount structures for "
-                          "0x%llx clusters do not fit",
-                          (unsigned long long)additional_clusters);
-    total_blocks = refcount_blocks_needed(img, clusters, !exact);
-    table_entries = exact ? total_blocks
-                          : total_blocks + div_round_up(total_blocks, 2);
-    table_entries = align_up(table_entries, per_table_cluster);
-    if (total_blocks > REFTABLE_MAX_ENTRIES ||
-        table_entries > REFTABLE_MAX_ENTRIES)
-        return qcow2_fail(img, QCOW2_E_NOSPC, "refcount table would exceed "
-                          "%u bytes", QCOW2_MAX_REFTABLE_BYTES);
-    table_clusters = table_entries / per_table_cluster;
-    area_index = start / img->refblock_entries;
-
-    table = calloc(table_entries, sizeof *table);
-    bytes = malloc(cs);
-    if (!table || !bytes) {
-        rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-        goto out;
-    }
-    for (uint64_t i = 0; i < img->reftable_entries; i++) {
-        if (i < table_entries) {
-            table[i] = img->reftable[i];
-        } else if (img->reftable[i]) {
-            rc = qcow2_fail(img, QCOW2_E_INVALID, "refcount block %llu in "
-                            "use past the new refcount table",
-                            (unsigned long long)i);
-            goto out;
-        }
-    }
-    if (new_block_offset) {
-        if (new_block_index >= total_blocks) {
-            rc = qcow2_fail(img, QCOW2_E_INVALID, "new refcount block %llu "
-                            "outside the new refcount table",
-                            (unsigned long long)new_block_index);
-            goto out;
-        }
-        table[new_block_index] = new_block_offset;
-    }
-    for (uint64_t i = area_index; i < total_blocks; i++)
-        missing += table[i] == 0;
-    table_cluster = start + missing;
-    end = table_cluster + table_clusters;
-
-    /* The blocks first (new ones whole), each counting the new
-     * structures it covers; then the table; then the header switch. */
-    block_cluster = start;
-    for (uint64_t i = area_index; i < total_blocks; i++) {
-        int is_new = table[i] == 0;
-        if (is_new)
-            table[i] = (block_cluster++) << img->cluster_bits;
-        rc = count_area_in_block(img, i, table[i] & REFT_OFFSET_MASK, is_new,
-                                 start, end, bytes);
-        if (rc < 0)
-            goto out;
-    }
-    rc = qcow2_barrier(img);
-    if (rc == 0)
-        rc = write_reftable(img, table, table_entries,
-                            table_cluster << img->cluster_bits);
-    if (rc == 0)
-        rc = qcow2_barrier(img);
-    if (rc == 0)
-        rc = qcow2_header_set_reftable(img, table_cluster << img->cluster_bits,
-                                       (uint32_t)table_clusters);
-    if (rc < 0)
-        goto out;
-
-    free(img->reftable);
-    img->reftable = table;
-    img->reftable_entries = table_entries;
-    table = NULL;
-    *end_offset = end << img->cluster_bits;
-    /* A failure to free the old table only leaks it. */
-    if (old_clusters)
-        (void)qcow2_free_clusters(img, old_offset, old_clusters * cs);
-    rc = 0;
-out:
-    free(table);
-    free(bytes);
-    return rc;
-}
-
 /* ---- Allocation ------------------------------------------------------------ */
 
 int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
@@ -734,11 +536,11 @@ int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
 {
     qcow2_write_state *ws;
     uint64_t start;
-    int rc = need_write_state(img);
+    int rc = alloc_need_write_state(img);
 
     if (rc < 0)
         return rc;
-    if (count == 0 || count > max_host_cluster(img))
+    if (count == 0 || count > alloc_max_host_cluster(img))
         return qcow2_fail(img, QCOW2_E_INVALID, "cannot allocate %llu "
                           "clusters", (unsigned long long)count);
     ws = img->ws;
@@ -770,7 +572,7 @@ int qcow2_alloc_clusters_at(qcow2_image *img, uint64_t offset,
                             uint64_t count)
 {
     uint64_t first = offset >> img->cluster_bits, last, bytes;
-    int rc = need_write_state(img);
+    int rc = alloc_need_write_state(img);
 
     if (rc < 0)
         return rc;
@@ -778,7 +580,7 @@ int qcow2_alloc_clusters_at(qcow2_image *img, uint64_t offset,
         return 0;
     if (!is_aligned(offset, img->cluster_size) ||
         add_overflows(first, count - 1, &last) ||
-        last > max_host_cluster(img))
+        last > alloc_max_host_cluster(img))
         return qcow2_fail(img, QCOW2_E_INVALID, "cannot allocate %llu "
                           "clusters at 0x%llx", (unsigned long long)count,
                           (unsigned long long)offset);
@@ -808,7 +610,7 @@ int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
 {
     qcow2_write_state *ws;
     uint64_t cs = img->cluster_size, offset, free_in_cluster = 0;
-    int rc = need_write_state(img);
+    int rc = alloc_need_write_state(img);
 
     if (rc < 0)
         return rc;
@@ -891,12 +693,12 @@ int qcow2_last_used_cluster(qcow2_image *img, uint64_t clusters,
             continue;
         }
         n = min_u64(entries, clusters - index * entries);
-        span_init(img, block, 0, n, bytes, &span);
-        rc = span_load(img, &span);
+        alloc_span_init(img, block, 0, n, bytes, &span);
+        rc = alloc_span_load(img, &span);
         if (rc < 0)
             break;
         for (uint64_t e = n; e-- > 0;) {
-            if (span_get(&span, e) != 0) {
+            if (alloc_span_get(&span, e) != 0) {
                 *last = (int64_t)(index * entries + e);
                 free(bytes);
                 return 0;
@@ -921,13 +723,13 @@ int qcow2_refblock_unused(qcow2_image *img, uint64_t index, int *unused)
     bytes = malloc(img->cluster_size);
     if (!bytes)
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    span_init(img, block, 0, entries, bytes, &span);
-    rc = span_load(img, &span);
+    alloc_span_init(img, block, 0, entries, bytes, &span);
+    rc = alloc_span_load(img, &span);
     if (rc == 0) {
         /* A block that counts only itself counts nothing. */
         if ((block >> img->cluster_bits) / entries == index) {
             self = (block >> img->cluster_bits) % entries;
-            span_set(&span, self, 0);
+            alloc_span_set(&span, self, 0);
         }
         *unused = 1;
         for (uint64_t i = 0; i < img->cluster_size && *unused; i++)
