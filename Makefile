@@ -6,12 +6,15 @@ LUA_VERSION ?= 5.4
 LUA         ?= lua$(LUA_VERSION)
 PKGS        := lua$(LUA_VERSION) zlib libcrypto libzstd
 CC          ?= cc
-PKG_CFLAGS  := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS    := $(shell pkg-config --libs zlib libcrypto libzstd 2>/dev/null)
+# pkg-config is asked when a recipe first needs the flags, not when the
+# Makefile is parsed: on a new machine `make deps demo` installs pkg-config
+# and the headers first (deferred variables that cache their first value).
+PKG_CFLAGS   = $(eval PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null))$(PKG_CFLAGS)
+PKG_LIBS     = $(eval PKG_LIBS := $(shell pkg-config --libs zlib libcrypto libzstd 2>/dev/null))$(PKG_LIBS)
 
 CFLAGS      ?= -O2 -g
 WARN        := -std=c11 -Wall -Wextra -Werror -Wshadow -Wvla
-ALL_CFLAGS  := $(WARN) -D_GNU_SOURCE -fPIC $(PKG_CFLAGS) $(CFLAGS)
+ALL_CFLAGS   = $(WARN) -D_GNU_SOURCE -fPIC $(PKG_CFLAGS) $(CFLAGS)
 LDFLAGS     ?=
 
 BUILD       ?= build
@@ -32,6 +35,11 @@ all: $(MODULE)
 $(BUILD)/obj/%.o: csrc/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+# With `make deps <target>` (and -j), nothing compiles before deps is done.
+ifneq ($(filter deps,$(MAKECMDGOALS)),)
+$(OBJ): | deps
+endif
 
 $(MODULE): $(OBJ)
 	@mkdir -p $(dir $@)
