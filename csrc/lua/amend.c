@@ -31,13 +31,14 @@ static int creation_only_same(lua_State *L, ql_image *q, const char *key)
         return lua_tointeger(L, -1) == (lua_Integer)1 << h->refcount_order;
     if (strcmp(key, "extended_l2") == 0)
         return lua_toboolean(L, -1) ==
-               ((h->incompatible_features & (1u << 4)) != 0);
+               ((h->incompatible_features & QCOW2_INCOMPAT_EXTL2) != 0);
     if (strcmp(key, "compression_type") == 0)
         return strcmp(lua_tostring(L, -1),
-                      h->compression_type ? "zstd" : "zlib") == 0;
+                      h->compression_type == QCOW2_COMPRESSION_ZSTD
+                          ? "zstd" : "zlib") == 0;
     if (strcmp(key, "encrypt") == 0)
         return lua_isboolean(L, -1) &&
-               lua_toboolean(L, -1) == (h->crypt_method != 0);
+               lua_toboolean(L, -1) == (h->crypt_method != QCOW2_CRYPT_NONE);
     return 0;   /* data_file, data_file_raw */
 }
 

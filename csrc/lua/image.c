@@ -244,15 +244,6 @@ static int image_digest(lua_State *L)
 
 /* ---- info() --------------------------------------------------------------------- */
 
-/* QEMU's path_has_protocol: "nbd://..." or "json:{...}", a colon before
- * any slash. */
-static int has_protocol(const char *name)
-{
-    const char *colon = strchr(name, ':');
-    const char *slash = strchr(name, '/');
-    return colon && (!slash || colon < slash);
-}
-
 /* full-backing-filename as qemu-img info prints it: the name combined with
  * the image's folder (bdrv_get_full_backing_filename / path_combine). */
 static void push_full_backing_name(lua_State *L, const char *image_path,
@@ -260,7 +251,7 @@ static void push_full_backing_name(lua_State *L, const char *image_path,
 {
     const char *slash;
 
-    if (backing[0] == '/' || has_protocol(backing)) {
+    if (backing[0] == '/' || qcow2_has_protocol(backing)) {
         lua_pushstring(L, backing);
         return;
     }
@@ -317,32 +308,38 @@ static void push_format_specific(lua_State *L, qcow2_image *h,
     ql_set_str(L, "type", "qcow2");
     lua_createtable(L, 0, 8);
     ql_set_str(L, "compression-type",
-               hdr->compression_type == 1 ? "zstd" : "zlib");
+               hdr->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd"
+                                                                : "zlib");
     ql_set_int(L, "refcount-bits", (uint64_t)1 << hdr->refcount_order);
     if (hdr->version == 2) {
         ql_set_str(L, "compat", "0.10");
     } else {
         ql_set_str(L, "compat", "1.1");
         ql_set_bool(L, "lazy-refcounts",
-                    (hdr->compatible_features & 1) != 0);
+                    (hdr->compatible_features &
+                     QCOW2_COMPAT_LAZY_REFCOUNTS) != 0);
         ql_set_bool(L, "corrupt",
-                    (hdr->incompatible_features & (1u << 1)) != 0);
+                    (hdr->incompatible_features &
+                     QCOW2_INCOMPAT_CORRUPT) != 0);
         ql_set_bool(L, "extended-l2",
-                    (hdr->incompatible_features & (1u << 4)) != 0);
+                    (hdr->incompatible_features &
+                     QCOW2_INCOMPAT_EXTL2) != 0);
         if (ext && ext->data_file)
             ql_set_str(L, "data-file", ext->data_file);
         /* QEMU prints data-file-raw whenever an external data file is in
          * use (incompatible bit 2); its value is autoclear bit 1. */
-        if (hdr->incompatible_features & (1u << 2))
+        if (hdr->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
             ql_set_bool(L, "data-file-raw",
-                        (hdr->autoclear_features & (1u << 1)) != 0);
+                        (hdr->autoclear_features &
+                         QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0);
         push_bitmaps(L, h);
     }
-    if (hdr->crypt_method != 0) {
+    if (hdr->crypt_method != QCOW2_CRYPT_NONE) {
         /* TODO(engine): LUKS details (cipher-alg, slots, ...) need the
          * parsed crypto header; only the format is known here. */
         lua_createtable(L, 0, 1);
-        ql_set_str(L, "format", hdr->crypt_method == 1 ? "aes" : "luks");
+        ql_set_str(L, "format", hdr->crypt_method == QCOW2_CRYPT_AES ? "aes"
+                                                           : "luks");
         lua_setfield(L, -2, "encrypt");
     }
     lua_setfield(L, -2, "data");
@@ -396,12 +393,13 @@ static int image_info(lua_State *L)
     if (qcow2_allocated_file_size(h, &allocated) == 0)
         ql_set_int(L, "actual-size", allocated);
     ql_set_bool(L, "dirty-flag",
-                hdr && (hdr->incompatible_features & 1) != 0);
+                hdr && (hdr->incompatible_features &
+                        QCOW2_INCOMPAT_DIRTY) != 0);
     if (hdr) {
         ql_set_int(L, "cluster-size", qcow2_cluster_size(h));
         push_format_specific(L, h, hdr);
         lua_setfield(L, -2, "format-specific");
-        if (hdr->crypt_method != 0)
+        if (hdr->crypt_method != QCOW2_CRYPT_NONE)
             ql_set_bool(L, "encrypted", 1);
     }
     if (backing) {
