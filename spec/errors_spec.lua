@@ -51,6 +51,11 @@ local misuse = {
     function(c) return qcow2.create(c.path, { size = SIZE, sise = 1 }) end,
   },
   probe = { function() return qcow2.probe({}) end },
+  human_size = {
+    function() return qcow2.human_size(-1) end,
+    function() return qcow2.human_size("1") end,
+    function() return qcow2.human_size(1.5) end,
+  },
 
   -- Image
   read = {
