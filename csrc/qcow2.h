@@ -107,6 +107,8 @@ uint32_t qcow2_version(const qcow2_image *img);       /* 0 for raw */
 int qcow2_is_read_only(const qcow2_image *img);
 const char *qcow2_backing_name(const qcow2_image *img);   /* NULL if none */
 const char *qcow2_backing_format(const qcow2_image *img); /* NULL if none */
+/* QEMU's path_has_protocol: a ':' before any '/' ("nbd://x", "json:{}"). */
+int qcow2_has_protocol(const char *name);
 /* The opened backing image (NULL if none or not opened). Owned by img. */
 qcow2_image *qcow2_backing(const qcow2_image *img);
 /* Size of the file on disk in bytes (stat st_size). */
@@ -179,6 +181,22 @@ typedef struct qcow2_header {
     uint32_t header_length;
     uint8_t compression_type;   /* 0 when the field is absent */
 } qcow2_header;
+
+/* The format's values for the fields above (the engine's internal names
+ * are these; the binding reads headers with them, never with literals). */
+#define QCOW2_INCOMPAT_DIRTY            (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT          (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE        (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION      (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2            (1ull << 4)
+#define QCOW2_COMPAT_LAZY_REFCOUNTS     (1ull << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS         (1ull << 0)
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW   (1ull << 1)
+#define QCOW2_CRYPT_NONE                0u
+#define QCOW2_CRYPT_AES                 1u
+#define QCOW2_CRYPT_LUKS                2u
+#define QCOW2_COMPRESSION_ZLIB          0
+#define QCOW2_COMPRESSION_ZSTD          1
 
 typedef struct qcow2_header_extension {
     uint32_t magic;

@@ -59,6 +59,7 @@ build = {
             "csrc/engine/write_state.c",
             "csrc/engine/zero.c",
             "csrc/lua/amend.c",
+            "csrc/lua/args.c",
             "csrc/lua/check.c",
             "csrc/lua/common.c",
             "csrc/lua/create.c",

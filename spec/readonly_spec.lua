@@ -177,7 +177,6 @@ for _, case in ipairs(cases) do
       { "amend", function(img) return img:amend({ lazy_refcounts = false }) end },
       { "make_empty", function(img) return img:make_empty() end },
       { "save_vmstate", function(img) return img:save_vmstate(0, "state") end },
-      { "commit", function(img) return img:commit() end },
       { "Snapshot:apply", function(img) return img:snapshots()[1]:apply() end },
       { "Snapshot:delete", function(img) return img:snapshots()[1]:delete() end },
       { "write on a snapshot view", function(img)

@@ -164,7 +164,7 @@ static char *join_path(const char *dir, const char *name)
 }
 
 /* QEMU's path_has_protocol: a ':' before any '/' ("nbd://", "file:x"). */
-static int has_protocol(const char *name)
+int qcow2_has_protocol(const char *name)
 {
     return name[strcspn(name, ":/")] == ':';
 }
@@ -179,7 +179,7 @@ static int resolve_plain_name(qcow2_image *img, const char *what,
         return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
                           "%s '%s': json: names are not followed", what,
                           name);
-    if (has_protocol(name))
+    if (qcow2_has_protocol(name))
         return qcow2_fail(img, QCOW2_E_UNSUPPORTED,
                           "%s '%s': protocol names are not followed", what,
                           name);

@@ -42,15 +42,15 @@
 #define QCOW_OFLAG_COMPRESSED       (1ull << 62)
 #define QCOW_OFLAG_ZERO             (1ull << 0)
 
-#define INCOMPAT_DIRTY              (1ull << 0)
-#define INCOMPAT_CORRUPT            (1ull << 1)
-#define INCOMPAT_DATA_FILE          (1ull << 2)
-#define INCOMPAT_COMPRESSION        (1ull << 3)
-#define INCOMPAT_EXTL2              (1ull << 4)
+#define INCOMPAT_DIRTY              QCOW2_INCOMPAT_DIRTY
+#define INCOMPAT_CORRUPT            QCOW2_INCOMPAT_CORRUPT
+#define INCOMPAT_DATA_FILE          QCOW2_INCOMPAT_DATA_FILE
+#define INCOMPAT_COMPRESSION        QCOW2_INCOMPAT_COMPRESSION
+#define INCOMPAT_EXTL2              QCOW2_INCOMPAT_EXTL2
 #define INCOMPAT_KNOWN              0x1full
-#define COMPAT_LAZY_REFCOUNTS       (1ull << 0)
-#define AUTOCLEAR_BITMAPS           (1ull << 0)
-#define AUTOCLEAR_DATA_FILE_RAW     (1ull << 1)
+#define COMPAT_LAZY_REFCOUNTS       QCOW2_COMPAT_LAZY_REFCOUNTS
+#define AUTOCLEAR_BITMAPS           QCOW2_AUTOCLEAR_BITMAPS
+#define AUTOCLEAR_DATA_FILE_RAW     QCOW2_AUTOCLEAR_DATA_FILE_RAW
 
 #define EXT_END                     0x00000000u
 #define EXT_BACKING_FORMAT          0xE2792ACAu
@@ -59,12 +59,12 @@
 #define EXT_CRYPTO_HEADER           0x0537BE77u
 #define EXT_DATA_FILE               0x44415441u
 
-#define COMPRESSION_ZLIB            0
-#define COMPRESSION_ZSTD            1
+#define COMPRESSION_ZLIB            QCOW2_COMPRESSION_ZLIB
+#define COMPRESSION_ZSTD            QCOW2_COMPRESSION_ZSTD
 
-#define CRYPT_NONE                  0u
-#define CRYPT_AES                   1u
-#define CRYPT_LUKS                  2u
+#define CRYPT_NONE                  QCOW2_CRYPT_NONE
+#define CRYPT_AES                   QCOW2_CRYPT_AES
+#define CRYPT_LUKS                  QCOW2_CRYPT_LUKS
 
 /* ---- I/O backends (io.c) ------------------------------------------------ */
 typedef struct qcow2_io qcow2_io;

@@ -5,16 +5,14 @@
  * The engine's result (counts and findings) is copied into the userdata
  * once; the result does not keep the Image alive and stays readable after
  * the image is closed. user value 1 is the file name qemu-img would print.
- * Registered by ql_check_register (called from luaopen_qcow2_core), which
- * also adds `check` to the Image methods, so image.c needs no change.
+ * img:check is listed in ql_image_check_methods, which image.c assembles
+ * into the Image methods.
  */
 #include <stdio.h>
 #include <string.h>
 
 #include "common.h"
 
-#define QL_CHECK            "qcow2.CheckResult"
-#define QL_METHODS_CHECK    "qcow2.CheckResult.methods"
 #define QL_UV_FILENAME      1
 
 typedef struct ql_check {
@@ -39,25 +37,27 @@ static ql_check *check_result(lua_State *L, int idx)
 
 /* ---- img:check([{repair = "leaks" | "all"}]) ------------------------------- */
 
+/* opts.repair: nil or false (none), "leaks" or "all"; anything else is
+ * misuse and raises. */
 static int parse_repair(lua_State *L, int idx)
 {
-    const char *name = NULL;
-    int mode;
+    static const char *const keys[] = { "repair", NULL };
+    static const char *const modes[] = { "leaks", "all", NULL };
+    int mode = QCOW2_REPAIR_NONE;
 
-    if (lua_isnoneornil(L, idx))
-        return QCOW2_REPAIR_NONE;
-    luaL_checktype(L, idx, LUA_TTABLE);
-    lua_getfield(L, idx, "repair");
-    if (lua_isnil(L, -1) || (lua_isboolean(L, -1) && !lua_toboolean(L, -1)))
-        mode = QCOW2_REPAIR_NONE;
-    else if (lua_type(L, -1) == LUA_TSTRING &&
-             strcmp((name = lua_tostring(L, -1)), "leaks") == 0)
-        mode = QCOW2_REPAIR_LEAKS;
-    else if (lua_type(L, -1) == LUA_TSTRING && strcmp(name, "all") == 0)
-        mode = QCOW2_REPAIR_ALL;
-    else
-        return luaL_argerror(L, idx, "repair must be \"leaks\" or \"all\"");
+    if (!ql_opt_options(L, idx, "check", keys))
+        return mode;
+    if (lua_getfield(L, idx, "repair") == LUA_TBOOLEAN &&
+        !lua_toboolean(L, -1)) {
+        lua_pop(L, 1);
+        return mode;
+    }
     lua_pop(L, 1);
+    switch (ql_opt_choice(L, idx, "check", "repair", modes)) {
+    case 0: mode = QCOW2_REPAIR_LEAKS; break;
+    case 1: mode = QCOW2_REPAIR_ALL; break;
+    default: break;
+    }
     return mode;
 }
 
@@ -243,36 +243,24 @@ static int check_gc(lua_State *L)
 
 /* ---- Registration -------------------------------------------------------------- */
 
-/*
- * Register "qcow2.CheckResult" and add `check` to the Image methods.
- * Called by luaopen_qcow2_core after ql_image_register, with the module
- * table on top of the stack: its `methods` table gets `CheckResult` so
- * that init.lua can add to_json in Lua.
- */
-void ql_check_register(lua_State *L)
+const luaL_Reg ql_image_check_methods[] = {
+    {"check", image_check},
+    {NULL, NULL}
+};
+
+void ql_check_result_register(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"findings", check_findings},
         {NULL, NULL}
     };
+    static const luaL_Reg *const all[] = { methods, NULL };
     static const luaL_Reg metamethods[] = {
         {"__gc", check_gc},
         {"__tostring", check_tostring},
         {NULL, NULL}
     };
 
-    ql_register_type(L, QL_CHECK, QL_METHODS_CHECK, methods, metamethods,
+    ql_register_type(L, QL_CHECK, QL_METHODS_CHECK, all, metamethods,
                      check_fields);
-    if (lua_getfield(L, LUA_REGISTRYINDEX, QL_METHODS_IMAGE) == LUA_TTABLE) {
-        lua_pushcfunction(L, image_check);
-        lua_setfield(L, -2, "check");
-    }
-    lua_pop(L, 1);
-    if (lua_type(L, -1) == LUA_TTABLE) {
-        if (lua_getfield(L, -1, "methods") == LUA_TTABLE) {
-            lua_getfield(L, LUA_REGISTRYINDEX, QL_METHODS_CHECK);
-            lua_setfield(L, -2, "CheckResult");
-        }
-        lua_pop(L, 1);
-    }
 }

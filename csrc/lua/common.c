@@ -1,4 +1,4 @@
-/* lua-qcow2 binding: shared helpers (errors, values, ranges, types). */
+/* lua-qcow2 binding: shared helpers (errors, values, types). */
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -61,33 +61,6 @@ void ql_set_bool(lua_State *L, const char *key, int b)
     lua_setfield(L, -2, key);
 }
 
-int ql_clamp_range(lua_State *L, const char *who, const char *what,
-                   lua_Integer offset, lua_Integer length, uint64_t limit,
-                   uint64_t *out_off, uint64_t *out_len)
-{
-    if (offset < 0) {
-        ql_push_fail(L, QCOW2_E_INVALID, "%s: %s offset %lld is negative",
-                     who, what, (long long)offset);
-        return 0;
-    }
-    if (length < 0) {
-        ql_push_fail(L, QCOW2_E_INVALID, "%s: %s length %lld is negative",
-                     who, what, (long long)length);
-        return 0;
-    }
-    if ((uint64_t)offset > limit) {
-        ql_push_fail(L, QCOW2_E_INVALID,
-                     "%s: %s offset %lld is past the end (%" PRIu64 " bytes)",
-                     who, what, (long long)offset, limit);
-        return 0;
-    }
-    *out_off = (uint64_t)offset;
-    *out_len = (uint64_t)length;
-    if (*out_len > limit - *out_off)
-        *out_len = limit - *out_off;
-    return 1;
-}
-
 void ql_human_size(char *buf, size_t len, uint64_t bytes)
 {
     /* QEMU's util/cutils.c size_to_str: switch to the next unit once the
@@ -130,13 +103,25 @@ static int ql_index(lua_State *L)
 }
 
 void ql_register_type(lua_State *L, const char *tname,
-                      const char *methods_key, const luaL_Reg *methods,
+                      const char *methods_key,
+                      const luaL_Reg *const methods[],
                       const luaL_Reg *metamethods, lua_CFunction fields)
 {
-    luaL_newmetatable(L, tname);            /* mt */
+    if (!luaL_newmetatable(L, tname))       /* mt */
+        luaL_error(L, "qcow2: type %s registered twice", tname);
     luaL_setfuncs(L, metamethods, 0);
     lua_newtable(L);                        /* mt methods */
-    luaL_setfuncs(L, methods, 0);
+    for (size_t i = 0; methods[i]; i++) {
+        for (const luaL_Reg *r = methods[i]; r->name; r++) {
+            /* one table, assembled once: nothing overwrites a method */
+            if (lua_getfield(L, -1, r->name) != LUA_TNIL)
+                luaL_error(L, "qcow2: %s method '%s' registered twice",
+                           tname, r->name);
+            lua_pop(L, 1);
+            lua_pushcfunction(L, r->func);
+            lua_setfield(L, -2, r->name);
+        }
+    }
     lua_pushvalue(L, -1);
     lua_setfield(L, LUA_REGISTRYINDEX, methods_key);
     if (fields)

@@ -102,31 +102,36 @@ int ql_opt_integer(lua_State *L, int opts, const char *fn, const char *name,
                    int non_negative, lua_Integer *out);
 int ql_opt_choice(lua_State *L, int opts, const char *fn, const char *name,
                   const char *const choices[]);
+/* The values of the `cache` option (open, create). */
+extern const char *const ql_cache_modes[];
 /* opts.io, the fault plan for tests, into o. */
 void ql_opt_io(lua_State *L, int opts, const char *fn, qcow2_open_opts *o);
 
-/* --- Image write methods (write.c) ------------------------------------------- */
-/* write, write_zeroes, discard, write_compressed, flush, resize,
- * raw_read, raw_write, io_log: added to the Image methods table. */
-extern const luaL_Reg ql_image_write_methods[];
+/* --- Method lists ------------------------------------------------------------ */
+/* Each file exports the methods it implements; ql_image_register and
+ * ql_snapshot_register assemble each type's one table from them, once
+ * (a name given twice is a build mistake and raises at load). */
+extern const luaL_Reg ql_image_write_methods[];     /* write.c: write,
+    write_zeroes, discard, write_compressed, flush, resize, raw_read,
+    raw_write, io_log */
+extern const luaL_Reg ql_image_check_methods[];     /* check.c: check */
+extern const luaL_Reg ql_image_snapshot_methods[];  /* snapshot_write.c:
+    create_snapshot, save_vmstate, load_vmstate */
+extern const luaL_Reg ql_snapshot_write_methods[];  /* snapshot_write.c:
+    apply, delete */
+extern const luaL_Reg ql_image_amend_methods[];     /* amend.c: amend,
+    make_empty */
+
 /* The open handle of an Image that may be written: raises when closed,
  * returns NULL with fail, message, "readonly" pushed (3 values) when the
  * handle is read-only (mode "r", a backing image, a snapshot view). */
 ql_image *ql_writable_image(lua_State *L, int idx, const char *what);
 
 /* --- Check results (check.c) ------------------------------------------------ */
-/* Register "qcow2.CheckResult" and add `check` to the Image methods; called
- * by luaopen_qcow2_core with the module table on top of the stack. */
-void ql_check_register(lua_State *L);
-
-/* --- Snapshot writing (snapshot_write.c) ------------------------------------ */
-/* Install create_snapshot, save_vmstate, load_vmstate (Image) and apply,
- * delete (Snapshot) over the read-only stubs; after ql_check_register. */
-void ql_snapshot_write_register(lua_State *L);
-
-/* --- Amend (amend.c) ------------------------------------------------------ */
-/* Install img:amend and img:make_empty into the Image methods. */
-void ql_amend_register(lua_State *L);
+#define QL_CHECK            "qcow2.CheckResult"
+#define QL_METHODS_CHECK    "qcow2.CheckResult.methods"
+/* Register the "qcow2.CheckResult" type. */
+void ql_check_result_register(lua_State *L);
 
 /* --- Errors ------------------------------------------------------------------ */
 /* nil, qcow2_errmsg(h), code name of status: returns 3. */
@@ -146,17 +151,44 @@ void ql_set_int(lua_State *L, const char *key, uint64_t v);
 void ql_set_str(lua_State *L, const char *key, const char *s);
 void ql_set_bool(lua_State *L, const char *key, int b);
 
+/* --- Arguments: the misuse rule (args.c) --------------------------------- */
 /*
- * Guest (or file) range argument checking, shared by read, map, digest
- * and raw_read. [offset, offset+length) against `limit` bytes: a negative
- * value or an offset past limit is refused ("invalid", message naming
- * `who` and `what`); a length running past limit is clamped to it, as
- * io's reads are short at the end of a file. Returns 1 with *out_off and
- * *out_len set, or 0 with fail, message, code pushed (3 values).
+ * Misuse raises (a call no image could satisfy: wrong type, negative
+ * offset/length/index/size, unknown option key, unknown enumeration
+ * value); what depends on the image or the outside world returns nil,
+ * message, code. Every binding function checks its arguments with these
+ * before it looks at the image.
  */
+/* Raise unless every key of the table at idx is a string in `known`
+ * (NULL terminated): "bad option 'moed' to 'open' (unknown option)". */
+void ql_check_options(lua_State *L, int idx, const char *fn,
+                      const char *const known[]);
+/* An optional options table argument: 0 when none or nil, 1 when it is a
+ * table whose keys pass ql_check_options; any other type raises. */
+int ql_opt_options(lua_State *L, int arg, const char *fn,
+                   const char *const known[]);
+/* An integer argument that may not be negative (raises otherwise). */
+uint64_t ql_check_offset(lua_State *L, int arg);
+uint64_t ql_check_length(lua_State *L, int arg);
+uint64_t ql_check_index(lua_State *L, int arg);
+uint64_t ql_check_size(lua_State *L, int arg);
+/* The optional (offset, length) arguments at arg, arg + 1 of a call over
+ * [0, limit): offset defaults to 0, length to the rest of [0, limit)
+ * from offset (0 past it). Negative values raise. */
+void ql_opt_range(lua_State *L, int arg, uint64_t limit, uint64_t *offset,
+                  uint64_t *length);
+/* A read-like range against `limit` bytes: an offset past limit returns 0
+ * with fail, message, "invalid" pushed (3 values; the message names `who`
+ * and `what`); a length running past limit is clamped to it, as io's
+ * reads are short at the end of a file. Returns 1 with *out_* set. */
 int ql_clamp_range(lua_State *L, const char *who, const char *what,
-                   lua_Integer offset, lua_Integer length, uint64_t limit,
+                   uint64_t offset, uint64_t length, uint64_t limit,
                    uint64_t *out_off, uint64_t *out_len);
+/* A write-like range: [offset, offset + length) must lie inside limit
+ * (a write that silently dropped bytes would lose data). Returns 1, or 0
+ * with fail, message, "invalid" pushed. */
+int ql_check_inside(lua_State *L, const char *who, const char *what,
+                    uint64_t offset, uint64_t length, uint64_t limit);
 
 /* QEMU's size_to_str: "0 B", "64 MiB", "1.5 GiB" (3 significant digits). */
 void ql_human_size(char *buf, size_t len, uint64_t bytes);
@@ -170,10 +202,12 @@ const char *ql_basename(const char *path);
 #define QL_METHODS_MAP      "qcow2.ClusterMap.methods"
 
 /* Create the metatable `tname` with __index = a function that looks up
- * the methods table (created from `methods`, stored in the registry under
- * `methods_key`) first and then calls `fields(L)` with (ud, key). */
+ * the methods table (made from the NULL-terminated list of arrays
+ * `methods`, stored in the registry under `methods_key`) first and then
+ * calls `fields(L)` with (ud, key). Raises if a method name repeats. */
 void ql_register_type(lua_State *L, const char *tname,
-                      const char *methods_key, const luaL_Reg *methods,
+                      const char *methods_key,
+                      const luaL_Reg *const methods[],
                       const luaL_Reg *metamethods, lua_CFunction fields);
 
 #endif /* QCOW2_LUA_COMMON_H */

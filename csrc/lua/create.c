@@ -1,8 +1,9 @@
 /*
  * lua-qcow2 binding: qcow2.create(path, opts), the create options into
- * qcow2_create_opts. Types are checked here (a wrong type raises, as
- * luaL_check* does); values are the engine's to judge, so a refused
- * combination comes back as nil, qemu-img's reason, "invalid".
+ * qcow2_create_opts. Misuse raises (a wrong type, an unknown key, an
+ * unknown enumeration value, a negative size); values are otherwise the
+ * engine's to judge, so a size or combination qemu-img refuses comes
+ * back as nil, qemu-img's reason, "invalid".
  */
 #include <stdio.h>
 #include <string.h>
@@ -35,24 +36,14 @@ static const char *const create_keys[] = {
     "size", "version", "compat", "cluster_size", "refcount_bits",
     "lazy_refcounts", "preallocation", "backing_file", "backing_format",
     "encrypt", "extended_l2", "compression_type", "data_file",
-    "data_file_raw", "overwrite", "io", NULL
+    "data_file_raw", "overwrite", "cache", "io", NULL
 };
 
-static void check_keys(lua_State *L, int opts)
-{
-    lua_pushnil(L);
-    while (lua_next(L, opts)) {
-        int known = 0;
-        lua_pop(L, 1);
-        for (int i = 0; create_keys[i] && lua_type(L, -1) == LUA_TSTRING; i++)
-            known |= strcmp(create_keys[i], lua_tostring(L, -1)) == 0;
-        if (!known) {
-            lua_pushvalue(L, -1);   /* tostring may not touch the key */
-            luaL_error(L, "bad option '%s' to '" FN "' (unknown option)",
-                       luaL_tolstring(L, -1, NULL));
-        }
-    }
-}
+/* The keys of `encrypt` (qemu-img's encrypt.* options). */
+static const char *const encrypt_keys[] = {
+    "format", "key", "cipher_alg", "cipher_mode", "ivgen_alg",
+    "ivgen_hash_alg", "hash_alg", "iter_time", NULL
+};
 
 /* A string option, or NULL; the string stays referenced by opts, which
  * is on the stack for the whole call. */
@@ -65,60 +56,61 @@ static const char *opt_string(lua_State *L, int opts, const char *name)
     return s;
 }
 
-/* version (2 or 3) and compat ("0.10" or "1.1", qemu-img's name for it).
- * Returns 1, or 0 with fail pushed. */
+/* version (2 or 3) and compat ("0.10", "1.1", "v2", "v3"): any other
+ * value is an unknown enumeration value and raises; the two disagreeing
+ * is a refused combination. Returns 1, or 0 with fail pushed. */
 static int read_version(lua_State *L, int opts, const char *path,
                         qcow2_create_opts *o)
 {
+    static const char *const compat_names[] = {
+        "0.10", "v2", "1.1", "v3", NULL
+    };
     char msg[128];
+    lua_Integer version = 0;
+    int compat = ql_opt_choice(L, opts, FN, "compat", compat_names);
+    uint32_t from_compat = compat < 0 ? 0 : compat < 2 ? 2 : 3;
 
-    lua_Integer version;
-    const char *compat = opt_string(L, opts, "compat");
-    int has_version = ql_opt_integer(L, opts, FN, "version", 0, &version);
-    uint32_t from_compat = 0;
-
-    if (compat) {
-        if (strcmp(compat, "0.10") == 0 || strcmp(compat, "v2") == 0)
-            from_compat = 2;
-        else if (strcmp(compat, "1.1") == 0 || strcmp(compat, "v3") == 0)
-            from_compat = 3;
-        else {
-            snprintf(msg, sizeof msg, "Parameter 'version' does not accept "
-                     "value '%.40s'", compat);
-            push_create_error(L, path, QCOW2_E_INVALID, msg);
-            return 0;
-        }
+    if (ql_opt_integer(L, opts, FN, "version", 0, &version) &&
+        version != 2 && version != 3)
+        luaL_error(L, "bad option 'version' to '" FN "' (2 or 3 expected, "
+                   "got %I)", version);
+    if (version && from_compat && from_compat != (uint32_t)version) {
+        snprintf(msg, sizeof msg, "version %d and compat disagree",
+                 (int)version);
+        push_create_error(L, path, QCOW2_E_INVALID, msg);
+        return 0;
     }
-    if (has_version) {
-        if (version < 0 || version > UINT32_MAX) {
-            snprintf(msg, sizeof msg, "Parameter 'version' does not accept "
-                     "value '%lld'", (long long)version);
-            push_create_error(L, path, QCOW2_E_INVALID, msg);
-            return 0;
-        }
-        if (from_compat && from_compat != (uint32_t)version) {
-            snprintf(msg, sizeof msg, "version %lld and compat '%.40s' "
-                     "disagree", (long long)version, compat);
-            push_create_error(L, path, QCOW2_E_INVALID, msg);
-            return 0;
-        }
+    if (version)
         o->version = (uint32_t)version;
-    } else if (from_compat) {
+    else if (from_compat)
         o->version = from_compat;
-    }
     return 1;
 }
 
-/* A size-like integer option (cluster_size, refcount_bits): a negative
- * value is an invalid value, not misuse; it reaches the engine as a value
- * no power-of-two check accepts. */
+/* A non-negative integer option (cluster_size, refcount_bits): a value
+ * qemu-img refuses (0, 1000, 3) reaches the engine, which answers with
+ * qemu-img's reason; a negative one raises. */
 static uint64_t opt_unsigned(lua_State *L, int opts, const char *name,
                              uint64_t dflt)
 {
     lua_Integer v;
-    if (!ql_opt_integer(L, opts, FN, name, 0, &v))
+    if (!ql_opt_integer(L, opts, FN, name, 1, &v))
         return dflt;
-    return v < 0 ? UINT64_MAX : (uint64_t)v;
+    return (uint64_t)v;
+}
+
+/* opts.encrypt: a table of known keys, its format "aes" or "luks". */
+static int read_encrypt(lua_State *L, int opts)
+{
+    static const char *const formats[] = { "aes", "luks", NULL };
+    int given = ql_opt_field(L, opts, FN, "encrypt", LUA_TTABLE) != LUA_TNIL;
+
+    if (given) {
+        ql_check_options(L, -1, FN, encrypt_keys);
+        ql_opt_choice(L, lua_gettop(L), FN, "format", formats);
+    }
+    lua_pop(L, 1);
+    return given;
 }
 
 /* qcow2.create(path, opts) -> Image (open read-write) | nil, message, code */
@@ -128,24 +120,24 @@ int ql_module_create(lua_State *L)
     qcow2_create_opts o;
     qcow2_open_opts open_opts;
     qcow2_error err;
+    static const char *const prealloc_modes[] = {
+        "off", "metadata", "falloc", "full", NULL
+    };
+    static const char *const compression_types[] = { "zlib", "zstd", NULL };
     qcow2_image *h = NULL;
     lua_Integer size;
     ql_image *q;
-    int rc;
+    int prealloc, compression, rc;
 
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
-    check_keys(L, 2);
+    ql_check_options(L, 2, FN, create_keys);
     qcow2_create_opts_init(&o);
     qcow2_open_opts_init(&open_opts);
 
-    if (!ql_opt_integer(L, 2, FN, "size", 0, &size))
+    if (!ql_opt_integer(L, 2, FN, "size", 1, &size))
         return luaL_error(L, "bad option 'size' to '" FN "' (number "
                           "expected, got nil)");
-    if (size < 0)
-        return push_create_error(L, path, QCOW2_E_INVALID, "Invalid image "
-                                 "size specified. Must be between 0 and "
-                                 "9223372036854775807.");
     o.size = (uint64_t)size;
     if (!read_version(L, 2, path, &o))
         return 3;
@@ -160,21 +152,27 @@ int ql_module_create(lua_State *L)
     o.extended_l2 = ql_opt_bool(L, 2, FN, "extended_l2") > 0;
     o.data_file_raw = ql_opt_bool(L, 2, FN, "data_file_raw") > 0;
     o.overwrite = ql_opt_bool(L, 2, FN, "overwrite") > 0;
-    o.preallocation = opt_string(L, 2, "preallocation");
+    prealloc = ql_opt_choice(L, 2, FN, "preallocation", prealloc_modes);
+    o.preallocation = prealloc < 0 ? NULL : prealloc_modes[prealloc];
     o.backing_file = opt_string(L, 2, "backing_file");
     o.backing_format = opt_string(L, 2, "backing_format");
-    o.compression_type = opt_string(L, 2, "compression_type");
+    compression = ql_opt_choice(L, 2, FN, "compression_type",
+                                compression_types);
+    o.compression_type = compression < 0 ? NULL
+                                         : compression_types[compression];
     o.data_file = opt_string(L, 2, "data_file");
+    /* cache: the handle writes metadata through, which keeps each mode's
+     * promise (see open). */
+    ql_opt_choice(L, 2, FN, "cache", ql_cache_modes);
     /* The handle create returns may carry a fault plan (tests). */
     ql_opt_io(L, 2, FN, &open_opts);
 
-    if (ql_opt_field(L, 2, FN, "encrypt", LUA_TTABLE) != LUA_TNIL) {
+    if (read_encrypt(L, 2)) {
         /* TODO(encryption): the engine writes no encrypted images yet.
          * Refused before any file is made. */
         return push_create_error(L, path, QCOW2_E_UNSUPPORTED, "creating "
                                  "encrypted images is not supported yet");
     }
-    lua_pop(L, 1);
 
     /* The userdata first: a memory error after qcow2_create would leak h. */
     q = ql_image_alloc(L, QL_OWNED, 0);

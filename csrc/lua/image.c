@@ -156,9 +156,9 @@ static int image_fields(lua_State *L)
 
 static int image_read(lua_State *L)
 {
+    uint64_t offset = ql_check_offset(L, 2);
+    uint64_t length = ql_check_length(L, 3);
     ql_image *q = ql_check_image(L, 1);
-    lua_Integer offset = luaL_checkinteger(L, 2);
-    lua_Integer length = luaL_checkinteger(L, 3);
     uint64_t guest_offset, bytes;
     luaL_Buffer b;
     char *dst;
@@ -182,14 +182,16 @@ static int image_read(lua_State *L)
     return 1;
 }
 
+/* img:digest([algo [, offset, length]]) -> hex | nil, message, code.
+ * An algorithm OpenSSL does not know is "invalid", not misuse: the set
+ * depends on the OpenSSL build, as a file's existence does on the disk.
+ * TODO(forensics): the {on_error = "fail" | "zero"} options table. */
 static int image_digest(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
     const char *algo = luaL_optstring(L, 2, "sha256");
-    lua_Integer offset = luaL_optinteger(L, 3, 0);
     uint64_t size = qcow2_virtual_size(q->img);
-    lua_Integer length;
-    uint64_t guest_offset, bytes;
+    uint64_t offset, length, guest_offset, bytes;
     const EVP_MD *md;
     EVP_MD_CTX *ctx;
     unsigned char digest[EVP_MAX_MD_SIZE];
@@ -199,9 +201,9 @@ static int image_digest(lua_State *L)
     void *buf;
     int rc = 0, evp_ok;
 
-    length = luaL_optinteger(L, 4, offset >= 0 && (uint64_t)offset < size
-                                       ? (lua_Integer)(size - (uint64_t)offset)
-                                       : 0);
+    ql_opt_range(L, 3, size, &offset, &length);
+    /* Not silently ignored: the options table is not built yet. */
+    luaL_argcheck(L, lua_isnone(L, 5), 5, "options are not supported yet");
     if (!ql_clamp_range(L, qcow2_path(q->img), "digest", offset, length,
                         size, &guest_offset, &bytes))
         return 3;
@@ -242,15 +244,6 @@ static int image_digest(lua_State *L)
 
 /* ---- info() --------------------------------------------------------------------- */
 
-/* QEMU's path_has_protocol: "nbd://..." or "json:{...}", a colon before
- * any slash. */
-static int has_protocol(const char *name)
-{
-    const char *colon = strchr(name, ':');
-    const char *slash = strchr(name, '/');
-    return colon && (!slash || colon < slash);
-}
-
 /* full-backing-filename as qemu-img info prints it: the name combined with
  * the image's folder (bdrv_get_full_backing_filename / path_combine). */
 static void push_full_backing_name(lua_State *L, const char *image_path,
@@ -258,7 +251,7 @@ static void push_full_backing_name(lua_State *L, const char *image_path,
 {
     const char *slash;
 
-    if (backing[0] == '/' || has_protocol(backing)) {
+    if (backing[0] == '/' || qcow2_has_protocol(backing)) {
         lua_pushstring(L, backing);
         return;
     }
@@ -315,32 +308,38 @@ static void push_format_specific(lua_State *L, qcow2_image *h,
     ql_set_str(L, "type", "qcow2");
     lua_createtable(L, 0, 8);
     ql_set_str(L, "compression-type",
-               hdr->compression_type == 1 ? "zstd" : "zlib");
+               hdr->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd"
+                                                                : "zlib");
     ql_set_int(L, "refcount-bits", (uint64_t)1 << hdr->refcount_order);
     if (hdr->version == 2) {
         ql_set_str(L, "compat", "0.10");
     } else {
         ql_set_str(L, "compat", "1.1");
         ql_set_bool(L, "lazy-refcounts",
-                    (hdr->compatible_features & 1) != 0);
+                    (hdr->compatible_features &
+                     QCOW2_COMPAT_LAZY_REFCOUNTS) != 0);
         ql_set_bool(L, "corrupt",
-                    (hdr->incompatible_features & (1u << 1)) != 0);
+                    (hdr->incompatible_features &
+                     QCOW2_INCOMPAT_CORRUPT) != 0);
         ql_set_bool(L, "extended-l2",
-                    (hdr->incompatible_features & (1u << 4)) != 0);
+                    (hdr->incompatible_features &
+                     QCOW2_INCOMPAT_EXTL2) != 0);
         if (ext && ext->data_file)
             ql_set_str(L, "data-file", ext->data_file);
         /* QEMU prints data-file-raw whenever an external data file is in
          * use (incompatible bit 2); its value is autoclear bit 1. */
-        if (hdr->incompatible_features & (1u << 2))
+        if (hdr->incompatible_features & QCOW2_INCOMPAT_DATA_FILE)
             ql_set_bool(L, "data-file-raw",
-                        (hdr->autoclear_features & (1u << 1)) != 0);
+                        (hdr->autoclear_features &
+                         QCOW2_AUTOCLEAR_DATA_FILE_RAW) != 0);
         push_bitmaps(L, h);
     }
-    if (hdr->crypt_method != 0) {
+    if (hdr->crypt_method != QCOW2_CRYPT_NONE) {
         /* TODO(engine): LUKS details (cipher-alg, slots, ...) need the
          * parsed crypto header; only the format is known here. */
         lua_createtable(L, 0, 1);
-        ql_set_str(L, "format", hdr->crypt_method == 1 ? "aes" : "luks");
+        ql_set_str(L, "format", hdr->crypt_method == QCOW2_CRYPT_AES ? "aes"
+                                                           : "luks");
         lua_setfield(L, -2, "encrypt");
     }
     lua_setfield(L, -2, "data");
@@ -394,12 +393,13 @@ static int image_info(lua_State *L)
     if (qcow2_allocated_file_size(h, &allocated) == 0)
         ql_set_int(L, "actual-size", allocated);
     ql_set_bool(L, "dirty-flag",
-                hdr && (hdr->incompatible_features & 1) != 0);
+                hdr && (hdr->incompatible_features &
+                        QCOW2_INCOMPAT_DIRTY) != 0);
     if (hdr) {
         ql_set_int(L, "cluster-size", qcow2_cluster_size(h));
         push_format_specific(L, h, hdr);
         lua_setfield(L, -2, "format-specific");
-        if (hdr->crypt_method != 0)
+        if (hdr->crypt_method != QCOW2_CRYPT_NONE)
             ql_set_bool(L, "encrypted", 1);
     }
     if (backing) {
@@ -524,8 +524,8 @@ static int image_l1(lua_State *L)
  * subcluster bitmap (words 2k+1 and 2k+2 describe cluster k). */
 static int image_l2(lua_State *L)
 {
+    uint64_t l1_index = ql_check_index(L, 2);
     ql_image *q = ql_check_image(L, 1);
-    lua_Integer l1_index = luaL_checkinteger(L, 2);
     uint64_t cluster_size = qcow2_cluster_size(q->img);
     uint64_t *words;
     size_t count = 0;
@@ -535,11 +535,11 @@ static int image_l2(lua_State *L)
         return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
                             "%s: a raw image has no L2 tables",
                             qcow2_path(q->img));
-    if (l1_index < 0 || (uint64_t)l1_index >= qcow2_l1_size(q->img))
+    if (l1_index >= qcow2_l1_size(q->img))
         return ql_push_fail(L, QCOW2_E_INVALID,
-                            "%s: L1 index %lld is outside the L1 table "
-                            "(%" PRIu32 " entries)", qcow2_path(q->img),
-                            (long long)l1_index, qcow2_l1_size(q->img));
+                            "%s: L1 index %" PRIu64 " is outside the L1 "
+                            "table (%" PRIu32 " entries)", qcow2_path(q->img),
+                            l1_index, qcow2_l1_size(q->img));
     words = lua_newuserdatauv(L, (size_t)cluster_size, 0);
     rc = qcow2_l2_table(q->img, (uint32_t)l1_index, words, &count);
     if (rc < 0)
@@ -556,16 +556,12 @@ static int image_l2(lua_State *L)
 
 static int image_refcount(lua_State *L)
 {
+    uint64_t host_cluster = ql_check_index(L, 2);
     ql_image *q = ql_check_image(L, 1);
-    lua_Integer host_cluster = luaL_checkinteger(L, 2);
     uint64_t refcount;
     int rc;
 
-    if (host_cluster < 0)
-        return ql_push_fail(L, QCOW2_E_INVALID,
-                            "%s: host cluster %lld is negative",
-                            qcow2_path(q->img), (long long)host_cluster);
-    rc = qcow2_refcount(q->img, (uint64_t)host_cluster, &refcount);
+    rc = qcow2_refcount(q->img, host_cluster, &refcount);
     if (rc < 0)
         return ql_push_engine_error(L, q->img, rc);
     ql_push_u64(L, refcount);
@@ -578,13 +574,9 @@ static int image_map(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
     uint64_t size = qcow2_virtual_size(q->img);
-    lua_Integer offset = luaL_optinteger(L, 2, 0);
-    lua_Integer length;
-    uint64_t guest_offset, bytes;
+    uint64_t offset, length, guest_offset, bytes;
 
-    length = luaL_optinteger(L, 3, offset >= 0 && (uint64_t)offset < size
-                                       ? (lua_Integer)(size - (uint64_t)offset)
-                                       : 0);
+    ql_opt_range(L, 2, size, &offset, &length);
     if (!ql_clamp_range(L, qcow2_path(q->img), "map", offset, length, size,
                         &guest_offset, &bytes))
         return 3;
@@ -659,42 +651,6 @@ static int image_backing(lua_State *L)
     return 1;
 }
 
-/* ---- Writes not bound yet --------------------------------------------------- */
-
-/* The guest writes live in write.c. These whole-image operations have no
- * engine call yet: "readonly" on a read-only handle (the contract's
- * answer), "unsupported" on a read-write one.
- * TODO(write side): bind them when qcow2.h has them. */
-static int refuse_write(lua_State *L, const char *what)
-{
-    ql_image *q = ql_writable_image(L, 1, what);
-
-    if (q == NULL)
-        return 3;
-    return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
-                        "%s: %s is not implemented yet", qcow2_path(q->img),
-                        what);
-}
-
-#define QL_WRITE_METHOD(name) \
-    static int image_##name(lua_State *L) { return refuse_write(L, #name); }
-QL_WRITE_METHOD(amend)
-QL_WRITE_METHOD(make_empty)
-QL_WRITE_METHOD(create_snapshot)
-QL_WRITE_METHOD(save_vmstate)
-QL_WRITE_METHOD(commit)
-QL_WRITE_METHOD(rebase)
-#undef QL_WRITE_METHOD
-
-static int image_load_vmstate(lua_State *L)
-{
-    ql_image *q = ql_check_image(L, 1);
-    /* TODO(vmstate): needs an engine call to read the VM state area. */
-    return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
-                        "%s: load_vmstate is not implemented yet",
-                        qcow2_path(q->img));
-}
-
 /* ---- Close and metamethods ------------------------------------------------------ */
 
 static int image_close(lua_State *L)
@@ -751,14 +707,12 @@ void ql_image_register(lua_State *L)
         {"l2", image_l2},
         {"refcount", image_refcount},
         {"close", image_close},
-        {"amend", image_amend},
-        {"make_empty", image_make_empty},
-        {"create_snapshot", image_create_snapshot},
-        {"save_vmstate", image_save_vmstate},
-        {"load_vmstate", image_load_vmstate},
-        {"commit", image_commit},
-        {"rebase", image_rebase},
         {NULL, NULL}
+    };
+    /* Every Image method, from the files that implement them. */
+    static const luaL_Reg *const all[] = {
+        methods, ql_image_write_methods, ql_image_check_methods,
+        ql_image_snapshot_methods, ql_image_amend_methods, NULL
     };
     static const luaL_Reg metamethods[] = {
         {"__gc", image_gc},
@@ -766,9 +720,6 @@ void ql_image_register(lua_State *L)
         {"__tostring", image_tostring},
         {NULL, NULL}
     };
-    ql_register_type(L, QL_IMAGE, QL_METHODS_IMAGE, methods, metamethods,
+    ql_register_type(L, QL_IMAGE, QL_METHODS_IMAGE, all, metamethods,
                      image_fields);
-    lua_getfield(L, LUA_REGISTRYINDEX, QL_METHODS_IMAGE);
-    luaL_setfuncs(L, ql_image_write_methods, 0);
-    lua_pop(L, 1);
 }

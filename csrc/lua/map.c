@@ -212,12 +212,13 @@ void ql_map_register(lua_State *L)
         {"stats", map_stats},
         {NULL, NULL}
     };
+    static const luaL_Reg *const all[] = { methods, NULL };
     static const luaL_Reg metamethods[] = {
         {"__len", map_len},
         {"__gc", map_gc},
         {"__tostring", map_tostring},
         {NULL, NULL}
     };
-    ql_register_type(L, QL_MAP, QL_METHODS_MAP, methods, metamethods,
+    ql_register_type(L, QL_MAP, QL_METHODS_MAP, all, metamethods,
                      map_fields);
 }

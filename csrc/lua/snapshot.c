@@ -159,20 +159,16 @@ static int snapshot_open(lua_State *L)
 static int snapshot_map(lua_State *L)
 {
     ql_snapshot *s = check_snapshot(L, 1);
-    lua_Integer offset = luaL_optinteger(L, 2, 0);
     uint64_t size = s->info.disk_size;
-    lua_Integer length;
+    uint64_t offset, length, guest_offset, bytes;
     ql_image *parent;
     qcow2_image *view = NULL;
-    uint64_t guest_offset, bytes;
     uint32_t index;
     ql_map *map;
     char msg[QCOW2_ERRMSG_MAX];
     int rc;
 
-    length = luaL_optinteger(L, 3, offset >= 0 && (uint64_t)offset < size
-                                       ? (lua_Integer)(size - (uint64_t)offset)
-                                       : 0);
+    ql_opt_range(L, 2, size, &offset, &length);
     lua_settop(L, 3);
     if (!locate(L, s, &parent, &index))
         return 3;
@@ -192,27 +188,6 @@ static int snapshot_map(lua_State *L)
         return ql_push_fail(L, rc, "%s", msg);
     return 1;
 }
-
-/* Writes through a snapshot: refused on read-only images. */
-static int refuse_write(lua_State *L, const char *what)
-{
-    ql_image *parent;
-
-    check_snapshot(L, 1);
-    lua_getiuservalue(L, 1, QL_UV_IMAGE);
-    parent = ql_check_image(L, -1);
-    if (qcow2_is_read_only(parent->img))
-        return ql_push_fail(L, QCOW2_E_READONLY,
-                            "%s: %s: the image is open read-only",
-                            qcow2_path(parent->img), what);
-    /* TODO(write side): bind snapshot apply/delete when qcow2.h has them. */
-    return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
-                        "%s: snapshot %s is not implemented yet",
-                        qcow2_path(parent->img), what);
-}
-
-static int snapshot_apply(lua_State *L) { return refuse_write(L, "apply"); }
-static int snapshot_delete(lua_State *L) { return refuse_write(L, "delete"); }
 
 /* text left-aligned in a field of width columns ("%-*s"). */
 static void add_padded(luaL_Buffer *b, const char *text, size_t width)
@@ -270,14 +245,16 @@ void ql_snapshot_register(lua_State *L)
     static const luaL_Reg methods[] = {
         {"open", snapshot_open},
         {"map", snapshot_map},
-        {"apply", snapshot_apply},
-        {"delete", snapshot_delete},
         {NULL, NULL}
+    };
+    /* Every Snapshot method, from the files that implement them. */
+    static const luaL_Reg *const all[] = {
+        methods, ql_snapshot_write_methods, NULL
     };
     static const luaL_Reg metamethods[] = {
         {"__tostring", snapshot_tostring},
         {NULL, NULL}
     };
-    ql_register_type(L, QL_SNAPSHOT, QL_METHODS_SNAPSHOT, methods,
+    ql_register_type(L, QL_SNAPSHOT, QL_METHODS_SNAPSHOT, all,
                      metamethods, snapshot_fields);
 }

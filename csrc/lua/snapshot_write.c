@@ -1,10 +1,11 @@
 /*
  * lua-qcow2 binding: the writing side of internal snapshots.
  *
- * Installed by ql_snapshot_write_register (called from luaopen_qcow2_core)
- * over the read-only stubs: Image:create_snapshot, Image:save_vmstate,
- * Image:load_vmstate, Snapshot:apply, Snapshot:delete. Read-only handles
- * keep the contract's answer: nil, message, "readonly".
+ * Image:create_snapshot, Image:save_vmstate, Image:load_vmstate (listed
+ * in ql_image_snapshot_methods) and Snapshot:apply, Snapshot:delete
+ * (ql_snapshot_write_methods), assembled into each type's one method
+ * table by image.c and snapshot.c. Read-only handles keep the contract's
+ * answer: nil, message, "readonly".
  */
 #include <string.h>
 
@@ -22,69 +23,59 @@ static int refuse_readonly(lua_State *L, qcow2_image *h, const char *what)
                         qcow2_path(h), what);
 }
 
-static lua_Integer opt_integer_field(lua_State *L, int idx, const char *key,
-                                     lua_Integer dflt, int *present)
-{
-    lua_Integer value = dflt;
-    int type = lua_getfield(L, idx, key);
-
-    if (present)
-        *present = type != LUA_TNIL;
-    if (type != LUA_TNIL) {
-        if (!lua_isinteger(L, -1))
-            luaL_error(L, "bad option '%s' to 'create_snapshot' (integer "
-                       "expected, got %s)", key, luaL_typename(L, -1));
-        value = lua_tointeger(L, -1);
-    }
-    lua_pop(L, 1);
-    return value;
-}
-
 /* img:create_snapshot(name [, {vm_state=, vm_clock=, date=, date_nsec=,
- * icount=}]) -> Snapshot | nil, message, code */
+ * icount=}]) -> Snapshot | nil, message, code. Values no snapshot entry
+ * can hold (a negative clock, a date outside 32 bits) are misuse. */
 static int image_create_snapshot(lua_State *L)
 {
+    static const char *const keys[] = {
+        "vm_state", "vm_clock", "date", "date_nsec", "icount", NULL
+    };
+    static const char *const fn = "create_snapshot";
     ql_image *q = ql_check_image(L, 1);
     const char *name = luaL_checkstring(L, 2);
     qcow2_snapshot_create_opts opts;
     qcow2_snapshot_info info;
     uint32_t index = 0;
-    int has_date, rc;
+    int rc;
 
     lua_settop(L, 3);
-    if (qcow2_is_read_only(q->img))
-        return refuse_readonly(L, q->img, "create_snapshot");
     qcow2_snapshot_create_opts_init(&opts);
-    if (!lua_isnil(L, 3)) {
-        lua_Integer date, nsec, clock;
+    if (ql_opt_options(L, 3, fn, keys)) {
+        lua_Integer v;
 
-        luaL_checktype(L, 3, LUA_TTABLE);
-        if (lua_getfield(L, 3, "vm_state") != LUA_TNIL) {
+        if (ql_opt_field(L, 3, fn, "vm_state", LUA_TSTRING) != LUA_TNIL) {
             size_t length;
-            if (lua_type(L, -1) != LUA_TSTRING)
-                return luaL_error(L, "bad option 'vm_state' to "
-                                  "'create_snapshot' (string expected, got "
-                                  "%s)", luaL_typename(L, -1));
             /* The string stays on the stack (index 4) during the call. */
             opts.vm_state = lua_tolstring(L, -1, &length);
             opts.vm_state_size = length;
+        } else {
+            lua_pop(L, 1);
         }
-        clock = opt_integer_field(L, 3, "vm_clock", 0, NULL);
-        date = opt_integer_field(L, 3, "date", 0, &has_date);
-        nsec = opt_integer_field(L, 3, "date_nsec", 0, NULL);
-        opts.icount = opt_integer_field(L, 3, "icount", 0, NULL);
-        if (clock < 0)
-            return luaL_error(L, "bad option 'vm_clock' to 'create_snapshot'"
-                              " (negative)");
-        if (date < 0 || date > 0xffffffffLL || nsec < 0 ||
-            nsec >= 1000000000LL)
-            return luaL_error(L, "bad option 'date' to 'create_snapshot' "
-                              "(out of range)");
-        opts.vm_clock_nsec = (uint64_t)clock;
-        opts.has_date = has_date;
-        opts.date_sec = (uint32_t)date;
-        opts.date_nsec = (uint32_t)nsec;
+        if (ql_opt_integer(L, 3, fn, "vm_clock", 1, &v))
+            opts.vm_clock_nsec = (uint64_t)v;
+        if (ql_opt_integer(L, 3, fn, "date", 1, &v)) {
+            if (v > 0xffffffffLL)
+                return luaL_error(L, "bad option 'date' to '%s' (more than "
+                                  "32 bits)", fn);
+            opts.has_date = 1;
+            opts.date_sec = (uint32_t)v;
+        }
+        if (ql_opt_integer(L, 3, fn, "date_nsec", 1, &v)) {
+            if (v >= 1000000000LL)
+                return luaL_error(L, "bad option 'date_nsec' to '%s' (not "
+                                  "below 1000000000)", fn);
+            opts.date_nsec = (uint32_t)v;
+        }
+        if (ql_opt_integer(L, 3, fn, "icount", 0, &v)) {
+            if (v < -1)     /* -1 is QEMU's "no icount" */
+                return luaL_error(L, "bad option 'icount' to '%s' "
+                                  "(negative)", fn);
+            opts.icount = v;
+        }
     }
+    if (qcow2_is_read_only(q->img))
+        return refuse_readonly(L, q->img, fn);
     rc = qcow2_snapshot_create(q->img, name, &opts, &index);
     if (rc < 0)
         return ql_push_engine_error(L, q->img, rc);
@@ -95,19 +86,11 @@ static int image_create_snapshot(lua_State *L)
     return 1;
 }
 
-static uint64_t check_position(lua_State *L, int arg)
-{
-    lua_Integer pos = luaL_checkinteger(L, arg);
-
-    luaL_argcheck(L, pos >= 0, arg, "negative position");
-    return (uint64_t)pos;
-}
-
 /* img:save_vmstate(pos, data) -> true | nil, message, code */
 static int image_save_vmstate(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
-    uint64_t pos = check_position(L, 2);
+    uint64_t pos = ql_check_offset(L, 2);
     size_t length;
     const char *data = luaL_checklstring(L, 3, &length);
     int rc;
@@ -125,13 +108,12 @@ static int image_save_vmstate(lua_State *L)
 static int image_load_vmstate(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
-    uint64_t pos = check_position(L, 2);
-    lua_Integer length = luaL_checkinteger(L, 3);
+    uint64_t pos = ql_check_offset(L, 2);
+    uint64_t length = ql_check_length(L, 3);
     luaL_Buffer b;
     char *out;
     int rc;
 
-    luaL_argcheck(L, length >= 0, 3, "negative length");
     out = luaL_buffinitsize(L, &b, (size_t)length);
     rc = qcow2_vmstate_load(q->img, pos, out, (size_t)length);
     if (rc < 0)
@@ -218,27 +200,15 @@ static int snapshot_delete(lua_State *L)
     return 1;
 }
 
-static void set_methods(lua_State *L, const char *key, const luaL_Reg *reg)
-{
-    if (lua_getfield(L, LUA_REGISTRYINDEX, key) == LUA_TTABLE)
-        luaL_setfuncs(L, reg, 0);
-    lua_pop(L, 1);
-}
+const luaL_Reg ql_image_snapshot_methods[] = {
+    {"create_snapshot", image_create_snapshot},
+    {"save_vmstate", image_save_vmstate},
+    {"load_vmstate", image_load_vmstate},
+    {NULL, NULL}
+};
 
-void ql_snapshot_write_register(lua_State *L)
-{
-    static const luaL_Reg image_methods[] = {
-        {"create_snapshot", image_create_snapshot},
-        {"save_vmstate", image_save_vmstate},
-        {"load_vmstate", image_load_vmstate},
-        {NULL, NULL}
-    };
-    static const luaL_Reg snapshot_methods[] = {
-        {"apply", snapshot_apply},
-        {"delete", snapshot_delete},
-        {NULL, NULL}
-    };
-
-    set_methods(L, QL_METHODS_IMAGE, image_methods);
-    set_methods(L, QL_METHODS_SNAPSHOT, snapshot_methods);
-}
+const luaL_Reg ql_snapshot_write_methods[] = {
+    {"apply", snapshot_apply},
+    {"delete", snapshot_delete},
+    {NULL, NULL}
+};

@@ -30,29 +30,12 @@ ql_image *ql_writable_image(lua_State *L, int idx, const char *what)
 }
 
 /* [offset, offset+length) must lie inside the disk: a guest write past
- * the end is refused, not clamped (a read may be short; a write that
- * silently drops bytes would lose data). Returns 1, or 0 with fail,
- * message, "invalid" pushed. */
+ * the end is refused, not clamped (see ql_check_inside). */
 static int guest_range(lua_State *L, ql_image *q, const char *what,
-                       lua_Integer offset, lua_Integer length)
+                       uint64_t offset, uint64_t length)
 {
-    uint64_t size = qcow2_virtual_size(q->img);
-
-    if (offset < 0 || length < 0) {
-        ql_push_fail(L, QCOW2_E_INVALID, "%s: %s: negative %s %lld",
-                     qcow2_path(q->img), what,
-                     offset < 0 ? "offset" : "length",
-                     (long long)(offset < 0 ? offset : length));
-        return 0;
-    }
-    if ((uint64_t)offset > size || (uint64_t)length > size - (uint64_t)offset) {
-        ql_push_fail(L, QCOW2_E_INVALID, "%s: %s of %lld bytes at offset "
-                     "%lld runs past the end of the disk (%" PRIu64 " bytes)",
-                     qcow2_path(q->img), what, (long long)length,
-                     (long long)offset, size);
-        return 0;
-    }
-    return 1;
+    return ql_check_inside(L, qcow2_path(q->img), what, offset, length,
+                           qcow2_virtual_size(q->img));
 }
 
 /* true, or nil, message, code of a failed engine call. */
@@ -67,35 +50,33 @@ static int push_status(lua_State *L, ql_image *q, int rc)
 /* img:write(offset, data) -> true | nil, message, code */
 static int image_write(lua_State *L)
 {
-    lua_Integer offset = luaL_checkinteger(L, 2);
+    uint64_t offset = ql_check_offset(L, 2);
     size_t length;
     const char *data = luaL_checklstring(L, 3, &length);
     ql_image *q = ql_writable_image(L, 1, "write");
 
     if (q == NULL)
         return 3;
-    if (!guest_range(L, q, "write", offset, (lua_Integer)length))
+    if (!guest_range(L, q, "write", offset, length))
         return 3;
     if (length == 0) {
         lua_pushboolean(L, 1);
         return 1;
     }
-    return push_status(L, q, qcow2_write(q->img, (uint64_t)offset, data,
-                                         length));
+    return push_status(L, q, qcow2_write(q->img, offset, data, length));
 }
 
 /* img:write_zeroes(offset, length [, {unmap = bool}]) */
 static int image_write_zeroes(lua_State *L)
 {
-    lua_Integer offset = luaL_checkinteger(L, 2);
-    lua_Integer length = luaL_checkinteger(L, 3);
+    static const char *const keys[] = { "unmap", NULL };
+    uint64_t offset = ql_check_offset(L, 2);
+    uint64_t length = ql_check_length(L, 3);
     int unmap = 0;
     ql_image *q;
 
-    if (!lua_isnoneornil(L, 4)) {
-        luaL_checktype(L, 4, LUA_TTABLE);
+    if (ql_opt_options(L, 4, "write_zeroes", keys))
         unmap = ql_opt_bool(L, 4, "write_zeroes", "unmap") > 0;
-    }
     q = ql_writable_image(L, 1, "write_zeroes");
     if (q == NULL)
         return 3;
@@ -105,15 +86,15 @@ static int image_write_zeroes(lua_State *L)
         lua_pushboolean(L, 1);
         return 1;
     }
-    return push_status(L, q, qcow2_write_zeroes(q->img, (uint64_t)offset,
-                                                (uint64_t)length, unmap));
+    return push_status(L, q, qcow2_write_zeroes(q->img, offset, length,
+                                                unmap));
 }
 
 /* img:discard(offset, length) */
 static int image_discard(lua_State *L)
 {
-    lua_Integer offset = luaL_checkinteger(L, 2);
-    lua_Integer length = luaL_checkinteger(L, 3);
+    uint64_t offset = ql_check_offset(L, 2);
+    uint64_t length = ql_check_length(L, 3);
     ql_image *q = ql_writable_image(L, 1, "discard");
 
     if (q == NULL)
@@ -124,25 +105,24 @@ static int image_discard(lua_State *L)
         lua_pushboolean(L, 1);
         return 1;
     }
-    return push_status(L, q, qcow2_discard(q->img, (uint64_t)offset,
-                                           (uint64_t)length));
+    return push_status(L, q, qcow2_discard(q->img, offset, length));
 }
 
 /* img:write_compressed(offset, data): one whole cluster (the engine
  * refuses anything else with "invalid"). */
 static int image_write_compressed(lua_State *L)
 {
-    lua_Integer offset = luaL_checkinteger(L, 2);
+    uint64_t offset = ql_check_offset(L, 2);
     size_t length;
     const char *data = luaL_checklstring(L, 3, &length);
     ql_image *q = ql_writable_image(L, 1, "write_compressed");
 
     if (q == NULL)
         return 3;
-    if (!guest_range(L, q, "write_compressed", offset, (lua_Integer)length))
+    if (!guest_range(L, q, "write_compressed", offset, length))
         return 3;
-    return push_status(L, q, qcow2_write_compressed(q->img, (uint64_t)offset,
-                                                    data, length));
+    return push_status(L, q, qcow2_write_compressed(q->img, offset, data,
+                                                    length));
 }
 
 /* img:flush(): caches to disk, then fsync. A read-only handle has nothing
@@ -161,15 +141,12 @@ static int image_flush(lua_State *L)
 /* img:resize(size); img.size follows (it is read from the engine). */
 static int image_resize(lua_State *L)
 {
-    lua_Integer size = luaL_checkinteger(L, 2);
+    uint64_t size = ql_check_size(L, 2);
     ql_image *q = ql_writable_image(L, 1, "resize");
 
     if (q == NULL)
         return 3;
-    if (size < 0)
-        return ql_push_fail(L, QCOW2_E_INVALID, "%s: resize: negative size "
-                            "%lld", qcow2_path(q->img), (long long)size);
-    return push_status(L, q, qcow2_resize(q->img, (uint64_t)size));
+    return push_status(L, q, qcow2_resize(q->img, size));
 }
 
 /*
@@ -180,9 +157,9 @@ static int image_resize(lua_State *L)
  */
 static int image_raw_read(lua_State *L)
 {
+    uint64_t offset = ql_check_offset(L, 2);
+    uint64_t length = ql_check_length(L, 3);
     ql_image *q = ql_check_image(L, 1);
-    lua_Integer offset = luaL_checkinteger(L, 2);
-    lua_Integer length = luaL_checkinteger(L, 3);
     uint64_t file_size, host_offset, bytes;
     size_t done = 0;
     luaL_Buffer b;
@@ -215,23 +192,18 @@ static int image_raw_read(lua_State *L)
  * bypassing the format and its checks (read-write handles only). */
 static int image_raw_write(lua_State *L)
 {
-    lua_Integer offset = luaL_checkinteger(L, 2);
+    uint64_t offset = ql_check_offset(L, 2);
     size_t length;
     const char *data = luaL_checklstring(L, 3, &length);
     ql_image *q = ql_writable_image(L, 1, "raw_write");
 
     if (q == NULL)
         return 3;
-    if (offset < 0)
-        return ql_push_fail(L, QCOW2_E_INVALID, "%s: raw write: negative "
-                            "offset %lld", qcow2_path(q->img),
-                            (long long)offset);
     if (length == 0) {
         lua_pushboolean(L, 1);
         return 1;
     }
-    return push_status(L, q, qcow2_raw_write(q->img, (uint64_t)offset, data,
-                                             length));
+    return push_status(L, q, qcow2_raw_write(q->img, offset, data, length));
 }
 
 /* img:io_log() -> {{offset=, length=, what=}, ...}: the writes recorded

@@ -150,6 +150,11 @@ local UNITS = { "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei" }
 --- Bytes as qemu-img prints them: "0 B", "64 MiB", "1.5 GiB" (QEMU's
 -- size_to_str: three significant digits, next unit from 1000 up).
 function M.human_size(bytes)
+  -- misuse raises, as in the C functions (README, "Errors")
+  if math.type(bytes) ~= "integer" or bytes < 0 then
+    error(("bad argument #1 to 'human_size' (non-negative integer expected, got %s)")
+          :format(math.type(bytes) or type(bytes)), 2)
+  end
   local unit = 0
   while unit < 6 and bytes >= 1000 * (1 << (10 * unit)) do unit = unit + 1 end
   local text = ("%0.3g"):format(bytes / (1 << (10 * unit)))
