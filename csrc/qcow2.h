@@ -57,6 +57,11 @@ typedef struct qcow2_open_opts {
     int no_backing;             /* 1: leave the backing chain closed */
     int allow_raw;              /* 1: a file without the qcow2 magic opens
                                    as a raw image; 0: refused ("invalid") */
+    int force_share;            /* QEMU's -U (read-only opens only): open
+                                   even while another process or handle
+                                   writes the image (reads may then be
+                                   inconsistent); else such an open fails
+                                   with QCOW2_E_BUSY */
     qcow2_resolve_fn resolve;   /* NULL: plain names next to the image */
     void *resolve_ctx;
     uint64_t l2_cache_size;     /* bytes; 0 = default */

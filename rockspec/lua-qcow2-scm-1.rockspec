@@ -44,6 +44,7 @@ build = {
             "csrc/engine/image.c",
             "csrc/engine/io.c",
             "csrc/engine/io_fault.c",
+            "csrc/engine/lock.c",
             "csrc/engine/map.c",
             "csrc/engine/overlap.c",
             "csrc/engine/read.c",

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "lock.h"
 #include "write.h"
 
 enum prealloc_mode { PREALLOC_OFF, PREALLOC_METADATA, PREALLOC_FALLOC,
@@ -225,22 +226,56 @@ static int status_of_errno(int sys_errno)
     }
 }
 
-/* Create (or, with overwrite, empty) a file; "exists" when it is there
- * and may not be replaced. */
-static int create_file(const char *path, int overwrite, qcow2_error *err)
+/*
+ * Open a file for creation as QEMU's raw_co_create does: create it (or, not
+ * exclusive, open the one there), take the creation locks, refuse a file
+ * another process or handle is using ("busy"), and only then empty it, so
+ * an image in use is never truncated under its user. Returns the fd or a
+ * negative status; `what` prefixes the message ("" or "data file ").
+ */
+static int open_emptied(const char *path, int exclusive, const char *what,
+                        qcow2_error *err)
 {
-    int flags = O_RDWR | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL);
-    int fd;
+    int flags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : 0);
+    qcow2_lock_conflict conflict;
+    qcow2_lock_req req;
+    char why[QCOW2_ERRMSG_MAX];
+    int fd, rc;
 
     do {
         fd = open(path, flags, 0644);
     } while (fd < 0 && errno == EINTR);
     if (fd < 0) {
         int e = errno;
-        return qcow2_error_set(err, status_of_errno(e), "%s: %s", path,
-                               e == EEXIST ? "file exists" : strerror(e));
+        return qcow2_error_set(err, status_of_errno(e), "%s%s: %s", what,
+                               path, e == EEXIST ? "file exists"
+                                                 : strerror(e));
     }
-    close(fd);
+    qcow2_lock_req_for(LOCK_CREATE, &req);
+    rc = qcow2_lock_fd(fd, &req, &conflict);
+    if (rc < 0) {
+        qcow2_lock_describe(&conflict, 0, why, sizeof why);
+        close(fd);
+        return qcow2_error_set(err, rc, "%s%s: %s", what, path, why);
+    }
+    if (ftruncate(fd, 0) < 0) {
+        int e = errno;
+        close(fd);
+        return qcow2_error_set(err, status_of_errno(e), "%s%s: %s", what,
+                               path, strerror(e));
+    }
+    return fd;
+}
+
+/* Create (or, with overwrite, empty) a file; "exists" when it is there
+ * and may not be replaced, "busy" when another holder uses it. */
+static int create_file(const char *path, int overwrite, qcow2_error *err)
+{
+    int fd = open_emptied(path, !overwrite, "", err);
+
+    if (fd < 0)
+        return fd;
+    close(fd);      /* its locks go with it; the bootstrap takes its own */
     return 0;
 }
 
@@ -266,15 +301,11 @@ static char *path_next_to(const char *image_path, const char *name)
 static int create_data_file(const char *path, uint64_t size,
                             qcow2_error *err)
 {
-    int fd, rc = 0;
+    int fd = open_emptied(path, 0, "data file ", err), rc = 0;
 
-    do {
-        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    } while (fd < 0 && errno == EINTR);
     if (fd < 0)
-        return qcow2_error_set(err, status_of_errno(errno), "data file "
-                               "%s: %s", path, strerror(errno));
-    if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)size) < 0)
+        return fd;
+    if (ftruncate(fd, (off_t)size) < 0)
         rc = qcow2_error_set(err, status_of_errno(errno), "data file %s: "
                              "%s", path, strerror(errno));
     close(fd);
@@ -359,8 +390,13 @@ static int set_names(qcow2_image *img, const qcow2_create_opts *o)
     return 0;
 }
 
-static int open_io(const char *path, qcow2_io **io, qcow2_error *err)
+/* The bootstrap's files, locked as a writer's (QEMU's qcow2 create holds
+ * its image the same way while it lays it out). */
+static int open_io(const char *path, int lock_role, qcow2_io **io,
+                   qcow2_error *err)
 {
+    qcow2_lock_conflict conflict;
+    char why[QCOW2_ERRMSG_MAX];
     int sys_errno = 0;
     int rc = qcow2_io_open_file(path, 1, io, &sys_errno);
 
@@ -368,6 +404,11 @@ static int open_io(const char *path, qcow2_io **io, qcow2_error *err)
         return qcow2_error_set(err, rc, "%s: %s", path,
                                sys_errno ? strerror(sys_errno)
                                          : qcow2_status_name(rc));
+    rc = qcow2_io_lock(*io, lock_role, &conflict);
+    if (rc < 0) {
+        qcow2_lock_describe(&conflict, 0, why, sizeof why);
+        return qcow2_error_set(err, rc, "%s: %s", path, why);
+    }
     return 0;
 }
 
@@ -393,9 +434,9 @@ static int bootstrap_new(const char *path, const char *data_path,
         return qcow2_error_set(err, QCOW2_E_NOMEM, "out of memory");
     img->reftable[0] = 2 * img->cluster_size;
     img->owns_io = 1;
-    rc = open_io(path, &img->io, err);
+    rc = open_io(path, LOCK_QCOW2_RW, &img->io, err);
     if (rc == 0 && data_path)
-        rc = open_io(data_path, &img->data_io, err);
+        rc = open_io(data_path, LOCK_DATA_FILE_RW, &img->data_io, err);
     if (rc == 0 && !data_path)
         img->data_io = img->io;
     return rc;
@@ -584,8 +625,9 @@ int qcow2_create(const char *path, const qcow2_create_opts *opts,
                                   : plan.size, err);
     if (rc == 0) {
         rc = build_image(path, data_path, &plan, err);
-        /* A half-built file is of no use to anyone. */
-        if (rc < 0)
+        /* A half-built file is of no use to anyone; but one another
+         * holder took meanwhile ("busy") is theirs. */
+        if (rc < 0 && rc != QCOW2_E_BUSY)
             unlink(path);
     }
     free(data_path);
@@ -597,5 +639,6 @@ int qcow2_create(const char *path, const qcow2_create_opts *opts,
     else
         qcow2_open_opts_init(&rw_opts);
     rw_opts.read_write = 1;
+    rw_opts.force_share = 0;    /* a writer shares no writes */
     return qcow2_open(path, &rw_opts, out, err);
 }

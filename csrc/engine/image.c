@@ -6,12 +6,16 @@
  * A read-only open never writes a byte, to the image or to anything in its
  * chain: dirty, corrupt-flagged and unknown-autoclear images open as they
  * are (QEMU too leaves them alone without write access).
+ *
+ * Every file of the chain is locked as QEMU 7.2 locks it (lock.c), once its
+ * format is known and before anything else is read from it.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
+#include "lock.h"
 #include "write.h"     /* read-write opens: write state, fault plan */
 
 #define RESOLVED_PATH_MAX   4096
@@ -303,6 +307,36 @@ static void set_raw(qcow2_image *img)
     img->owns_data_io = 0;
 }
 
+/* Take QEMU's locks for `role` on one file of the image; "busy" names
+ * the other holder. */
+static int lock_file(qcow2_image *img, qcow2_io *io, int role)
+{
+    qcow2_lock_conflict conflict;
+    char why[QCOW2_ERRMSG_MAX];
+    int ret = qcow2_io_lock(io, role, &conflict);
+
+    if (ret == 0)
+        return 0;
+    qcow2_lock_describe(&conflict, img->read_only, why, sizeof why);
+    return qcow2_fail(img, ret, "%s", why);
+}
+
+/* The image file's locks, once its format is known: QEMU's qcow2 driver
+ * does not share writes or resizes; a raw image shares everything, as
+ * qemu-io's raw images do; force_share (-U) only reads and shares all. */
+static int lock_image(qcow2_image *img, int is_raw)
+{
+    int role;
+
+    if (img->force_share)
+        role = LOCK_SHARED;
+    else if (is_raw)
+        role = img->read_only ? LOCK_SHARED : LOCK_RAW_RW;
+    else
+        role = img->read_only ? LOCK_QCOW2_RO : LOCK_QCOW2_RW;
+    return lock_file(img, img->io, role);
+}
+
 /* Guest data in a separate file (incompatible bit 2): named by the
  * extension, followed under the backing-file policy, opened read-only. */
 static int open_data_file(qcow2_image *img)
@@ -330,7 +364,10 @@ static int open_data_file(qcow2_image *img)
                           errno_text(sys_errno, text, sizeof text));
     }
     img->owns_data_io = 1;
-    return 0;
+    return lock_file(img, img->data_io,
+                     img->force_share ? LOCK_SHARED
+                     : img->read_only ? LOCK_DATA_FILE_RO
+                                      : LOCK_DATA_FILE_RW);
 }
 
 static int create_l2_cache(qcow2_image *img, const qcow2_open_opts *opts)
@@ -464,7 +501,7 @@ static int open_image(const char *path, const qcow2_open_opts *opts,
                       qcow2_image **out, qcow2_error *err)
 {
     qcow2_image *img = new_image(path);
-    int is_qcow2 = 0, ret;
+    int is_qcow2 = 0, is_raw, ret;
 
     *out = NULL;
     if (!img)
@@ -472,13 +509,22 @@ static int open_image(const char *path, const qcow2_open_opts *opts,
                                path);
     img->depth = depth;
     img->read_only = !opts->read_write;   /* backing files get 0 */
-    ret = open_file(img, chain);
-    if (ret == 0 && !img->read_only)
-        ret = wrap_faults(img, opts);
+    img->force_share = opts->force_share;
+    if (opts->force_share && opts->read_write)
+        ret = qcow2_fail(img, QCOW2_E_INVALID, "force_share can only be "
+                         "used with read-only opens");
+    else
+        ret = open_file(img, chain);
     if (ret == 0 && format == FORMAT_PROBE)
         ret = has_qcow2_magic(img, &is_qcow2);
+    is_raw = format == FORMAT_RAW || (format == FORMAT_PROBE && !is_qcow2);
+    /* Locks on the file's own fd, before the fault plan wraps it. */
+    if (ret == 0)
+        ret = lock_image(img, is_raw);
+    if (ret == 0 && !img->read_only)
+        ret = wrap_faults(img, opts);
     if (ret == 0) {
-        if (format == FORMAT_RAW || (format == FORMAT_PROBE && !is_qcow2)) {
+        if (is_raw) {
             set_raw(img);
             if (!img->read_only)
                 ret = qcow2_write_state_init(img, opts);

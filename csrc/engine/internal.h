@@ -145,6 +145,7 @@ struct qcow2_image {
     int owns_data_io;
     int is_raw;                 /* raw image (a backing file): no metadata */
     int read_only;
+    int force_share;            /* opened with -U: shares all (lock.c) */
     int is_snapshot_view;
     int depth;                  /* 0 = top of the chain */
 

@@ -1,7 +1,8 @@
 /*
  * I/O backends behind the qcow2_io vtable: a file (pread/pwrite on an fd)
  * and a growable memory buffer. Read-only backends refuse writes without
- * touching the file, so a read-only open can never change a byte.
+ * touching the file, so a read-only open can never change a byte. File
+ * backends take QEMU's image locks on request (qcow2_io_lock).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -11,6 +12,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "lock.h"
 
 /* One pread/pwrite call moves at most this much (Linux caps near 2 GiB). */
 #define IO_CHUNK_BYTES  (1u << 30)
@@ -271,6 +273,19 @@ int qcow2_io_open_file(const char *path, int read_write, qcow2_io **out,
     f->is_block_device = S_ISBLK(st.st_mode);
     *out = &f->base;
     return 0;
+}
+
+/* QEMU's file-driver locks on the file's own open (lock.c); a memory
+ * image is nobody else's to see, so it takes none. */
+int qcow2_io_lock(qcow2_io *io, int role, qcow2_lock_conflict *conflict)
+{
+    qcow2_lock_req req;
+
+    memset(conflict, 0, sizeof *conflict);
+    if (io->ops != &file_ops || role == LOCK_NONE)
+        return 0;
+    qcow2_lock_req_for(role, &req);
+    return qcow2_lock_fd(as_file(io)->fd, &req, conflict);
 }
 
 /* ---- Memory backend ------------------------------------------------------ */

@@ -294,6 +294,11 @@ static int module_open(lua_State *L)
         }
 
         o.allow_raw = ql_opt_bool(L, 2, "open", "allow_raw") > 0;
+        /* qemu-img's -U: read-only opens only, as QEMU refuses it too. */
+        o.force_share = ql_opt_bool(L, 2, "open", "force_share") > 0;
+        if (o.force_share && o.read_write)
+            return luaL_error(L, "bad option 'force_share' to 'open' "
+                              "(read-only opens only)");
         if (!cache_sizes(L, 2, &o))
             return 3;
 
