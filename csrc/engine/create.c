@@ -237,8 +237,10 @@ static int create_file(const char *path, int overwrite, qcow2_error *err)
     } while (fd < 0 && errno == EINTR);
     if (fd < 0) {
         int e = errno;
+        char text[128];
         return qcow2_error_set(err, status_of_errno(e), "%s: %s", path,
-                               e == EEXIST ? "file exists" : strerror(e));
+                               e == EEXIST ? "file exists"
+                               : qcow2_errno_text(e, text, sizeof text));
     }
     close(fd);
     return 0;
@@ -266,6 +268,7 @@ static char *path_next_to(const char *image_path, const char *name)
 static int create_data_file(const char *path, uint64_t size,
                             qcow2_error *err)
 {
+    char text[128];
     int fd, rc = 0;
 
     do {
@@ -273,10 +276,12 @@ static int create_data_file(const char *path, uint64_t size,
     } while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return qcow2_error_set(err, status_of_errno(errno), "data file "
-                               "%s: %s", path, strerror(errno));
+                               "%s: %s", path,
+                               qcow2_errno_text(errno, text, sizeof text));
     if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)size) < 0)
         rc = qcow2_error_set(err, status_of_errno(errno), "data file %s: "
-                             "%s", path, strerror(errno));
+                             "%s", path,
+                             qcow2_errno_text(errno, text, sizeof text));
     close(fd);
     return rc;
 }
@@ -361,12 +366,14 @@ static int set_names(qcow2_image *img, const qcow2_create_opts *o)
 
 static int open_io(const char *path, qcow2_io **io, qcow2_error *err)
 {
+    char text[128];
     int sys_errno = 0;
     int rc = qcow2_io_open_file(path, 1, io, &sys_errno);
 
     if (rc < 0)
         return qcow2_error_set(err, rc, "%s: %s", path,
-                               sys_errno ? strerror(sys_errno)
+                               sys_errno ? qcow2_errno_text(sys_errno, text,
+                                                            sizeof text)
                                          : qcow2_status_name(rc));
     return 0;
 }
@@ -437,15 +444,17 @@ static int fill_area(qcow2_image *img, qcow2_io *io, const char *path,
         return 0;
     if (mode == PREALLOC_FALLOC) {
         int fd = open(path, O_RDWR | O_CLOEXEC), e = 0;
+        char text[128];
         if (fd < 0)
             return qcow2_fail(img, status_of_errno(errno), "%s: %s", path,
-                              strerror(errno));
+                              qcow2_errno_text(errno, text, sizeof text));
         e = posix_fallocate(fd, (off_t)from, (off_t)(to - from));
         close(fd);
         if (e)
             return qcow2_fail(img, status_of_errno(e), "preallocation of "
                               "%llu bytes failed: %s",
-                              (unsigned long long)(to - from), strerror(e));
+                              (unsigned long long)(to - from),
+                              qcow2_errno_text(e, text, sizeof text));
         return 0;
     }
     {
