@@ -588,7 +588,7 @@ static int image_map(lua_State *L)
     if (!ql_clamp_range(L, qcow2_path(q->img), "map", offset, length, size,
                         &guest_offset, &bytes))
         return 3;
-    return ql_map_push(L, 1, q->img, guest_offset, bytes);
+    return ql_map_push(L, q->img, guest_offset, bytes);
 }
 
 static int image_snapshots(lua_State *L)
