@@ -410,6 +410,9 @@ int qcow2_vmstate_save(qcow2_image *img, uint64_t pos, const void *buf,
                        size_t length);
 int qcow2_vmstate_load(qcow2_image *img, uint64_t pos, void *buf,
                        size_t length);
+/* Bytes of the VM-state area up to the end of its last allocated cluster
+ * (0 when none is): past it there is no VM state to read. */
+int qcow2_vmstate_size(qcow2_image *img, uint64_t *size);
 
 /* --- Amend and make_empty (read-write handles) --------------------------- */
 /*

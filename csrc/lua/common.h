@@ -137,6 +137,15 @@ int ql_push_error(lua_State *L, const qcow2_error *err);
 int ql_push_fail(lua_State *L, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* --- Result strings of a caller-chosen length (result.c) ---------------- */
+/* A malloc'd buffer for a result of `length` bytes, or NULL with nil,
+ * message naming `who`, "nomem" pushed and *nret = 3. */
+char *ql_result_alloc(lua_State *L, const char *who, size_t length,
+                      int *nret);
+/* Push buf[0, length) as a string and free buf: returns 1, or 3 (nil,
+ * message, "nomem") when Lua cannot allocate the string. */
+int ql_result_push(lua_State *L, const char *who, char *buf, size_t length);
+
 /* --- Values ---------------------------------------------------------------- */
 /* A 64-bit unsigned engine value as a Lua integer (the same bits: values
  * with bit 63 set, such as L2 entries with QCOW_OFLAG_COPIED, come out

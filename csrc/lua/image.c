@@ -8,6 +8,7 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/evp.h>
@@ -160,7 +161,6 @@ static int image_read(lua_State *L)
     lua_Integer offset = luaL_checkinteger(L, 2);
     lua_Integer length = luaL_checkinteger(L, 3);
     uint64_t guest_offset, bytes;
-    luaL_Buffer b;
     char *dst;
     int rc;
 
@@ -171,15 +171,16 @@ static int image_read(lua_State *L)
         lua_pushliteral(L, "");
         return 1;
     }
-    if (bytes > (uint64_t)(SIZE_MAX / 2))
-        return luaL_error(L, "not enough memory");
-    /* The engine reads straight into the string being built. */
-    dst = luaL_buffinitsize(L, &b, (size_t)bytes);
+    /* Allocation failure is nil, message, "nomem" (result.c). */
+    dst = ql_result_alloc(L, qcow2_path(q->img), (size_t)bytes, &rc);
+    if (dst == NULL)
+        return rc;
     rc = qcow2_read(q->img, guest_offset, dst, (size_t)bytes);
-    if (rc < 0)
+    if (rc < 0) {
+        free(dst);
         return ql_push_engine_error(L, q->img, rc);
-    luaL_pushresultsize(&b, (size_t)bytes);
-    return 1;
+    }
+    return ql_result_push(L, qcow2_path(q->img), dst, (size_t)bytes);
 }
 
 static int image_digest(lua_State *L)
