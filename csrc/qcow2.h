@@ -4,8 +4,17 @@
  * Opaque handles, every call returns 0 (or a count) on success and a
  * negative QCOW2_E_* code on failure; the failing call leaves one line in
  * the handle's error buffer (qcow2_errmsg) naming the file and the field or
- * offset at fault. Nothing here is global or static-mutable: two images,
- * two threads, two Lua states never share state.
+ * offset at fault.
+ *
+ * Threads: the library has no global or static mutable state (errno texts
+ * come from strerror_r, never strerror), so independent handles (each
+ * from its own qcow2_open or qcow2_create) may be used from different
+ * threads at once. A handle is not internally locked: one thread at a
+ * time per handle. That unit includes everything the handle shares state
+ * with: its backing chain (qcow2_backing: caches, error buffers), and its
+ * snapshot views (qcow2_snapshot_open), which share the parent's file,
+ * I/O state (last errno, trace, fault plan) and backing chain. A handle,
+ * its backing images and its views are used by one thread at a time.
  */
 #ifndef QCOW2_H
 #define QCOW2_H
@@ -424,6 +433,9 @@ int qcow2_vmstate_save(qcow2_image *img, uint64_t pos, const void *buf,
                        size_t length);
 int qcow2_vmstate_load(qcow2_image *img, uint64_t pos, void *buf,
                        size_t length);
+/* Bytes of the VM-state area up to the end of its last allocated cluster
+ * (0 when none is): past it there is no VM state to read. */
+int qcow2_vmstate_size(qcow2_image *img, uint64_t *size);
 
 /* --- Amend and make_empty (read-write handles) --------------------------- */
 /*

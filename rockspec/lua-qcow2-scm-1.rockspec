@@ -67,6 +67,7 @@ build = {
             "csrc/lua/image.c",
             "csrc/lua/map.c",
             "csrc/lua/module.c",
+            "csrc/lua/result.c",
             "csrc/lua/snapshot.c",
             "csrc/lua/snapshot_write.c",
             "csrc/lua/write.c",

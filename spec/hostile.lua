@@ -152,6 +152,14 @@ function M.extensions(path)
   return list
 end
 
+-- Offset of the end-of-extensions marker (after the last extension).
+function M.extensions_end(path)
+  local last = M.extensions(path)
+  last = last[#last]
+  if not last then return M.header(path).header_length end
+  return last.offset + 8 + align_up(last.length, 8)
+end
+
 function M.find_extension(path, magic)
   for _, e in ipairs(M.extensions(path)) do
     if e.magic == magic then return e end
@@ -651,6 +659,12 @@ case("extended L2: bitmap on a compressed cluster", "extl2",
 case("header extension length 0xfffffff9 (round-up overflows 32 bits)", "v3", function(p)
   helpers.poke(p, M.extensions(p)[1].offset + 4, helpers.be32(0xfffffff9))
 end, open_fails("corrupt", { "[Ee]xtension" }))
+-- QEMU checks every extension length, the end marker's too, against the
+-- extension area ("Header extension too large"): spec/bounds_spec.lua
+-- compares the lengths that fit with qemu-img.
+case("end-of-extensions marker with a length past cluster 0", "v3", function(p)
+  helpers.poke(p, M.extensions_end(p) + 4, helpers.be32(M.header(p).cluster_size))
+end, open_fails("corrupt", { "[Ee]nd.of.extensions.*too large" }))
 case("raw external data bit without an external data file", "v3",
   setter("autoclear_features", 1 << 1),
   open_fails("corrupt", { "[Rr]aw", "[Dd]ata.?file" }))

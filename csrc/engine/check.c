@@ -79,6 +79,7 @@ int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
 {
     qcow2_io *io = st->img->io;
     uint8_t *bytes = buf;
+    char text[128];
     size_t done = 0;
 
     while (done < len) {
@@ -91,8 +92,9 @@ int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
             st->res->check_errors++;
             check_note(st, QCOW2_FINDING_CHECK_ERROR, offset,
                        "ERROR: I/O error reading the %s at 0x%llx: %s", what,
-                       ull(offset), strerror(io->last_errno ? io->last_errno
-                                                            : EIO));
+                       ull(offset),
+                       qcow2_errno_text(io->last_errno ? io->last_errno : EIO,
+                                        text, sizeof text));
             return (int)got;
         }
         if (got == 0)
@@ -203,6 +205,7 @@ static int compare_refcounts(check_state *st, uint64_t *highest)
 {
     qcow2_image *img = st->img;
     qcow2_check_result *res = st->res;
+    char text[128];
 
     *highest = 0;
     for (uint64_t i = 0; i < st->nb_clusters; i++) {
@@ -213,7 +216,7 @@ static int compare_refcounts(check_state *st, uint64_t *highest)
             res->check_errors++;
             check_note(st, QCOW2_FINDING_CHECK_ERROR, offset,
                        "Can't get refcount for cluster %llu: %s", ull(i),
-                       strerror(EIO));
+                       qcow2_errno_text(EIO, text, sizeof text));
             continue;
         }
         if (on_disk > 0 || counted > 0)

@@ -239,7 +239,7 @@ static int open_emptied(const char *path, int exclusive, const char *what,
     int flags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : 0);
     qcow2_lock_conflict conflict;
     qcow2_lock_req req;
-    char why[QCOW2_ERRMSG_MAX];
+    char why[QCOW2_ERRMSG_MAX], text[128];
     int fd, rc;
 
     do {
@@ -249,7 +249,7 @@ static int open_emptied(const char *path, int exclusive, const char *what,
         int e = errno;
         return qcow2_error_set(err, status_of_errno(e), "%s%s: %s", what,
                                path, e == EEXIST ? "file exists"
-                                                 : strerror(e));
+                               : qcow2_errno_text(e, text, sizeof text));
     }
     qcow2_lock_req_for(LOCK_CREATE, &req);
     rc = qcow2_lock_fd(fd, &req, &conflict);
@@ -262,7 +262,7 @@ static int open_emptied(const char *path, int exclusive, const char *what,
         int e = errno;
         close(fd);
         return qcow2_error_set(err, status_of_errno(e), "%s%s: %s", what,
-                               path, strerror(e));
+                               path, qcow2_errno_text(e, text, sizeof text));
     }
     return fd;
 }
@@ -301,13 +301,15 @@ static char *path_next_to(const char *image_path, const char *name)
 static int create_data_file(const char *path, uint64_t size,
                             qcow2_error *err)
 {
+    char text[128];
     int fd = open_emptied(path, 0, "data file ", err), rc = 0;
 
     if (fd < 0)
         return fd;
     if (ftruncate(fd, (off_t)size) < 0)
         rc = qcow2_error_set(err, status_of_errno(errno), "data file %s: "
-                             "%s", path, strerror(errno));
+                             "%s", path,
+                             qcow2_errno_text(errno, text, sizeof text));
     close(fd);
     return rc;
 }
@@ -397,12 +399,14 @@ static int open_io(const char *path, int lock_role, qcow2_io **io,
 {
     qcow2_lock_conflict conflict;
     char why[QCOW2_ERRMSG_MAX];
+    char text[128];
     int sys_errno = 0;
     int rc = qcow2_io_open_file(path, 1, io, &sys_errno);
 
     if (rc < 0)
         return qcow2_error_set(err, rc, "%s: %s", path,
-                               sys_errno ? strerror(sys_errno)
+                               sys_errno ? qcow2_errno_text(sys_errno, text,
+                                                            sizeof text)
                                          : qcow2_status_name(rc));
     rc = qcow2_io_lock(*io, lock_role, &conflict);
     if (rc < 0) {
@@ -478,15 +482,17 @@ static int fill_area(qcow2_image *img, qcow2_io *io, const char *path,
         return 0;
     if (mode == PREALLOC_FALLOC) {
         int fd = open(path, O_RDWR | O_CLOEXEC), e = 0;
+        char text[128];
         if (fd < 0)
             return qcow2_fail(img, status_of_errno(errno), "%s: %s", path,
-                              strerror(errno));
+                              qcow2_errno_text(errno, text, sizeof text));
         e = posix_fallocate(fd, (off_t)from, (off_t)(to - from));
         close(fd);
         if (e)
             return qcow2_fail(img, status_of_errno(e), "preallocation of "
                               "%llu bytes failed: %s",
-                              (unsigned long long)(to - from), strerror(e));
+                              (unsigned long long)(to - from),
+                              qcow2_errno_text(e, text, sizeof text));
         return 0;
     }
     {

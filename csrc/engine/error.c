@@ -33,21 +33,25 @@ static void flatten_line(char *msg)
     }
 }
 
+/* Formatted into a local buffer first: the arguments may point into
+ * err->msg itself (a caller wrapping the message a failed call left). */
 static int error_vset(qcow2_error *err, int code, const char *prefix,
                       const char *fmt, va_list ap)
 {
+    char msg[sizeof err->msg];
     size_t used = 0;
 
-    err->code = code;
-    err->msg[0] = '\0';
+    msg[0] = '\0';
     if (prefix) {
-        int n = snprintf(err->msg, sizeof err->msg, "%s: ", prefix);
+        int n = snprintf(msg, sizeof msg, "%s: ", prefix);
         used = n < 0 ? 0 : (size_t)n;
-        if (used >= sizeof err->msg)
-            used = sizeof err->msg - 1;
+        if (used >= sizeof msg)
+            used = sizeof msg - 1;
     }
-    vsnprintf(err->msg + used, sizeof err->msg - used, fmt, ap);
-    flatten_line(err->msg);
+    vsnprintf(msg + used, sizeof msg - used, fmt, ap);
+    flatten_line(msg);
+    memcpy(err->msg, msg, sizeof msg);
+    err->code = code;
     return code;
 }
 
@@ -67,6 +71,22 @@ int qcow2_fail(qcow2_image *img, int code, const char *fmt, ...)
     error_vset(&img->err, code, img->path ? img->path : "qcow2", fmt, ap);
     va_end(ap);
     return code;
+}
+
+/* strerror is not thread safe (its buffer is static for unknown values);
+ * the GNU strerror_r returns the text (static or in buf), the XSI one
+ * fills buf. errno 0 (a short read or write) reads as "I/O error". */
+const char *qcow2_errno_text(int sys_errno, char *buf, size_t len)
+{
+    if (sys_errno == 0)
+        return "I/O error";
+#if defined(__GLIBC__) && defined(_GNU_SOURCE)
+    return strerror_r(sys_errno, buf, len);
+#else
+    if (strerror_r(sys_errno, buf, len) != 0)
+        snprintf(buf, len, "error %d", sys_errno);
+    return buf;
+#endif
 }
 
 const char *qcow2_errmsg(const qcow2_image *img)

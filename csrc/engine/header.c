@@ -203,13 +203,17 @@ static int walk_extensions(qcow2_image *img, const uint8_t *cluster0,
                               ull(area_end));
         magic = be32(cluster0 + offset);
         length = be32(cluster0 + offset + 4);
-        if (magic == EXT_END)
-            return 0;
+        /* QEMU checks the length before the magic: the end marker's too
+         * ("Header extension too large"); a length that fits is ignored. */
         if (length > area_end - data_offset)
             return qcow2_fail(img, QCOW2_E_CORRUPT,
-                              "header extension 0x%08x at 0x%llx too large "
+                              "header extension 0x%08x%s at 0x%llx too large "
                               "(length %u, extension area ends at 0x%llx)",
-                              magic, ull(offset), length, ull(area_end));
+                              magic, magic == EXT_END
+                                         ? " (end-of-extensions marker)" : "",
+                              ull(offset), length, ull(area_end));
+        if (magic == EXT_END)
+            return 0;
         if (!range_inside(data_offset, length, img->file_size))
             return qcow2_fail(img, QCOW2_E_CORRUPT,
                               "header extension 0x%08x at 0x%llx runs past "

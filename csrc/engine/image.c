@@ -44,13 +44,6 @@ static unsigned long long ull(uint64_t value)
     return (unsigned long long)value;
 }
 
-static const char *errno_text(int sys_errno, char *buf, size_t len)
-{
-    if (sys_errno == 0)
-        return "I/O error";
-    return strerror_r(sys_errno, buf, len);   /* the GNU variant */
-}
-
 void qcow2_open_opts_init(qcow2_open_opts *opts)
 {
     memset(opts, 0, sizeof *opts);
@@ -79,7 +72,8 @@ int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
     if (n < 0)
         return qcow2_fail(img, (int)n, "cannot read %s at 0x%llx: %s", what,
                           ull(offset),
-                          errno_text(img->io->last_errno, text, sizeof text));
+                          qcow2_errno_text(img->io->last_errno, text,
+                                           sizeof text));
     if ((uint64_t)n < len)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "%s at 0x%llx (%zu bytes) runs past the end of the "
@@ -101,7 +95,7 @@ int qcow2_read_host_data(qcow2_image *img, uint64_t offset, void *buf,
         return qcow2_fail(img, (int)n,
                           "cannot read guest data at host offset 0x%llx: %s",
                           ull(offset),
-                          errno_text(io->last_errno, text, sizeof text));
+                          qcow2_errno_text(io->last_errno, text, sizeof text));
     /* QEMU does not pad the file's last cluster: the rest reads as 0. */
     if ((uint64_t)n < len)
         memset((uint8_t *)buf + n, 0, len - (size_t)n);
@@ -259,7 +253,7 @@ static int open_file(qcow2_image *img, file_chain *chain)
                              &sys_errno);
     if (ret < 0)
         return qcow2_fail(img, ret, "%s",
-                          errno_text(sys_errno, text, sizeof text));
+                          qcow2_errno_text(sys_errno, text, sizeof text));
     io = img->io;
     for (int i = 0; i < chain->count; i++) {
         if (chain->dev[i] == io->dev && chain->ino[i] == io->ino &&
@@ -276,7 +270,7 @@ static int open_file(qcow2_image *img, file_chain *chain)
     ret = io->ops->size(io, &img->file_size);
     if (ret < 0)
         return qcow2_fail(img, ret, "cannot get the file size: %s",
-                          errno_text(io->last_errno, text, sizeof text));
+                          qcow2_errno_text(io->last_errno, text, sizeof text));
     return 0;
 }
 
@@ -361,7 +355,7 @@ static int open_data_file(qcow2_image *img)
     if (ret < 0) {
         img->data_io = img->io;
         return qcow2_fail(img, ret, "data file '%s': %s", img->data_file_ext,
-                          errno_text(sys_errno, text, sizeof text));
+                          qcow2_errno_text(sys_errno, text, sizeof text));
     }
     img->owns_data_io = 1;
     return lock_file(img, img->data_io,
@@ -608,14 +602,14 @@ const char *qcow2_probe(const char *path, uint32_t *version,
     if (ret < 0) {
         if (err)
             qcow2_error_set(err, ret, "%s: %s", path,
-                            errno_text(sys_errno, text, sizeof text));
+                            qcow2_errno_text(sys_errno, text, sizeof text));
         return NULL;
     }
     n = io->ops->pread(io, start, sizeof start, 0);
     if (n < 0) {
         if (err)
             qcow2_error_set(err, (int)n, "%s: cannot read the header: %s",
-                            path, errno_text(io->last_errno, text,
+                            path, qcow2_errno_text(io->last_errno, text,
                                              sizeof text));
         qcow2_io_close(io);
         return NULL;
@@ -684,7 +678,8 @@ int qcow2_file_size(qcow2_image *img, uint64_t *out)
 
     if (ret < 0)
         return qcow2_fail(img, ret, "cannot get the file size: %s",
-                          errno_text(img->io->last_errno, text, sizeof text));
+                          qcow2_errno_text(img->io->last_errno, text,
+                                           sizeof text));
     return 0;
 }
 
@@ -695,7 +690,8 @@ int qcow2_allocated_file_size(qcow2_image *img, uint64_t *out)
 
     if (ret < 0)
         return qcow2_fail(img, ret, "cannot get the allocated size: %s",
-                          errno_text(img->io->last_errno, text, sizeof text));
+                          qcow2_errno_text(img->io->last_errno, text,
+                                           sizeof text));
     return 0;
 }
 

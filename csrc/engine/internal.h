@@ -105,9 +105,13 @@ void qcow2_io_close(qcow2_io *io);
 /* Format one line into err; returns code. */
 int qcow2_error_set(qcow2_error *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-/* Set img->err to "<path>: <message>"; returns code. */
+/* Set img->err to "<path>: <message>"; returns code. The arguments may
+ * point into img->err.msg (formatted before it is overwritten). */
 int qcow2_fail(qcow2_image *img, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* The text of errno value sys_errno, thread safe (never strerror): a
+ * pointer to a constant string or into buf. 0 reads as "I/O error". */
+const char *qcow2_errno_text(int sys_errno, char *buf, size_t len);
 
 /* ---- Parsed structures ---------------------------------------------------- */
 typedef struct qcow2_snapshot {

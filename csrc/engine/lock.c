@@ -165,8 +165,7 @@ void qcow2_lock_describe(const qcow2_lock_conflict *conflict, int read_only,
 
     if (conflict->sys_errno) {
         snprintf(buf, len, "cannot lock the image: %s",
-                 /* the GNU variant: thread-safe */
-                 strerror_r(conflict->sys_errno, text, sizeof text));
+                 qcow2_errno_text(conflict->sys_errno, text, sizeof text));
         return;
     }
     if (conflict->other_writes)

@@ -214,9 +214,11 @@ static int write_io(qcow2_image *img, qcow2_io *io, const char *what,
     rc = io->ops->pwrite(io, buf, length, offset);
     if (rc < 0) {
         int sys_errno = io->last_errno;
+        char text[128];
         return qcow2_fail(img, rc, "write of %s at 0x%llx (%zu bytes) "
                           "failed: %s", what, (unsigned long long)offset,
-                          length, sys_errno ? strerror(sys_errno)
+                          length, sys_errno ? qcow2_errno_text(sys_errno,
+                                                  text, sizeof text)
                                             : qcow2_status_name(rc));
     }
     return 0;
@@ -264,8 +266,10 @@ static int flush_io(qcow2_image *img, qcow2_io *io, const char *which)
     int rc = io->ops->flush(io);
     if (rc < 0) {
         int sys_errno = io->last_errno;
+        char text[128];
         return qcow2_fail(img, rc, "flush of the %s failed: %s", which,
-                          sys_errno ? strerror(sys_errno)
+                          sys_errno ? qcow2_errno_text(sys_errno, text,
+                                                       sizeof text)
                                     : qcow2_status_name(rc));
     }
     return 0;

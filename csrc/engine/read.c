@@ -29,6 +29,7 @@ static uint8_t *dest(const read_state *rs, uint64_t guest_offset)
 static int read_raw(qcow2_image *img, uint64_t offset, uint8_t *buf,
                     size_t length)
 {
+    char text[128];
     size_t done = 0;
 
     while (done < length) {
@@ -37,7 +38,8 @@ static int read_raw(qcow2_image *img, uint64_t offset, uint8_t *buf,
         if (n < 0)
             return qcow2_fail(img, (int)n, "read of %zu bytes at 0x%" PRIx64
                               " failed: %s", length - done, offset + done,
-                              strerror(img->io->last_errno));
+                              qcow2_errno_text(img->io->last_errno, text,
+                                               sizeof text));
         if (n == 0)
             break;
         done += (size_t)n;

@@ -29,6 +29,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cluster.h"
 #include "write.h"
 
 #define SNAPSHOT_HEADER_BYTES   40
@@ -230,17 +231,24 @@ static int grow_l1_for(qcow2_image *img, uint64_t end)
     return qcow2_l1_grow(img, size);
 }
 
+static int vmstate_area_check(qcow2_image *img)
+{
+    if (img->is_raw || img->is_snapshot_view)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "no VM state area in a "
+                          "%s", img->is_raw ? "raw image" : "snapshot view");
+    return 0;
+}
+
 /* Guest I/O at the VM-state area: the public calls' range limit is the
  * virtual size, here it is what the L1 table covers. */
 static int vmstate_io(qcow2_image *img, uint64_t pos, void *buf,
                       size_t length, int writing)
 {
     uint64_t start, end, saved = img->size;
-    int rc;
+    int rc = vmstate_area_check(img);
 
-    if (img->is_raw || img->is_snapshot_view)
-        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "no VM state area in a "
-                          "%s", img->is_raw ? "raw image" : "snapshot view");
+    if (rc < 0)
+        return rc;
     if (add_overflows(vm_state_offset(img), pos, &start) ||
         add_overflows(start, length, &end) || end > QCOW2_MAX_HOST_OFFSET)
         return qcow2_fail(img, QCOW2_E_INVALID, "VM state range at %llu "
@@ -271,6 +279,120 @@ int qcow2_vmstate_load(qcow2_image *img, uint64_t pos, void *buf,
                        size_t length)
 {
     return vmstate_io(img, pos, buf, length, 0);
+}
+
+/* ---- Where the VM state ends ------------------------------------------- */
+
+/* End (guest offset, cluster aligned) of the last cluster of [from, to),
+ * one L2 table's range, that is allocated (has a host cluster, compressed
+ * or not: QEMU's qcow2_cluster_is_allocated); 0 when none is. A zero
+ * cluster without one is what a discard leaves, not VM state. */
+static int last_cluster_end(qcow2_image *img, uint64_t from, uint64_t to,
+                            uint64_t *end)
+{
+    *end = 0;
+    while (from < to) {
+        qcow2_run run;
+        int rc = qcow2_lookup_run(img, from, to - from, &run);
+
+        if (rc < 0)
+            return rc;
+        if (sc_type_has_host(run.type) || run.type == SC_COMPRESSED)
+            *end = align_up(from + run.length, img->cluster_size);
+        from += run.length;
+    }
+    return 0;
+}
+
+static int compare_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return (x > y) - (x < y);
+}
+
+static uint64_t l1_key(const qcow2_image *img, uint64_t index)
+{
+    return img->l1[index] & (L1E_OFFSET_MASK | L1E_RESERVED_MASK);
+}
+
+/*
+ * The L1 entries of the area, distinct, sorted, each with a flag "its
+ * table was searched and is empty": a hostile L1 may point millions of
+ * entries at a few empty tables, and each table is searched once, so the
+ * work stays bounded by the file, not by l1_size x entries per table.
+ */
+typedef struct {
+    uint64_t *keys;
+    uint8_t *empty;
+    size_t count;
+} table_memo;
+
+static int memo_build(qcow2_image *img, uint64_t first, table_memo *memo)
+{
+    size_t n = 0;
+
+    memset(memo, 0, sizeof *memo);
+    for (uint64_t i = first; i < img->l1_size; i++)
+        n += l1_key(img, i) != 0;
+    if (n == 0)
+        return 0;
+    memo->keys = malloc(n * sizeof *memo->keys);
+    memo->empty = calloc(n, 1);
+    if (!memo->keys || !memo->empty) {
+        free(memo->keys);
+        free(memo->empty);
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory scanning the "
+                          "VM state area");
+    }
+    for (uint64_t i = first; i < img->l1_size; i++)
+        if (l1_key(img, i))
+            memo->keys[memo->count++] = l1_key(img, i);
+    qsort(memo->keys, memo->count, sizeof *memo->keys, compare_u64);
+    return 0;
+}
+
+static uint8_t *memo_flag(table_memo *memo, uint64_t key)
+{
+    uint64_t *at = bsearch(&key, memo->keys, memo->count, sizeof key,
+                           compare_u64);
+
+    return memo->empty + (at - memo->keys);
+}
+
+int qcow2_vmstate_size(qcow2_image *img, uint64_t *size)
+{
+    uint64_t start, coverage, first;
+    table_memo memo;
+    int rc = vmstate_area_check(img);
+
+    *size = 0;
+    if (rc < 0)
+        return rc;
+    start = vm_state_offset(img);
+    coverage = l1_coverage(img);
+    first = start / coverage;
+    rc = memo_build(img, first, &memo);
+    /* Backwards: the first table holding anything is the last one. */
+    for (uint64_t i = img->l1_size; rc == 0 && i-- > first;) {
+        uint64_t end = 0, from = max_u64(i * coverage, start);
+        uint8_t *searched_empty;
+
+        if (l1_key(img, i) == 0)
+            continue;
+        searched_empty = memo_flag(&memo, l1_key(img, i));
+        if (*searched_empty)
+            continue;
+        rc = last_cluster_end(img, from, (i + 1) * coverage, &end);
+        if (rc == 0 && end) {
+            *size = end - start;
+            break;
+        }
+        *searched_empty = 1;
+    }
+    free(memo.keys);
+    free(memo.empty);
+    return rc;
 }
 
 /* QEMU drops the VM state from the active L1 once the snapshot holds it

@@ -109,6 +109,18 @@ static int mark_bitmaps_in_use(qcow2_image *img)
  * clears the dirty bit when it leaves no corruption. Only a check that
  * could not complete fails the open.
  */
+/* The message a failed call left, without its "<path>: " prefix (the
+ * wrapping message adds it again). */
+static const char *inner_message(const qcow2_image *img)
+{
+    size_t n = img->path ? strlen(img->path) : 0;
+
+    if (n && strncmp(img->err.msg, img->path, n) == 0 &&
+        strncmp(img->err.msg + n, ": ", 2) == 0)
+        return img->err.msg + n + 2;
+    return img->err.msg;
+}
+
 static int repair_dirty(qcow2_image *img)
 {
     qcow2_check_result res;
@@ -116,7 +128,7 @@ static int repair_dirty(qcow2_image *img)
 
     if (rc < 0)
         return qcow2_fail(img, rc, "cannot repair the dirty image: %s",
-                          img->err.msg);
+                          inner_message(img));
     if (res.check_errors)
         rc = qcow2_fail(img, QCOW2_E_IO, "Could not repair dirty image: "
                         "%llu errors during the check",

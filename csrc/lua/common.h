@@ -75,9 +75,9 @@ void ql_snapshot_register(lua_State *L);
 
 /* --- Cluster maps (map.c) -------------------------------------------------- */
 typedef struct ql_map ql_map;
-/* Push an empty ClusterMap owned by the userdata at owner_idx (kept as its
- * user value, so the owner outlives the map). May raise (memory). */
-ql_map *ql_map_new(lua_State *L, int owner_idx);
+/* Push an empty ClusterMap. It keeps no reference to the image it is
+ * filled from (a map outlives its Image). May raise (memory). */
+ql_map *ql_map_new(lua_State *L);
 /* Collect the extents of guest [offset, offset+length) of h into m. Calls
  * no Lua, so it is safe while a borrowed engine handle is open. Returns 0,
  * or a negative status with its one-line message copied into msg
@@ -86,8 +86,8 @@ int ql_map_fill(ql_map *m, qcow2_image *h, uint64_t offset, uint64_t length,
                 char *msg, size_t msg_len);
 /* ql_map_new + ql_map_fill: returns 1 with the map pushed, or 3 (fail,
  * message, code). */
-int ql_map_push(lua_State *L, int owner_idx, qcow2_image *h,
-                uint64_t offset, uint64_t length);
+int ql_map_push(lua_State *L, qcow2_image *h, uint64_t offset,
+                uint64_t length);
 void ql_map_register(lua_State *L);
 
 /* --- Module functions and options (module.c, create.c) ------------------- */
@@ -141,6 +141,15 @@ int ql_push_error(lua_State *L, const qcow2_error *err);
 /* nil, formatted message, code name of status: returns 3. */
 int ql_push_fail(lua_State *L, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* --- Result strings of a caller-chosen length (result.c) ---------------- */
+/* A malloc'd buffer for a result of `length` bytes, or NULL with nil,
+ * message naming `who`, "nomem" pushed and *nret = 3. */
+char *ql_result_alloc(lua_State *L, const char *who, size_t length,
+                      int *nret);
+/* Push buf[0, length) as a string and free buf: returns 1, or 3 (nil,
+ * message, "nomem") when Lua cannot allocate the string. */
+int ql_result_push(lua_State *L, const char *who, char *buf, size_t length);
 
 /* --- Values ---------------------------------------------------------------- */
 /* A 64-bit unsigned engine value as a Lua integer (the same bits: values

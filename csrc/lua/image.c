@@ -8,6 +8,7 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/evp.h>
@@ -160,7 +161,6 @@ static int image_read(lua_State *L)
     uint64_t length = ql_check_length(L, 3);
     ql_image *q = ql_check_image(L, 1);
     uint64_t guest_offset, bytes;
-    luaL_Buffer b;
     char *dst;
     int rc;
 
@@ -171,15 +171,16 @@ static int image_read(lua_State *L)
         lua_pushliteral(L, "");
         return 1;
     }
-    if (bytes > (uint64_t)(SIZE_MAX / 2))
-        return luaL_error(L, "not enough memory");
-    /* The engine reads straight into the string being built. */
-    dst = luaL_buffinitsize(L, &b, (size_t)bytes);
+    /* Allocation failure is nil, message, "nomem" (result.c). */
+    dst = ql_result_alloc(L, qcow2_path(q->img), (size_t)bytes, &rc);
+    if (dst == NULL)
+        return rc;
     rc = qcow2_read(q->img, guest_offset, dst, (size_t)bytes);
-    if (rc < 0)
+    if (rc < 0) {
+        free(dst);
         return ql_push_engine_error(L, q->img, rc);
-    luaL_pushresultsize(&b, (size_t)bytes);
-    return 1;
+    }
+    return ql_result_push(L, qcow2_path(q->img), dst, (size_t)bytes);
 }
 
 /* img:digest([algo [, offset, length]]) -> hex | nil, message, code.
@@ -580,7 +581,7 @@ static int image_map(lua_State *L)
     if (!ql_clamp_range(L, qcow2_path(q->img), "map", offset, length, size,
                         &guest_offset, &bytes))
         return 3;
-    return ql_map_push(L, 1, q->img, guest_offset, bytes);
+    return ql_map_push(L, q->img, guest_offset, bytes);
 }
 
 static int image_snapshots(lua_State *L)

@@ -4,15 +4,15 @@
  * The engine's extents (already merged as qemu-img merges them) are copied
  * into one C array while qcow2_map runs: the callback allocates with
  * realloc and never calls Lua, so no Lua error can unwind through the
- * engine. m[i] builds the extent's table on demand.
+ * engine. m[i] builds the extent's table on demand. A map holds no
+ * reference to the Image it came from: it never reads it again, so the
+ * Image (and its file descriptor) may be closed or collected first.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
-
-#define QL_UV_OWNER 1   /* the Image the map was taken from */
 
 struct ql_map {
     qcow2_extent *extents;      /* malloc'd; freed by __gc */
@@ -32,15 +32,11 @@ static const char *extent_type_name(int type)
     return "unknown";
 }
 
-ql_map *ql_map_new(lua_State *L, int owner_idx)
+ql_map *ql_map_new(lua_State *L)
 {
-    ql_map *m;
+    ql_map *m = lua_newuserdatauv(L, sizeof *m, 0);
 
-    owner_idx = lua_absindex(L, owner_idx);
-    m = lua_newuserdatauv(L, sizeof *m, 1);
     memset(m, 0, sizeof *m);
-    lua_pushvalue(L, owner_idx);
-    lua_setiuservalue(L, -2, QL_UV_OWNER);
     luaL_setmetatable(L, QL_MAP);
     return m;
 }
@@ -88,11 +84,11 @@ int ql_map_fill(ql_map *m, qcow2_image *h, uint64_t offset, uint64_t length,
     return 0;
 }
 
-int ql_map_push(lua_State *L, int owner_idx, qcow2_image *h,
-                uint64_t offset, uint64_t length)
+int ql_map_push(lua_State *L, qcow2_image *h, uint64_t offset,
+                uint64_t length)
 {
     char msg[QCOW2_ERRMSG_MAX];
-    ql_map *m = ql_map_new(L, owner_idx);
+    ql_map *m = ql_map_new(L);
     int rc = ql_map_fill(m, h, offset, length, msg, sizeof msg);
 
     if (rc < 0)

@@ -176,9 +176,8 @@ static int snapshot_map(lua_State *L)
                         size, &guest_offset, &bytes))
         return 3;
     /* The map exists before the view, so nothing raises while the view
-     * is open; it copies the extents and keeps the Image (stack index 4),
-     * not the view, which closes before we return. */
-    map = ql_map_new(L, 4);
+     * is open; it copies the extents, the view closes before we return. */
+    map = ql_map_new(L);
     rc = qcow2_snapshot_open(parent->img, index, &view);
     if (rc < 0)
         return ql_push_engine_error(L, parent->img, rc);

@@ -7,6 +7,7 @@
  * table by image.c and snapshot.c. Read-only handles keep the contract's
  * answer: nil, message, "readonly".
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -104,22 +105,37 @@ static int image_save_vmstate(lua_State *L)
     return 1;
 }
 
-/* img:load_vmstate(pos, length) -> string | nil, message, code */
+/* img:load_vmstate(pos, length) -> string | nil, message, code. Like read
+ * at the end of the disk, the string stops at the end of the last
+ * cluster holding VM state ("" from there on): its size is bounded by the
+ * image, never by `length` alone. */
 static int image_load_vmstate(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
     uint64_t pos = ql_check_offset(L, 2);
     uint64_t length = ql_check_length(L, 3);
-    luaL_Buffer b;
+    uint64_t area = 0, bytes = 0;
     char *out;
-    int rc;
+    int rc, nret;
 
-    out = luaL_buffinitsize(L, &b, (size_t)length);
-    rc = qcow2_vmstate_load(q->img, pos, out, (size_t)length);
+    rc = qcow2_vmstate_size(q->img, &area);
     if (rc < 0)
         return ql_push_engine_error(L, q->img, rc);
-    luaL_pushresultsize(&b, (size_t)length);
-    return 1;
+    if (pos < area)
+        bytes = area - pos < length ? area - pos : length;
+    if (bytes == 0) {
+        lua_pushliteral(L, "");
+        return 1;
+    }
+    out = ql_result_alloc(L, qcow2_path(q->img), (size_t)bytes, &nret);
+    if (out == NULL)
+        return nret;
+    rc = qcow2_vmstate_load(q->img, pos, out, (size_t)bytes);
+    if (rc < 0) {
+        free(out);
+        return ql_push_engine_error(L, q->img, rc);
+    }
+    return ql_result_push(L, qcow2_path(q->img), out, (size_t)bytes);
 }
 
 /*

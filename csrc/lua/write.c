@@ -11,6 +11,7 @@
  * format is the engine's.
  */
 #include <inttypes.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -162,7 +163,6 @@ static int image_raw_read(lua_State *L)
     ql_image *q = ql_check_image(L, 1);
     uint64_t file_size, host_offset, bytes;
     size_t done = 0;
-    luaL_Buffer b;
     char *dst;
     int rc;
 
@@ -176,16 +176,18 @@ static int image_raw_read(lua_State *L)
         lua_pushliteral(L, "");
         return 1;
     }
-    if (bytes > (uint64_t)(SIZE_MAX / 2))
-        return luaL_error(L, "not enough memory");
-    dst = luaL_buffinitsize(L, &b, (size_t)bytes);
+    /* Allocation failure is nil, message, "nomem" (result.c). */
+    dst = ql_result_alloc(L, qcow2_path(q->img), (size_t)bytes, &rc);
+    if (dst == NULL)
+        return rc;
     rc = qcow2_raw_read(q->img, host_offset, dst, (size_t)bytes, &done);
-    if (rc < 0)
+    if (rc < 0) {
+        free(dst);
         return ql_push_engine_error(L, q->img, rc);
+    }
     if (done > bytes)
         done = (size_t)bytes;
-    luaL_pushresultsize(&b, done);
-    return 1;
+    return ql_result_push(L, qcow2_path(q->img), dst, done);
 }
 
 /* img:raw_write(host_offset, data): bytes into the image file itself,
