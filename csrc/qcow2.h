@@ -86,7 +86,12 @@ typedef struct qcow2_open_opts {
     int64_t fail_after_writes;  /* -1: never */
     int fail_status;            /* QCOW2_E_IO or QCOW2_E_NOSPC */
     int64_t stop_after_writes;  /* -1: never (power cut after N writes) */
-    int trace_writes;
+    int volatile_cache;         /* at the cut, writes since the last flush:
+                                   0 kept, 1 each lost by a coin seeded
+                                   with volatile_seed, 2 all lost; needs
+                                   stop_after_writes */
+    uint64_t volatile_seed;
+    int trace_writes;           /* record writes, truncates and flushes */
 } qcow2_open_opts;
 
 /* Fill opts with the defaults (read-only, backing chain opened). */
@@ -332,12 +337,14 @@ int qcow2_raw_read(qcow2_image *img, uint64_t offset, void *buf,
 int qcow2_raw_write(qcow2_image *img, uint64_t offset, const void *buf,
                     size_t length);
 
-/* Writes recorded with the trace_writes option. */
+/* Writes, truncates (offset: the new size) and flushes recorded with the
+ * trace_writes option, in order. */
 typedef struct qcow2_io_record {
     uint64_t offset;
     uint64_t length;
     const char *what;           /* "header", "l1", "l2", "refcount_table",
-                                   "refcount_block", "data", ... */
+                                   "refcount_block", "data", ...,
+                                   "truncate", "flush" */
 } qcow2_io_record;
 size_t qcow2_io_log_count(const qcow2_image *img);
 int qcow2_io_log_at(const qcow2_image *img, size_t index,

@@ -341,11 +341,12 @@ describe("Image write methods", function()
     local kinds = {}
     for _, r in ipairs(log) do
       assert.are.equal("integer", math.type(r.offset))
-      assert.is_true(r.length > 0)
+      assert.is_true(r.length > 0 or r.what == "flush")
       kinds[r.what] = true
     end
     assert.is_true(kinds.data)
     assert.is_true(kinds.l2)
+    assert.are.equal("flush", log[#log].what)   -- img:flush() is traced
   end)
 end)
 

@@ -412,10 +412,15 @@ static int wrap_faults(qcow2_image *img, const qcow2_open_opts *opts)
     if (opts->fail_after_writes < 0 && opts->stop_after_writes < 0 &&
         !opts->trace_writes)
         return 0;
+    if (opts->volatile_cache && opts->stop_after_writes < 0)
+        return qcow2_fail(img, QCOW2_E_INVALID, "a volatile cache needs "
+                          "stop_after_writes");
     qcow2_fault_plan_init(&plan);
     plan.fail_after_writes = opts->fail_after_writes;
     plan.fail_status = opts->fail_status;
     plan.stop_after_writes = opts->stop_after_writes;
+    plan.volatile_cache = opts->volatile_cache;
+    plan.seed = opts->volatile_seed;
     plan.trace = opts->trace_writes;
     ret = qcow2_io_wrap_faults(img->io, &plan, &img->io);
     return ret < 0 ? qcow2_fail(img, ret, "out of memory") : 0;

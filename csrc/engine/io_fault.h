@@ -4,17 +4,28 @@
 
 #include "internal.h"
 
+/* What a power cut does to the writes issued since the last completed
+ * flush (a disk's volatile cache). */
+enum {
+    QCOW2_VOLATILE_OFF = 0,     /* all kept: the cache is write-through */
+    QCOW2_VOLATILE_SEEDED = 1,  /* each lost or kept by a seeded coin */
+    QCOW2_VOLATILE_ALL = 2      /* all lost */
+};
+
 typedef struct qcow2_fault_plan {
     int64_t fail_after_writes;  /* -1: never; N: the N+1th write fails */
     int fail_status;            /* QCOW2_E_IO or QCOW2_E_NOSPC */
     int64_t stop_after_writes;  /* -1: never; N: writes after the Nth vanish */
-    int trace;                  /* record every write */
+    int volatile_cache;         /* QCOW2_VOLATILE_*; needs stop_after_writes */
+    uint64_t seed;              /* of QCOW2_VOLATILE_SEEDED's coin */
+    int trace;                  /* record every write, truncate and flush */
 } qcow2_fault_plan;
 
 typedef struct qcow2_io_trace_entry {
-    uint64_t offset;
-    uint64_t length;
-    const char *what;           /* static string: "header", "l2", "data"... */
+    uint64_t offset;            /* a truncate: the new size */
+    uint64_t length;            /* 0 for a truncate or a flush */
+    const char *what;           /* static string: "header", "l2", "data"...,
+                                   "truncate", "flush" */
 } qcow2_io_trace_entry;
 
 void qcow2_fault_plan_init(qcow2_fault_plan *plan);

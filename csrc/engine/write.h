@@ -68,8 +68,11 @@ int qcow2_overlap_check(qcow2_image *img, int ignore, uint64_t offset,
  * `what`, pwrite; a failure is returned with a message naming `what`. */
 int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
                         uint64_t offset, const void *buf, size_t length);
-/* fsync of the image file (and data file): a barrier between dependent
- * steps. */
+/* fsync of the data file, then of the image file: what img:flush() and
+ * close promise. */
+int qcow2_sync(qcow2_image *img);
+/* qcow2_sync as a barrier between dependent steps (a no-op only in the
+ * test build with QCOW2_TEST_NO_BARRIER). */
 int qcow2_barrier(qcow2_image *img);
 /* Poison the handle after a half-done metadata update; returns code. */
 int qcow2_poison(qcow2_image *img, int code);

@@ -218,14 +218,14 @@ int qcow2_write_state_close(qcow2_image *img)
     if (!ws)
         return 0;
     if (!ws->poisoned && !img->is_raw) {
-        rc = qcow2_barrier(img);
+        rc = qcow2_sync(img);
         /* Refcounts are never deferred here, so once everything is on
          * disk the image is clean. */
         if (rc == 0 && ws->dirty_on_disk &&
             (img->hdr.incompatible_features & INCOMPAT_DIRTY))
             rc = qcow2_header_set_feature(img, 0, 0, 0);
     } else if (img->is_raw) {
-        rc = qcow2_barrier(img);
+        rc = qcow2_sync(img);
     }
     free(ws);
     img->ws = NULL;
@@ -238,7 +238,7 @@ int qcow2_flush(qcow2_image *img)
 {
     int rc = qcow2_check_writable(img);
 
-    return rc < 0 ? rc : qcow2_barrier(img);
+    return rc < 0 ? rc : qcow2_sync(img);
 }
 
 int qcow2_raw_read(qcow2_image *img, uint64_t offset, void *buf,

@@ -82,18 +82,20 @@ int ql_opt_choice(lua_State *L, int opts, const char *fn, const char *name,
 
 /*
  * The `io` fault plan: {fail_after_writes = N, errno = "EIO" | "ENOSPC"},
- * {stop_after_writes = N}, {trace = true}. A test-only option, so it is
- * strict: an unknown key or a misplaced errno raises, since a typo would
- * otherwise turn a fault test into one that injects nothing.
+ * {stop_after_writes = N, volatile = true | "all", seed = S},
+ * {trace = true}. A test-only option, so it is strict: an unknown key, a
+ * misplaced errno, volatile or seed raises, since a typo would otherwise
+ * turn a fault test into one that injects nothing.
  */
 void ql_opt_io(lua_State *L, int opts, const char *fn, qcow2_open_opts *o)
 {
     static const char *const errnos[] = { "EIO", "ENOSPC", NULL };
     static const char *const known[] = {
-        "fail_after_writes", "errno", "stop_after_writes", "trace", NULL
+        "fail_after_writes", "errno", "stop_after_writes", "volatile",
+        "seed", "trace", NULL
     };
     lua_Integer n;
-    int io, errno_index, trace;
+    int io, errno_index, trace, type;
 
     if (ql_opt_field(L, opts, fn, "io", LUA_TTABLE) == LUA_TNIL) {
         lua_pop(L, 1);
@@ -121,6 +123,27 @@ void ql_opt_io(lua_State *L, int opts, const char *fn, qcow2_open_opts *o)
     o->fail_status = errno_index == 1 ? QCOW2_E_NOSPC : QCOW2_E_IO;
     if (ql_opt_integer(L, io, fn, "stop_after_writes", 1, &n))
         o->stop_after_writes = n;
+
+    /* volatile: a boolean, or "all" (every unflushed write lost). */
+    type = lua_getfield(L, io, "volatile");
+    if (type == LUA_TBOOLEAN)
+        o->volatile_cache = lua_toboolean(L, -1);
+    else if (type == LUA_TSTRING && strcmp(lua_tostring(L, -1), "all") == 0)
+        o->volatile_cache = 2;
+    else if (type != LUA_TNIL)
+        luaL_error(L, "bad option 'volatile' to '%s' (true, false or "
+                   "\"all\" expected)", fn);
+    lua_pop(L, 1);
+    if (type != LUA_TNIL && o->stop_after_writes < 0)
+        luaL_error(L, "bad option 'io' to '%s' (volatile needs "
+                   "stop_after_writes)", fn);
+    if (ql_opt_integer(L, io, fn, "seed", 0, &n)) {
+        if (type == LUA_TNIL)
+            luaL_error(L, "bad option 'io' to '%s' (seed needs volatile)",
+                       fn);
+        o->volatile_seed = (uint64_t)n;
+    }
+
     trace = ql_opt_bool(L, io, fn, "trace");
     o->trace_writes = trace > 0;
     lua_pop(L, 1);

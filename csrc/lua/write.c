@@ -208,8 +208,11 @@ static int image_raw_write(lua_State *L)
     return push_status(L, q, qcow2_raw_write(q->img, offset, data, length));
 }
 
-/* img:io_log() -> {{offset=, length=, what=}, ...}: the writes recorded
- * with io = {trace = true}, in order (an empty array without tracing). */
+/* img:io_log() -> {{offset=, length=, what=}, ...}: the writes, truncates
+ * (what = "truncate", offset = the new size, length = 0) and flushes
+ * (what = "flush", offset = length = 0) recorded with io = {trace = true},
+ * in order (an empty array without tracing). Every entry but a flush
+ * counts as one write for stop_after_writes and fail_after_writes. */
 static int image_io_log(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
