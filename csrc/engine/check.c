@@ -19,36 +19,58 @@
 
 /* ---- Findings ------------------------------------------------------------- */
 
+/*
+ * The findings array holds room for findings_room(finding_count) entries:
+ * every writer (add_finding, append_findings) keeps that invariant, and
+ * keep_repairs only shrinks the count, which keeps it too. Room is
+ * therefore derived, never stored next to a count that could drift.
+ */
+static size_t findings_room(size_t count)
+{
+    size_t room = 8;
+
+    while (room < count)
+        room *= 2;
+    return room;
+}
+
+/* Room for `count` findings in res (count <= CHECK_MAX_FINDINGS). */
+static int findings_reserve(qcow2_check_result *res, size_t count)
+{
+    qcow2_finding *grown;
+
+    if (res->findings && findings_room(count) <=
+                             findings_room(res->finding_count))
+        return 0;
+    grown = realloc(res->findings, findings_room(count) * sizeof *grown);
+    if (!grown)
+        return QCOW2_E_NOMEM;
+    res->findings = grown;
+    return 0;
+}
+
 static void add_finding(check_state *st, int kind, uint64_t offset,
                         const char *fmt, va_list ap)
 {
     qcow2_check_result *res = st->res;
-    qcow2_finding *grown;
+    qcow2_finding *slot;
     char text[QCOW2_ERRMSG_MAX];
 
-    if (res->finding_count >= CHECK_MAX_FINDINGS) {
+    if (res->finding_count >= CHECK_MAX_FINDINGS ||
+        findings_reserve(res, res->finding_count + 1) < 0) {
         res->findings_dropped++;
         return;
-    }
-    if ((res->finding_count & (res->finding_count - 1)) == 0) {
-        /* capacity doubles at every power of two */
-        size_t capacity = res->finding_count ? res->finding_count * 2 : 8;
-        grown = realloc(res->findings, capacity * sizeof *grown);
-        if (!grown) {
-            res->findings_dropped++;
-            return;
-        }
-        res->findings = grown;
     }
     vsnprintf(text, sizeof text, fmt, ap);
-    res->findings[res->finding_count].message = strdup(text);
-    if (!res->findings[res->finding_count].message) {
+    slot = &res->findings[res->finding_count];
+    slot->message = strdup(text);
+    if (!slot->message) {
         res->findings_dropped++;
         return;
     }
-    res->findings[res->finding_count].kind = kind;
-    res->findings[res->finding_count].offset = offset;
-    res->findings[res->finding_count].cluster = offset >> st->img->cluster_bits;
+    slot->kind = kind;
+    slot->offset = offset;
+    slot->cluster = offset >> st->img->cluster_bits;
     res->finding_count++;
 }
 
@@ -434,32 +456,28 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
     return ret;
 }
 
-/* Move the findings of `from` to the end of `to`. */
+/* Move the findings of `from` to the end of `to` (as many as the cap
+ * allows; the rest are counted as dropped). */
 static void append_findings(qcow2_check_result *to, qcow2_check_result *from)
 {
-    qcow2_finding *all;
-    size_t count = to->finding_count + from->finding_count;
+    size_t take = from->finding_count;
 
-    if (from->finding_count == 0) {
-        to->findings_dropped += from->findings_dropped;
-        free(from->findings);
-        from->findings = NULL;
-        return;
-    }
-    all = realloc(to->findings, (count ? count : 1) * sizeof *all);
-    if (!all) {
-        to->findings_dropped += from->finding_count;
-        qcow2_check_result_free(from);
-        return;
-    }
-    memcpy(all + to->finding_count, from->findings,
-           from->finding_count * sizeof *all);
-    to->findings = all;
-    to->finding_count = count;
-    to->findings_dropped += from->findings_dropped;
+    if (to->finding_count + take > CHECK_MAX_FINDINGS)
+        take = CHECK_MAX_FINDINGS - to->finding_count;
+    if (take && findings_reserve(to, to->finding_count + take) < 0)
+        take = 0;
+    if (take)
+        memcpy(to->findings + to->finding_count, from->findings,
+               take * sizeof *to->findings);
+    for (size_t i = take; i < from->finding_count; i++)
+        free(from->findings[i].message);
+    to->finding_count += take;
+    to->findings_dropped += from->findings_dropped +
+                            (from->finding_count - take);
     free(from->findings);
     from->findings = NULL;
     from->finding_count = 0;
+    from->findings_dropped = 0;
 }
 
 /* A clean result after a repair marks the image clean and consistent, as
