@@ -431,7 +431,15 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
                       QCOW2_MAX_SNAPSHOT_EXTRA);
     if (ret == 0)
         ret = compare_refcounts(&st, &highest);
-    if (ret == 0) {
+    if (ret == 0 && repair >= QCOW2_REPAIR_LEAKS && res->check_errors == 0 &&
+        res->corruptions == 0 && res->leaks == 0) {
+        /* QEMU's check_oflag_copied under -r leaks: the refcounts are
+         * exact now that the leaks are gone, so the COPIED flags are set
+         * from them in the same pass (a flag left clear on a cluster whose
+         * leaked second reference was just dropped is a corruption that
+         * only this makes go away). */
+        ret = repair_copied(img, res);
+    } else if (ret == 0) {
         table = malloc((size_t)img->cluster_size);
         /* an I/O error in check_copied is counted in check_errors and
          * ends the pass there, as in QEMU */

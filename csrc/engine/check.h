@@ -95,7 +95,8 @@ int repair_bad_entries(qcow2_image *img, qcow2_check_result *res);
 /* Raise refcounts that are too low, or rebuild the whole refcount
  * structure when it cannot be trusted. */
 int repair_refcounts(qcow2_image *img, qcow2_check_result *res);
-/* Set the COPIED flags of the active tables from the refcounts on disk. */
+/* Set the COPIED flags of the active tables from the refcounts on disk;
+ * each entry changed counts in res->corruptions_fixed. */
 int repair_copied(qcow2_image *img, qcow2_check_result *res);
 
 static inline unsigned long long ull(uint64_t value)

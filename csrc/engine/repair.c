@@ -397,6 +397,7 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
             if (rc < 0)
                 break;
             img->l1[i] = want;
+            res->corruptions_fixed++;
             check_note(&st, QCOW2_FINDING_REPAIRED,
                        img->hdr.l1_table_offset + (uint64_t)i * 8,
                        "Repairing OFLAG_COPIED L2 cluster: l1_index=%u "
@@ -419,7 +420,7 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
             if (rc < 0 || want == l2_entry)
                 continue;
             put_be64(table + j * entry_bytes, want);
-            changed = 1;
+            changed++;
             check_note(&st, QCOW2_FINDING_REPAIRED,
                        l2_offset + j * entry_bytes, "Repairing OFLAG_COPIED "
                        "data cluster: l2_entry=%llx -> %llx", ull(l2_entry),
@@ -429,6 +430,8 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
             rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2", l2_offset,
                                      table, img->cluster_size);
             qcow2_l2_cache_drop(img->l2_cache, l2_offset);
+            if (rc == 0)
+                res->corruptions_fixed += (uint64_t)changed;
         }
     }
     free(table);
