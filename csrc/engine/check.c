@@ -518,6 +518,20 @@ static void keep_repairs(qcow2_check_result *res)
     res->finding_count = kept;
 }
 
+/* QEMU's qcow2_check_fix_snapshot_table: entries whose extra data was cut
+ * at a repair-mode open, and v3 entries with less extra data than the
+ * 16 bytes version 3 requires ("incomplete"), are mended by writing the
+ * table again, every entry complete. */
+static int snapshot_table_needs_rewrite(const qcow2_image *img)
+{
+    if (img->snapshot_extra_dropped)
+        return 1;
+    for (uint32_t i = 0; img->hdr.version >= 3 && i < img->nb_snapshots; i++)
+        if (img->snapshots[i].extra_data_size < CHECK_SNAPSHOT_EXTRA_V3)
+            return 1;
+    return 0;
+}
+
 /* -r all on an image with corruptions: the three steps of repair.c, the
  * leaks they leave freed before the COPIED flags are set (a flag must
  * never claim refcount 1 while a leak still says 2). */
@@ -536,6 +550,11 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
     append_findings(out, &leaks);
     qcow2_check_result_free(&leaks);
     if ((ret = repair_copied(img, out)) < 0)
+        return ret;
+    /* last, as QEMU fixes the snapshot table once the refcounts are right:
+     * the new table is allocated from them */
+    if (snapshot_table_needs_rewrite(img) &&
+        (ret = repair_snapshot_table(img, out)) < 0)
         return ret;
     qcow2_l2_cache_drop_all(img->l2_cache);
     return qcow2_flush(img);
@@ -577,11 +596,6 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
         } else if (ret == 0 && out->corruptions != 0) {
             full_repair = 1;
             corruptions_before = repair_pass_corruptions;
-            if (img->snapshot_extra_dropped &&
-                (ret = qcow2_snapshot_table_rewrite(img)) < 0) {
-                qcow2_check_result_free(out);
-                return ret;
-            }
             leaks_before = out->leaks;
             ret = repair_all(img, out);
         }

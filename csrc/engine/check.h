@@ -18,6 +18,10 @@
 /* QEMU refuses files of more clusters (nb_clusters > INT_MAX, EFBIG). */
 #define CHECK_MAX_CLUSTERS      0x7fffffffull
 
+/* Extra data a version 3 snapshot entry must have (vm_state_size_large
+ * and disk_size); less is an "incomplete" entry. */
+#define CHECK_SNAPSHOT_EXTRA_V3 16u
+
 /* QEMU's CHECK_FRAG_INFO: the walk of the active L1 fills the statistics. */
 #define CHECK_FRAG_INFO         0x2
 
@@ -98,6 +102,11 @@ int repair_refcounts(qcow2_image *img, qcow2_check_result *res);
 /* Set the COPIED flags of the active tables from the refcounts on disk;
  * each entry changed counts in res->corruptions_fixed. */
 int repair_copied(qcow2_image *img, qcow2_check_result *res);
+
+/* Write the snapshot table again with every entry complete (QEMU's
+ * qcow2_check_fix_snapshot_table), at fresh clusters; the old table is
+ * freed. */
+int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res);
 
 static inline unsigned long long ull(uint64_t value)
 {

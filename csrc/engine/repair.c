@@ -439,3 +439,87 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
         rc = qcow2_barrier(img);
     return rc;
 }
+
+/* ---- Step 4: the snapshot table ------------------------------------------- */
+
+/* Clusters of [offset, offset + length) that the check counted: a table
+ * reaching one cluster or more past the end of the file was not counted
+ * at all (check_inc's rule), so it has no refcount of its own to drop. */
+static int free_old_table(qcow2_image *img, uint64_t offset, uint64_t length,
+                          uint64_t file_size)
+{
+    uint64_t end;
+    int rc = 0;
+
+    if (length == 0 || add_overflows(offset, length, &end) ||
+        end >= file_size + img->cluster_size)
+        return 0;
+    for (uint64_t c = offset >> img->cluster_bits;
+         rc == 0 && c <= (end - 1) >> img->cluster_bits; c++) {
+        uint64_t refcount;
+        rc = qcow2_refcount_get(img, c, &refcount);
+        if (rc == 0 && refcount > 0)
+            rc = qcow2_free_clusters(img, c << img->cluster_bits,
+                                     img->cluster_size);
+    }
+    return rc;
+}
+
+int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
+{
+    uint32_t count = img->nb_snapshots;
+    uint64_t old_offset = img->hdr.snapshots_offset, old_length = 0;
+    uint64_t size = 0, offset = 0, file_size;
+    qcow2_snapshot **list;
+    uint8_t *table = NULL;
+    check_state notes;
+    int rc;
+
+    note_state(&notes, img, res);
+    if (count) {
+        const qcow2_snapshot *last = &img->snapshots[count - 1];
+        old_length = last->entry_offset + last->entry_length - old_offset;
+    }
+    rc = img->io->ops->size(img->io, &file_size);
+    if (rc < 0)
+        return qcow2_fail(img, rc, "cannot get the size of the file");
+    list = malloc(((size_t)count + 1) * sizeof *list);
+    if (!list)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint32_t i = 0; i < count; i++)
+        list[i] = &img->snapshots[i];
+    rc = qcow2_snapshot_table_build(img, list, count, &table, &size);
+    free(list);
+    /* the new table first, synced; then the header; the old table is
+     * freed only once nothing points at it */
+    if (rc == 0 && count)
+        rc = qcow2_alloc_clusters(img, div_round_up(size, img->cluster_size),
+                                  &offset);
+    if (rc == 0 && count)
+        rc = qcow2_write_checked(img, 0, "snapshot_table", offset, table,
+                                 (size_t)size);
+    free(table);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_header_set_snapshots(img, offset, count);
+    if (rc < 0)
+        return rc;
+    check_note(&notes, QCOW2_FINDING_REPAIRED, offset, "Repairing snapshot "
+               "table: %u complete entries written at 0x%llx", count,
+               ull(offset));
+    rc = free_old_table(img, old_offset, old_length, file_size);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc < 0)
+        return rc;
+    /* the parsed copy follows the table now on disk (and the file, which
+     * grew, bounds it) */
+    rc = img->io->ops->size(img->io, &file_size);
+    if (rc < 0)
+        return qcow2_fail(img, rc, "cannot get the size of the file");
+    img->file_size = file_size;
+    qcow2_snapshots_free(img);
+    img->snapshot_extra_dropped = 0;
+    return qcow2_snapshots_load(img);
+}
