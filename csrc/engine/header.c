@@ -566,7 +566,8 @@ static int check_refcount_table(qcow2_image *img)
     const qcow2_header *h = &img->hdr;
     uint64_t max_clusters = QCOW2_MAX_REFTABLE_BYTES >> img->cluster_bits;
 
-    if (h->refcount_table_clusters == 0)
+    /* QEMU opens an empty table, and check -r all rebuilds one */
+    if (h->refcount_table_clusters == 0 && !img->open_for_repair)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "refcount_table_clusters is 0");
     if (h->refcount_table_clusters > max_clusters)

@@ -34,6 +34,25 @@ static void note_state(check_state *st, qcow2_image *img,
     st->res = res;
 }
 
+/* A repair write that would overwrite other metadata is not attempted:
+ * the overlap check would mark the image corrupt and stop the repair
+ * half done, worse than it was. The problem stays, and is reported by
+ * the check that ends the repair. 1 when blocked. */
+static int write_blocked(qcow2_image *img, qcow2_check_result *res,
+                         int ignore, uint64_t offset, uint64_t length,
+                         const char *what)
+{
+    check_state st;
+
+    if (!qcow2_overlap_find(img, ignore, offset, length))
+        return 0;
+    note_state(&st, img, res);
+    check_note(&st, QCOW2_FINDING_STRICT, offset, "Not repairing the %s at "
+               "0x%llx: the write would overlap other metadata", what,
+               ull(offset));
+    return 1;
+}
+
 /* ---- Step 1: entries that cannot be followed ------------------------------ */
 
 /* The repaired form of an L2 entry (the entry itself when it is fine). */
@@ -93,7 +112,9 @@ static int mend_l2(qcow2_image *img, qcow2_check_result *res,
                    "%llx -> %llx", ull(i), ull(l2_offset), ull(entry),
                    ull(mended));
     }
-    if (!changed)
+    if (!changed || write_blocked(img, res, OVERLAP_ACTIVE_L2 |
+                                  OVERLAP_INACTIVE_L2, l2_offset,
+                                  img->cluster_size, "L2 table"))
         return 0;
     rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2 | OVERLAP_INACTIVE_L2,
                              "l2", l2_offset, table, img->cluster_size);
@@ -128,6 +149,9 @@ static int mend_l1(qcow2_image *img, qcow2_check_result *res,
             rc = mend_l2(img, res, l2_offset, file_size, table);
             continue;
         }
+        if (write_blocked(img, res, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
+                          l1_offset + (uint64_t)i * 8, 8, "L1 entry"))
+            continue;
         rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
                                  "l1", l1_offset + (uint64_t)i * 8, zero,
                                  sizeof zero);
@@ -383,12 +407,16 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
     for (uint32_t i = 0; rc == 0 && i < img->l1_size; i++) {
         uint64_t entry = img->l1[i], l2_offset = entry & L1E_OFFSET_MASK;
         uint64_t want;
-        int changed = 0;
+        int changed = 0, blocked;
 
         if (l2_offset == 0)
             continue;
-        rc = copied_entry(img, entry, l2_offset, 0, &want);
-        if (rc == 0 && want != entry) {
+        if (copied_entry(img, entry, l2_offset, 0, &want) < 0)
+            want = entry;
+        if (want != entry &&
+            !write_blocked(img, res, OVERLAP_ACTIVE_L1,
+                           img->hdr.l1_table_offset + (uint64_t)i * 8, 8,
+                           "L1 entry")) {
             uint8_t bytes[8];
             put_be64(bytes, want);
             rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1, "l1",
@@ -406,6 +434,8 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
         if (rc == 0)
             rc = qcow2_read_meta(img, l2_offset, table, img->cluster_size,
                                  "L2 table");
+        blocked = qcow2_overlap_find(img, OVERLAP_ACTIVE_L2, l2_offset,
+                                     img->cluster_size) != 0;
         for (uint64_t j = 0; rc == 0 && j < img->l2_entries; j++) {
             uint64_t l2_entry = be64(table + j * entry_bytes);
             uint64_t data = l2_entry & L2E_OFFSET_MASK;
@@ -416,17 +446,24 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
             if (data == 0 && (zero || !has_data_file ||
                               !(l2_entry & QCOW_OFLAG_COPIED)))
                 continue;
-            rc = copied_entry(img, l2_entry, data, has_data_file, &want);
-            if (rc < 0 || want == l2_entry)
+            /* a refcount that cannot be read leaves the flag as it is
+             * (QEMU's check_oflag_copied skips it too) */
+            if (copied_entry(img, l2_entry, data, has_data_file, &want) < 0 ||
+                want == l2_entry)
+                continue;
+            changed++;
+            if (blocked)
                 continue;
             put_be64(table + j * entry_bytes, want);
-            changed++;
             check_note(&st, QCOW2_FINDING_REPAIRED,
                        l2_offset + j * entry_bytes, "Repairing OFLAG_COPIED "
                        "data cluster: l2_entry=%llx -> %llx", ull(l2_entry),
                        ull(want));
         }
-        if (rc == 0 && changed) {
+        if (rc == 0 && changed && blocked)
+            (void)write_blocked(img, res, OVERLAP_ACTIVE_L2, l2_offset,
+                                img->cluster_size, "L2 table");
+        else if (rc == 0 && changed) {
             rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2", l2_offset,
                                      table, img->cluster_size);
             qcow2_l2_cache_drop(img->l2_cache, l2_offset);

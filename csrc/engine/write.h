@@ -64,6 +64,10 @@ typedef struct qcow2_write_state {
  * written); the image is then marked corrupt (incompatible bit 1). */
 int qcow2_overlap_check(qcow2_image *img, int ignore, uint64_t offset,
                         uint64_t length);
+/* The structure (enum qcow2_overlap) such a write would hit, or 0; marks
+ * nothing (check -r all skips a repair that would overwrite metadata). */
+int qcow2_overlap_find(qcow2_image *img, int ignore, uint64_t offset,
+                       uint64_t length);
 /* Every write of the engine: overlap check (ignore mask), trace label
  * `what`, pwrite; a failure is returned with a message naming `what`. */
 int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
