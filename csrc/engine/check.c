@@ -429,9 +429,20 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
         check_corrupt(&st, img->hdr.snapshots_offset, "ERROR: snapshot table "
                       "entry has more than %u bytes of extra data",
                       QCOW2_MAX_SNAPSHOT_EXTRA);
+    if (ret == 0 && repair == QCOW2_REPAIR_LEAKS &&
+        repair_needs_rebuild(&st)) {
+        /* QEMU's -r leaks: refcounts read through a structure that must be
+         * rebuilt are not to be trusted, nor are the blocks a leak fix
+         * would write: report, fix nothing */
+        res->check_errors++;
+        check_note(&st, QCOW2_FINDING_CHECK_ERROR, 0, "ERROR need to "
+                   "rebuild refcount structures");
+        st.repair = QCOW2_REPAIR_NONE;
+    }
     if (ret == 0)
         ret = compare_refcounts(&st, &highest);
-    if (ret == 0 && repair >= QCOW2_REPAIR_LEAKS && res->check_errors == 0 &&
+    if (ret == 0 && st.repair >= QCOW2_REPAIR_LEAKS &&
+        res->check_errors == 0 &&
         res->corruptions == 0 && res->leaks == 0) {
         /* QEMU's check_oflag_copied under -r leaks: the refcounts are
          * exact now that the leaks are gone, so the COPIED flags are set

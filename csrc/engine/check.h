@@ -96,6 +96,11 @@ void check_state_release(check_state *st);
 /* Clear L1/L2 entries that cannot be followed (reserved bits, unaligned,
  * past the end of the file), in the active and the snapshot tables. */
 int repair_bad_entries(qcow2_image *img, qcow2_check_result *res);
+/* 1 when the refcount structure cannot be trusted as it is (QEMU's
+ * "rebuild" flag: a refcount block that is unusable or shared, a
+ * referenced cluster at refcount 0), 0 when raising refcounts is enough.
+ * st holds the counted references. */
+int repair_needs_rebuild(check_state *st);
 /* Raise refcounts that are too low, or rebuild the whole refcount
  * structure when it cannot be trusted. */
 int repair_refcounts(qcow2_image *img, qcow2_check_result *res);

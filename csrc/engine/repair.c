@@ -203,9 +203,7 @@ int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
 
 /* Store one refcount entry of any width (QEMU's packing, docs 4.2). */
 
-/* 1 when the refcount structure cannot be trusted as it is (QEMU's
- * "rebuild" flag), 0 when raising some refcounts is enough. */
-static int needs_rebuild(check_state *st)
+int repair_needs_rebuild(check_state *st)
 {
     qcow2_image *img = st->img;
 
@@ -367,7 +365,7 @@ int repair_refcounts(qcow2_image *img, qcow2_check_result *res)
     memset(&scratch, 0, sizeof scratch);
     rc = check_count_references(img, &st, &scratch);
     if (rc == 0)
-        rc = needs_rebuild(&st) ? rebuild_refcounts(&st, res)
+        rc = repair_needs_rebuild(&st) ? rebuild_refcounts(&st, res)
                                 : raise_refcounts(&st, res);
     check_state_release(&st);
     qcow2_check_result_free(&scratch);
