@@ -5,7 +5,7 @@
 -- copies are repaired by qemu-img check -r and by ours, for "all" and
 -- "leaks", and judged by spec/repair_oracle.lua.
 --
--- QCOW2_FUZZ_ITERATIONS  total iterations (default 60; `make fuzz` 2000)
+-- QCOW2_FUZZ_ITERATIONS  total iterations (default 150; `make fuzz` 2000)
 -- QCOW2_FUZZ_SEED        seed (default 20261126)
 -- QCOW2_FUZZ_ONLY        "base:iteration" replays just that one
 -- The running iteration is named in /tmp/lua-qcow2-repair-fuzz-last.txt
@@ -15,7 +15,7 @@ local h = require("helpers")
 local hostile = require("hostile")
 local oracle = require("repair_oracle")
 
-local ITERATIONS = tonumber(os.getenv("QCOW2_FUZZ_ITERATIONS") or "") or 60
+local ITERATIONS = tonumber(os.getenv("QCOW2_FUZZ_ITERATIONS") or "") or 150
 local SEED = tonumber(os.getenv("QCOW2_FUZZ_SEED") or "") or 20261126
 local ONLY = os.getenv("QCOW2_FUZZ_ONLY")
 local STATE = "/tmp/lua-qcow2-repair-fuzz-last.txt"

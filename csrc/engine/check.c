@@ -243,8 +243,16 @@ static int compare_refcounts(check_state *st, uint64_t *highest)
         if (on_disk == counted)
             continue;
         if (on_disk > counted && st->repair >= QCOW2_REPAIR_LEAKS) {
-            int ret = qcow2_refcount_update(img, offset, img->cluster_size,
-                                            -(int64_t)(on_disk - counted));
+            /* a 64-bit refcount may be more than one delta can lower */
+            uint64_t excess = on_disk - counted;
+            int ret = 0;
+            while (ret == 0 && excess > 0) {
+                uint64_t step = excess > (uint64_t)INT64_MAX
+                                    ? (uint64_t)INT64_MAX : excess;
+                ret = qcow2_refcount_update(img, offset, img->cluster_size,
+                                            -(int64_t)step);
+                excess -= step;
+            }
             st->refblock_index = UINT64_MAX;    /* the block changed */
             if (ret == 0) {
                 res->leaks_fixed++;

@@ -298,6 +298,19 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
         free(reftable);
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     }
+    /* Structures past the end of the file are not counted, yet they
+     * claim their range: writing over one would be refused half way
+     * (and mark the image corrupt). Refuse first, having written nothing. */
+    if (qcow2_overlap_find(img, OVERLAP_REFCOUNT_BLOCK |
+                           OVERLAP_REFCOUNT_TABLE, start * cs,
+                           (blocks + table_clusters) * cs)) {
+        free(buf);
+        free(reftable);
+        return qcow2_fail(img, QCOW2_E_CORRUPT, "cannot rebuild the "
+                          "refcount structure at 0x%llx: metadata past the "
+                          "end of the file claims that range",
+                          ull(start * cs));
+    }
     check_note(&notes, QCOW2_FINDING_REPAIRED, start * cs,
                "Rebuilding refcount structure: %llu refcount blocks and a "
                "%llu-cluster refcount table at 0x%llx", ull(blocks),
@@ -531,7 +544,10 @@ int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
         rc = qcow2_alloc_clusters(img, div_round_up(size, img->cluster_size),
                                   &offset);
     if (rc == 0 && count)
-        rc = qcow2_write_checked(img, 0, "snapshot_table", offset, table,
+        /* the old table may run past the end of the file over the
+         * clusters just allocated: it is the one being replaced */
+        rc = qcow2_write_checked(img, OVERLAP_SNAPSHOT_TABLE,
+                                 "snapshot_table", offset, table,
                                  (size_t)size);
     free(table);
     if (rc == 0)
