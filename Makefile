@@ -65,7 +65,7 @@ valgrind: $(MODULE)
 	@BUILD=$(BUILD) LUA="valgrind -q --error-exitcode=99 --leak-check=no $(LUA)" sh spec/run-specs $(SPECS)
 
 fuzz: $(MODULE)
-	@QCOW2_FUZZ_ITERATIONS=$${QCOW2_FUZZ_ITERATIONS:-2000} BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs spec/fuzz_spec.lua
+	@QCOW2_FUZZ_ITERATIONS=$${QCOW2_FUZZ_ITERATIONS:-2000} BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs spec/fuzz_spec.lua spec/repair_fuzz_spec.lua
 
 sweep: $(MODULE)
 	@QCOW2_SWEEP=full BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs $(SPECS)

@@ -19,36 +19,58 @@
 
 /* ---- Findings ------------------------------------------------------------- */
 
+/*
+ * The findings array holds room for findings_room(finding_count) entries:
+ * every writer (add_finding, append_findings) keeps that invariant, and
+ * keep_repairs only shrinks the count, which keeps it too. Room is
+ * therefore derived, never stored next to a count that could drift.
+ */
+static size_t findings_room(size_t count)
+{
+    size_t room = 8;
+
+    while (room < count)
+        room *= 2;
+    return room;
+}
+
+/* Room for `count` findings in res (count <= CHECK_MAX_FINDINGS). */
+static int findings_reserve(qcow2_check_result *res, size_t count)
+{
+    qcow2_finding *grown;
+
+    if (res->findings && findings_room(count) <=
+                             findings_room(res->finding_count))
+        return 0;
+    grown = realloc(res->findings, findings_room(count) * sizeof *grown);
+    if (!grown)
+        return QCOW2_E_NOMEM;
+    res->findings = grown;
+    return 0;
+}
+
 static void add_finding(check_state *st, int kind, uint64_t offset,
                         const char *fmt, va_list ap)
 {
     qcow2_check_result *res = st->res;
-    qcow2_finding *grown;
+    qcow2_finding *slot;
     char text[QCOW2_ERRMSG_MAX];
 
-    if (res->finding_count >= CHECK_MAX_FINDINGS) {
+    if (res->finding_count >= CHECK_MAX_FINDINGS ||
+        findings_reserve(res, res->finding_count + 1) < 0) {
         res->findings_dropped++;
         return;
-    }
-    if ((res->finding_count & (res->finding_count - 1)) == 0) {
-        /* capacity doubles at every power of two */
-        size_t capacity = res->finding_count ? res->finding_count * 2 : 8;
-        grown = realloc(res->findings, capacity * sizeof *grown);
-        if (!grown) {
-            res->findings_dropped++;
-            return;
-        }
-        res->findings = grown;
     }
     vsnprintf(text, sizeof text, fmt, ap);
-    res->findings[res->finding_count].message = strdup(text);
-    if (!res->findings[res->finding_count].message) {
+    slot = &res->findings[res->finding_count];
+    slot->message = strdup(text);
+    if (!slot->message) {
         res->findings_dropped++;
         return;
     }
-    res->findings[res->finding_count].kind = kind;
-    res->findings[res->finding_count].offset = offset;
-    res->findings[res->finding_count].cluster = offset >> st->img->cluster_bits;
+    slot->kind = kind;
+    slot->offset = offset;
+    slot->cluster = offset >> st->img->cluster_bits;
     res->finding_count++;
 }
 
@@ -224,8 +246,16 @@ static int compare_refcounts(check_state *st, uint64_t *highest)
         if (on_disk == counted)
             continue;
         if (on_disk > counted && st->repair >= QCOW2_REPAIR_LEAKS) {
-            int ret = qcow2_refcount_update(img, offset, img->cluster_size,
-                                            -(int64_t)(on_disk - counted));
+            /* a 64-bit refcount may be more than one delta can lower */
+            uint64_t excess = on_disk - counted;
+            int ret = 0;
+            while (ret == 0 && excess > 0) {
+                uint64_t step = excess > (uint64_t)INT64_MAX
+                                    ? (uint64_t)INT64_MAX : excess;
+                ret = qcow2_refcount_update(img, offset, img->cluster_size,
+                                            -(int64_t)step);
+                excess -= step;
+            }
             st->refblock_index = UINT64_MAX;    /* the block changed */
             if (ret == 0) {
                 res->leaks_fixed++;
@@ -410,9 +440,28 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
         check_corrupt(&st, img->hdr.snapshots_offset, "ERROR: snapshot table "
                       "entry has more than %u bytes of extra data",
                       QCOW2_MAX_SNAPSHOT_EXTRA);
+    if (ret == 0 && repair == QCOW2_REPAIR_LEAKS &&
+        repair_needs_rebuild(&st)) {
+        /* QEMU's -r leaks: refcounts read through a structure that must be
+         * rebuilt are not to be trusted, nor are the blocks a leak fix
+         * would write: report, fix nothing */
+        res->check_errors++;
+        check_note(&st, QCOW2_FINDING_CHECK_ERROR, 0, "ERROR need to "
+                   "rebuild refcount structures");
+        st.repair = QCOW2_REPAIR_NONE;
+    }
     if (ret == 0)
         ret = compare_refcounts(&st, &highest);
-    if (ret == 0) {
+    if (ret == 0 && st.repair >= QCOW2_REPAIR_LEAKS &&
+        res->check_errors == 0 &&
+        res->corruptions == 0 && res->leaks == 0) {
+        /* QEMU's check_oflag_copied under -r leaks: the refcounts are
+         * exact now that the leaks are gone, so the COPIED flags are set
+         * from them in the same pass (a flag left clear on a cluster whose
+         * leaked second reference was just dropped is a corruption that
+         * only this makes go away). */
+        ret = repair_copied(img, res);
+    } else if (ret == 0) {
         table = malloc((size_t)img->cluster_size);
         /* an I/O error in check_copied is counted in check_errors and
          * ends the pass there, as in QEMU */
@@ -437,32 +486,28 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
     return ret;
 }
 
-/* Move the findings of `from` to the end of `to`. */
+/* Move the findings of `from` to the end of `to` (as many as the cap
+ * allows; the rest are counted as dropped). */
 static void append_findings(qcow2_check_result *to, qcow2_check_result *from)
 {
-    qcow2_finding *all;
-    size_t count = to->finding_count + from->finding_count;
+    size_t take = from->finding_count;
 
-    if (from->finding_count == 0) {
-        to->findings_dropped += from->findings_dropped;
-        free(from->findings);
-        from->findings = NULL;
-        return;
-    }
-    all = realloc(to->findings, (count ? count : 1) * sizeof *all);
-    if (!all) {
-        to->findings_dropped += from->finding_count;
-        qcow2_check_result_free(from);
-        return;
-    }
-    memcpy(all + to->finding_count, from->findings,
-           from->finding_count * sizeof *all);
-    to->findings = all;
-    to->finding_count = count;
-    to->findings_dropped += from->findings_dropped;
+    if (to->finding_count + take > CHECK_MAX_FINDINGS)
+        take = CHECK_MAX_FINDINGS - to->finding_count;
+    if (take && findings_reserve(to, to->finding_count + take) < 0)
+        take = 0;
+    if (take)
+        memcpy(to->findings + to->finding_count, from->findings,
+               take * sizeof *to->findings);
+    for (size_t i = take; i < from->finding_count; i++)
+        free(from->findings[i].message);
+    to->finding_count += take;
+    to->findings_dropped += from->findings_dropped +
+                            (from->finding_count - take);
     free(from->findings);
     from->findings = NULL;
     from->finding_count = 0;
+    from->findings_dropped = 0;
 }
 
 /* A clean result after a repair marks the image clean and consistent, as
@@ -495,6 +540,20 @@ static void keep_repairs(qcow2_check_result *res)
     res->finding_count = kept;
 }
 
+/* QEMU's qcow2_check_fix_snapshot_table: entries whose extra data was cut
+ * at a repair-mode open, and v3 entries with less extra data than the
+ * 16 bytes version 3 requires ("incomplete"), are mended by writing the
+ * table again, every entry complete. */
+static int snapshot_table_needs_rewrite(const qcow2_image *img)
+{
+    if (img->snapshot_extra_dropped)
+        return 1;
+    for (uint32_t i = 0; img->hdr.version >= 3 && i < img->nb_snapshots; i++)
+        if (img->snapshots[i].extra_data_size < CHECK_SNAPSHOT_EXTRA_V3)
+            return 1;
+    return 0;
+}
+
 /* -r all on an image with corruptions: the three steps of repair.c, the
  * leaks they leave freed before the COPIED flags are set (a flag must
  * never claim refcount 1 while a leak still says 2). */
@@ -513,6 +572,11 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
     append_findings(out, &leaks);
     qcow2_check_result_free(&leaks);
     if ((ret = repair_copied(img, out)) < 0)
+        return ret;
+    /* last, as QEMU fixes the snapshot table once the refcounts are right:
+     * the new table is allocated from them */
+    if (snapshot_table_needs_rewrite(img) &&
+        (ret = repair_snapshot_table(img, out)) < 0)
         return ret;
     qcow2_l2_cache_drop_all(img->l2_cache);
     return qcow2_flush(img);
@@ -554,11 +618,6 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
         } else if (ret == 0 && out->corruptions != 0) {
             full_repair = 1;
             corruptions_before = repair_pass_corruptions;
-            if (img->snapshot_extra_dropped &&
-                (ret = qcow2_snapshot_table_rewrite(img)) < 0) {
-                qcow2_check_result_free(out);
-                return ret;
-            }
             leaks_before = out->leaks;
             ret = repair_all(img, out);
         }

@@ -18,6 +18,10 @@
 /* QEMU refuses files of more clusters (nb_clusters > INT_MAX, EFBIG). */
 #define CHECK_MAX_CLUSTERS      0x7fffffffull
 
+/* Extra data a version 3 snapshot entry must have (vm_state_size_large
+ * and disk_size); less is an "incomplete" entry. */
+#define CHECK_SNAPSHOT_EXTRA_V3 16u
+
 /* QEMU's CHECK_FRAG_INFO: the walk of the active L1 fills the statistics. */
 #define CHECK_FRAG_INFO         0x2
 
@@ -92,11 +96,22 @@ void check_state_release(check_state *st);
 /* Clear L1/L2 entries that cannot be followed (reserved bits, unaligned,
  * past the end of the file), in the active and the snapshot tables. */
 int repair_bad_entries(qcow2_image *img, qcow2_check_result *res);
+/* 1 when the refcount structure cannot be trusted as it is (QEMU's
+ * "rebuild" flag: a refcount block that is unusable or shared, a
+ * referenced cluster at refcount 0), 0 when raising refcounts is enough.
+ * st holds the counted references. */
+int repair_needs_rebuild(check_state *st);
 /* Raise refcounts that are too low, or rebuild the whole refcount
  * structure when it cannot be trusted. */
 int repair_refcounts(qcow2_image *img, qcow2_check_result *res);
-/* Set the COPIED flags of the active tables from the refcounts on disk. */
+/* Set the COPIED flags of the active tables from the refcounts on disk;
+ * each entry changed counts in res->corruptions_fixed. */
 int repair_copied(qcow2_image *img, qcow2_check_result *res);
+
+/* Write the snapshot table again with every entry complete (QEMU's
+ * qcow2_check_fix_snapshot_table), at fresh clusters; the old table is
+ * freed. */
+int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res);
 
 static inline unsigned long long ull(uint64_t value)
 {

@@ -234,7 +234,7 @@ static void check_snapshot_table(check_state *st)
 
     for (uint32_t i = 0; i < img->nb_snapshots; i++) {
         const qcow2_snapshot *sn = &img->snapshots[i];
-        if (img->hdr.version >= 3 && sn->extra_data_size < 16)
+        if (img->hdr.version >= 3 && sn->extra_data_size < CHECK_SNAPSHOT_EXTRA_V3)
             check_corrupt(st, sn->entry_offset, "ERROR: Snapshot table entry "
                           "%u is incomplete", i);
     }

@@ -531,19 +531,54 @@ int qcow2_l1_entries_needed(const qcow2_image *img, uint64_t size,
     return *entries > (uint64_t)INT32_MAX ? QCOW2_E_CORRUPT : 0;
 }
 
+/*
+ * Where the L1, refcount and snapshot tables lie. A plain open refuses a
+ * table outside the file, over the header cluster or over another table;
+ * an open for repair asks only what QEMU's qcow2_validate_table asks
+ * (aligned, ending below 2^63), as qemu-img check -r does: the rest is
+ * what the check reports and the repair mends, reading past the end of
+ * the file as zeroes (image.c).
+ */
+static int check_table_place(qcow2_image *img, const char *what,
+                             uint64_t offset, uint64_t length)
+{
+    if (!img->open_for_repair)
+        return qcow2_check_table(img, what, offset, length);
+    if (!is_aligned(offset, img->cluster_size))
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "%s offset 0x%llx is not cluster aligned", what,
+                          ull(offset));
+    if (offset > (uint64_t)INT64_MAX - length)
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "%s at 0x%llx (%llu bytes) lies past any file",
+                          what, ull(offset), ull(length));
+    return 0;
+}
+
+static int tables_apart(qcow2_image *img, const char *what_a, uint64_t a,
+                        uint64_t a_length, const char *what_b, uint64_t b,
+                        uint64_t b_length)
+{
+    if (img->open_for_repair)
+        return 0;
+    return qcow2_check_tables_apart(img, what_a, a, a_length, what_b, b,
+                                    b_length);
+}
+
 static int check_refcount_table(qcow2_image *img)
 {
     const qcow2_header *h = &img->hdr;
     uint64_t max_clusters = QCOW2_MAX_REFTABLE_BYTES >> img->cluster_bits;
 
-    if (h->refcount_table_clusters == 0)
+    /* QEMU opens an empty table, and check -r all rebuilds one */
+    if (h->refcount_table_clusters == 0 && !img->open_for_repair)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "refcount_table_clusters is 0");
     if (h->refcount_table_clusters > max_clusters)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "refcount_table_clusters %u too large (max %llu)",
                           h->refcount_table_clusters, ull(max_clusters));
-    return qcow2_check_table(img, "refcount table", h->refcount_table_offset,
+    return check_table_place(img, "refcount table", h->refcount_table_offset,
                              (uint64_t)h->refcount_table_clusters <<
                                  img->cluster_bits);
 }
@@ -558,7 +593,7 @@ static int check_snapshot_table(qcow2_image *img)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "nb_snapshots %u too large (max %u)",
                           h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
-    return qcow2_check_table(img, "snapshot table", h->snapshots_offset,
+    return check_table_place(img, "snapshot table", h->snapshots_offset,
                              (uint64_t)h->nb_snapshots * 40);
 }
 
@@ -579,7 +614,7 @@ static int check_l1_table(qcow2_image *img)
                           "l1_size %u too small for virtual size %llu "
                           "(needs %llu entries)", h->l1_size, ull(h->size),
                           ull(needed));
-    return qcow2_check_table(img, "L1 table", h->l1_table_offset,
+    return check_table_place(img, "L1 table", h->l1_table_offset,
                              (uint64_t)h->l1_size * 8);
 }
 
@@ -596,15 +631,15 @@ static int check_tables(qcow2_image *img)
         (ret = check_snapshot_table(img)) < 0 ||
         (ret = check_l1_table(img)) < 0)
         return ret;
-    if ((ret = qcow2_check_tables_apart(img, "L1 table", h->l1_table_offset,
+    if ((ret = tables_apart(img, "L1 table", h->l1_table_offset,
                                         l1_bytes, "refcount table",
                                         h->refcount_table_offset,
                                         reftable_bytes)) < 0 ||
-        (ret = qcow2_check_tables_apart(img, "snapshot table",
+        (ret = tables_apart(img, "snapshot table",
                                         h->snapshots_offset, snapshot_bytes,
                                         "L1 table", h->l1_table_offset,
                                         l1_bytes)) < 0 ||
-        (ret = qcow2_check_tables_apart(img, "snapshot table",
+        (ret = tables_apart(img, "snapshot table",
                                         h->snapshots_offset, snapshot_bytes,
                                         "refcount table",
                                         h->refcount_table_offset,

@@ -208,8 +208,11 @@ out:
 static int header_write_field(qcow2_image *img, uint64_t offset,
                               const uint8_t *bytes, size_t len)
 {
-    int rc = qcow2_write_checked(img, OVERLAP_HEADER, "header", offset, bytes,
-                                 len);
+    /* An open for repair takes tables that overlap the header cluster
+     * (QEMU does): the header's own fields are still the header's to
+     * write, as QEMU's header updates are never overlap-checked. */
+    int ignore = img->open_for_repair ? OVERLAP_ALL : OVERLAP_HEADER;
+    int rc = qcow2_write_checked(img, ignore, "header", offset, bytes, len);
     return rc < 0 ? rc : qcow2_barrier(img);
 }
 

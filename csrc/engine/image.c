@@ -74,6 +74,12 @@ int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
                           ull(offset),
                           qcow2_errno_text(img->io->last_errno, text,
                                            sizeof text));
+    if ((uint64_t)n < len && img->open_for_repair) {
+        /* QEMU's block layer reads past the end of the file as zeroes,
+         * and qemu-img check -r works on what it reads so */
+        memset((uint8_t *)buf + n, 0, len - (size_t)n);
+        return 0;
+    }
     if ((uint64_t)n < len)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "%s at 0x%llx (%zu bytes) runs past the end of the "
@@ -382,6 +388,9 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
 {
     int ret;
 
+    /* known before the header is validated: a repair-mode open is as
+     * permissive as QEMU's (header.c) */
+    img->open_for_repair = opts->read_write && opts->repair;
     if ((ret = qcow2_header_load(img)) < 0)
         return ret;
     ret = qcow2_l1_load(img, img->hdr.l1_table_offset, img->hdr.l1_size,
@@ -389,7 +398,6 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
     if (ret < 0)
         return ret;
     img->l1_size = img->hdr.l1_size;
-    img->open_for_repair = opts->read_write && opts->repair;
     if ((ret = qcow2_reftable_load(img)) < 0 ||
         (ret = qcow2_snapshots_load(img)) < 0 ||
         (ret = open_data_file(img)) < 0)

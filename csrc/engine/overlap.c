@@ -177,6 +177,14 @@ static void mark_corrupt(qcow2_image *img)
         (void)img->io->ops->flush(img->io);
 }
 
+int qcow2_overlap_find(qcow2_image *img, int ignore, uint64_t offset,
+                       uint64_t length)
+{
+    return img->ws ? first_overlap(img, img->ws->overlap_checks & ~ignore,
+                                   offset, length)
+                   : 0;
+}
+
 int qcow2_overlap_check(qcow2_image *img, int ignore, uint64_t offset,
                         uint64_t length)
 {

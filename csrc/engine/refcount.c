@@ -28,8 +28,9 @@ int qcow2_reftable_load(qcow2_image *img)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "refcount table of %llu entries too large",
                           ull(entries));
-    raw = malloc((size_t)entries * 8);
-    img->reftable = malloc((size_t)entries * sizeof *img->reftable);
+    /* an empty table (an open for repair takes one) is one zero entry */
+    raw = malloc((size_t)entries * 8 + 8);
+    img->reftable = calloc((size_t)entries + 1, sizeof *img->reftable);
     if (!raw || !img->reftable) {
         free(raw);
         free(img->reftable);

@@ -34,6 +34,25 @@ static void note_state(check_state *st, qcow2_image *img,
     st->res = res;
 }
 
+/* A repair write that would overwrite other metadata is not attempted:
+ * the overlap check would mark the image corrupt and stop the repair
+ * half done, worse than it was. The problem stays, and is reported by
+ * the check that ends the repair. 1 when blocked. */
+static int write_blocked(qcow2_image *img, qcow2_check_result *res,
+                         int ignore, uint64_t offset, uint64_t length,
+                         const char *what)
+{
+    check_state st;
+
+    if (!qcow2_overlap_find(img, ignore, offset, length))
+        return 0;
+    note_state(&st, img, res);
+    check_note(&st, QCOW2_FINDING_STRICT, offset, "Not repairing the %s at "
+               "0x%llx: the write would overlap other metadata", what,
+               ull(offset));
+    return 1;
+}
+
 /* ---- Step 1: entries that cannot be followed ------------------------------ */
 
 /* The repaired form of an L2 entry (the entry itself when it is fine). */
@@ -93,7 +112,9 @@ static int mend_l2(qcow2_image *img, qcow2_check_result *res,
                    "%llx -> %llx", ull(i), ull(l2_offset), ull(entry),
                    ull(mended));
     }
-    if (!changed)
+    if (!changed || write_blocked(img, res, OVERLAP_ACTIVE_L2 |
+                                  OVERLAP_INACTIVE_L2, l2_offset,
+                                  img->cluster_size, "L2 table"))
         return 0;
     rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2 | OVERLAP_INACTIVE_L2,
                              "l2", l2_offset, table, img->cluster_size);
@@ -128,6 +149,9 @@ static int mend_l1(qcow2_image *img, qcow2_check_result *res,
             rc = mend_l2(img, res, l2_offset, file_size, table);
             continue;
         }
+        if (write_blocked(img, res, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
+                          l1_offset + (uint64_t)i * 8, 8, "L1 entry"))
+            continue;
         rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
                                  "l1", l1_offset + (uint64_t)i * 8, zero,
                                  sizeof zero);
@@ -179,9 +203,7 @@ int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
 
 /* Store one refcount entry of any width (QEMU's packing, docs 4.2). */
 
-/* 1 when the refcount structure cannot be trusted as it is (QEMU's
- * "rebuild" flag), 0 when raising some refcounts is enough. */
-static int needs_rebuild(check_state *st)
+int repair_needs_rebuild(check_state *st)
 {
     qcow2_image *img = st->img;
 
@@ -276,6 +298,19 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
         free(reftable);
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     }
+    /* Structures past the end of the file are not counted, yet they
+     * claim their range: writing over one would be refused half way
+     * (and mark the image corrupt). Refuse first, having written nothing. */
+    if (qcow2_overlap_find(img, OVERLAP_REFCOUNT_BLOCK |
+                           OVERLAP_REFCOUNT_TABLE, start * cs,
+                           (blocks + table_clusters) * cs)) {
+        free(buf);
+        free(reftable);
+        return qcow2_fail(img, QCOW2_E_CORRUPT, "cannot rebuild the "
+                          "refcount structure at 0x%llx: metadata past the "
+                          "end of the file claims that range",
+                          ull(start * cs));
+    }
     check_note(&notes, QCOW2_FINDING_REPAIRED, start * cs,
                "Rebuilding refcount structure: %llu refcount blocks and a "
                "%llu-cluster refcount table at 0x%llx", ull(blocks),
@@ -343,7 +378,7 @@ int repair_refcounts(qcow2_image *img, qcow2_check_result *res)
     memset(&scratch, 0, sizeof scratch);
     rc = check_count_references(img, &st, &scratch);
     if (rc == 0)
-        rc = needs_rebuild(&st) ? rebuild_refcounts(&st, res)
+        rc = repair_needs_rebuild(&st) ? rebuild_refcounts(&st, res)
                                 : raise_refcounts(&st, res);
     check_state_release(&st);
     qcow2_check_result_free(&scratch);
@@ -383,12 +418,16 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
     for (uint32_t i = 0; rc == 0 && i < img->l1_size; i++) {
         uint64_t entry = img->l1[i], l2_offset = entry & L1E_OFFSET_MASK;
         uint64_t want;
-        int changed = 0;
+        int changed = 0, blocked;
 
         if (l2_offset == 0)
             continue;
-        rc = copied_entry(img, entry, l2_offset, 0, &want);
-        if (rc == 0 && want != entry) {
+        if (copied_entry(img, entry, l2_offset, 0, &want) < 0)
+            want = entry;
+        if (want != entry &&
+            !write_blocked(img, res, OVERLAP_ACTIVE_L1,
+                           img->hdr.l1_table_offset + (uint64_t)i * 8, 8,
+                           "L1 entry")) {
             uint8_t bytes[8];
             put_be64(bytes, want);
             rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1, "l1",
@@ -397,6 +436,7 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
             if (rc < 0)
                 break;
             img->l1[i] = want;
+            res->corruptions_fixed++;
             check_note(&st, QCOW2_FINDING_REPAIRED,
                        img->hdr.l1_table_offset + (uint64_t)i * 8,
                        "Repairing OFLAG_COPIED L2 cluster: l1_index=%u "
@@ -405,6 +445,8 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
         if (rc == 0)
             rc = qcow2_read_meta(img, l2_offset, table, img->cluster_size,
                                  "L2 table");
+        blocked = qcow2_overlap_find(img, OVERLAP_ACTIVE_L2, l2_offset,
+                                     img->cluster_size) != 0;
         for (uint64_t j = 0; rc == 0 && j < img->l2_entries; j++) {
             uint64_t l2_entry = be64(table + j * entry_bytes);
             uint64_t data = l2_entry & L2E_OFFSET_MASK;
@@ -415,24 +457,120 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
             if (data == 0 && (zero || !has_data_file ||
                               !(l2_entry & QCOW_OFLAG_COPIED)))
                 continue;
-            rc = copied_entry(img, l2_entry, data, has_data_file, &want);
-            if (rc < 0 || want == l2_entry)
+            /* a refcount that cannot be read leaves the flag as it is
+             * (QEMU's check_oflag_copied skips it too) */
+            if (copied_entry(img, l2_entry, data, has_data_file, &want) < 0 ||
+                want == l2_entry)
+                continue;
+            changed++;
+            if (blocked)
                 continue;
             put_be64(table + j * entry_bytes, want);
-            changed = 1;
             check_note(&st, QCOW2_FINDING_REPAIRED,
                        l2_offset + j * entry_bytes, "Repairing OFLAG_COPIED "
                        "data cluster: l2_entry=%llx -> %llx", ull(l2_entry),
                        ull(want));
         }
-        if (rc == 0 && changed) {
+        if (rc == 0 && changed && blocked)
+            (void)write_blocked(img, res, OVERLAP_ACTIVE_L2, l2_offset,
+                                img->cluster_size, "L2 table");
+        else if (rc == 0 && changed) {
             rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2", l2_offset,
                                      table, img->cluster_size);
             qcow2_l2_cache_drop(img->l2_cache, l2_offset);
+            if (rc == 0)
+                res->corruptions_fixed += (uint64_t)changed;
         }
     }
     free(table);
     if (rc == 0)
         rc = qcow2_barrier(img);
     return rc;
+}
+
+/* ---- Step 4: the snapshot table ------------------------------------------- */
+
+/* Clusters of [offset, offset + length) that the check counted: a table
+ * reaching one cluster or more past the end of the file was not counted
+ * at all (check_inc's rule), so it has no refcount of its own to drop. */
+static int free_old_table(qcow2_image *img, uint64_t offset, uint64_t length,
+                          uint64_t file_size)
+{
+    uint64_t end;
+    int rc = 0;
+
+    if (length == 0 || add_overflows(offset, length, &end) ||
+        end >= file_size + img->cluster_size)
+        return 0;
+    for (uint64_t c = offset >> img->cluster_bits;
+         rc == 0 && c <= (end - 1) >> img->cluster_bits; c++) {
+        uint64_t refcount;
+        rc = qcow2_refcount_get(img, c, &refcount);
+        if (rc == 0 && refcount > 0)
+            rc = qcow2_free_clusters(img, c << img->cluster_bits,
+                                     img->cluster_size);
+    }
+    return rc;
+}
+
+int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
+{
+    uint32_t count = img->nb_snapshots;
+    uint64_t old_offset = img->hdr.snapshots_offset, old_length = 0;
+    uint64_t size = 0, offset = 0, file_size;
+    qcow2_snapshot **list;
+    uint8_t *table = NULL;
+    check_state notes;
+    int rc;
+
+    note_state(&notes, img, res);
+    if (count) {
+        const qcow2_snapshot *last = &img->snapshots[count - 1];
+        old_length = last->entry_offset + last->entry_length - old_offset;
+    }
+    rc = img->io->ops->size(img->io, &file_size);
+    if (rc < 0)
+        return qcow2_fail(img, rc, "cannot get the size of the file");
+    list = malloc(((size_t)count + 1) * sizeof *list);
+    if (!list)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint32_t i = 0; i < count; i++)
+        list[i] = &img->snapshots[i];
+    rc = qcow2_snapshot_table_build(img, list, count, &table, &size);
+    free(list);
+    /* the new table first, synced; then the header; the old table is
+     * freed only once nothing points at it */
+    if (rc == 0 && count)
+        rc = qcow2_alloc_clusters(img, div_round_up(size, img->cluster_size),
+                                  &offset);
+    if (rc == 0 && count)
+        /* the old table may run past the end of the file over the
+         * clusters just allocated: it is the one being replaced */
+        rc = qcow2_write_checked(img, OVERLAP_SNAPSHOT_TABLE,
+                                 "snapshot_table", offset, table,
+                                 (size_t)size);
+    free(table);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_header_set_snapshots(img, offset, count);
+    if (rc < 0)
+        return rc;
+    check_note(&notes, QCOW2_FINDING_REPAIRED, offset, "Repairing snapshot "
+               "table: %u complete entries written at 0x%llx", count,
+               ull(offset));
+    rc = free_old_table(img, old_offset, old_length, file_size);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc < 0)
+        return rc;
+    /* the parsed copy follows the table now on disk (and the file, which
+     * grew, bounds it) */
+    rc = img->io->ops->size(img->io, &file_size);
+    if (rc < 0)
+        return qcow2_fail(img, rc, "cannot get the size of the file");
+    img->file_size = file_size;
+    qcow2_snapshots_free(img);
+    img->snapshot_extra_dropped = 0;
+    return qcow2_snapshots_load(img);
 }

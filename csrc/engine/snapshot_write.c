@@ -162,30 +162,42 @@ static uint64_t current_table_size(const qcow2_image *img)
  * written, not synced; the old table's clusters uncounted. *offset is 0
  * for an empty table.
  */
+int qcow2_snapshot_table_build(qcow2_image *img, qcow2_snapshot *const *list,
+                               uint32_t count, uint8_t **table,
+                               uint64_t *size)
+{
+    uint64_t at = 0;
+    int rc = table_size(img, list, count, size);
+
+    *table = NULL;
+    if (rc < 0 || count == 0)
+        return rc;
+    *table = calloc(1, (size_t)*size);
+    if (!*table)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint32_t i = 0; i < count; i++) {
+        at = align_up(at, 8);
+        at += put_entry(img, list[i], *table + at);
+    }
+    return 0;
+}
+
 static int write_table(qcow2_switch *sw, qcow2_snapshot *const *list,
                        uint32_t count, uint64_t *offset)
 {
     qcow2_image *img = sw->img;
-    uint64_t size = 0, at = 0;
-    uint8_t *table;
-    int rc = table_size(img, list, count, &size);
+    uint64_t size = 0;
+    uint8_t *table = NULL;
+    int rc = qcow2_snapshot_table_build(img, list, count, &table, &size);
 
     *offset = 0;
     if (rc == 0)
         rc = qcow2_switch_add(sw, img->hdr.snapshots_offset,
                               current_table_size(img), -1);
-    if (rc < 0 || count == 0)
-        return rc;
-    table = calloc(1, (size_t)size);
-    if (!table)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    for (uint32_t i = 0; i < count; i++) {
-        at = align_up(at, 8);
-        at += put_entry(img, list[i], table + at);
-    }
-    rc = qcow2_switch_alloc(sw, div_round_up(size, img->cluster_size),
-                            offset);
-    if (rc == 0)
+    if (rc == 0 && count)
+        rc = qcow2_switch_alloc(sw, div_round_up(size, img->cluster_size),
+                                offset);
+    if (rc == 0 && count)
         rc = qcow2_write_checked(img, 0, "snapshot_table", *offset, table,
                                  (size_t)size);
     free(table);
@@ -673,43 +685,5 @@ int qcow2_snapshot_delete(qcow2_image *img, uint32_t index)
     free(list);
     free(l1);
     free(sn_l1);
-    return rc;
-}
-
-/* check -r all on entries whose extra data was cut at load: the table
- * written again as it now stands, switched atomically like any snapshot
- * operation. */
-int qcow2_snapshot_table_rewrite(qcow2_image *img)
-{
-    qcow2_snapshot **list;
-    uint64_t *l1, table_offset = 0;
-    uint32_t count = img->nb_snapshots;
-    qcow2_switch sw;
-    int rc;
-
-    list = malloc(((size_t)count + 1) * sizeof *list);
-    l1 = malloc(((size_t)img->l1_size + 1) * sizeof *l1);
-    if (!list || !l1) {
-        free(list);
-        free(l1);
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    }
-    for (uint32_t i = 0; i < count; i++)
-        list[i] = &img->snapshots[i];
-    /* commit reloads img->l1: hand it a copy */
-    memcpy(l1, img->l1, (size_t)img->l1_size * sizeof *l1);
-    rc = qcow2_switch_begin(img, &sw);
-    if (rc == 0) {
-        rc = write_table(&sw, list, count, &table_offset);
-        if (rc == 0)
-            rc = qcow2_switch_commit(&sw, img->hdr.l1_table_offset, l1,
-                                     img->l1_size, table_offset, count,
-                                     img->size);
-        qcow2_switch_end(&sw);
-    }
-    if (rc == 0)
-        img->snapshot_extra_dropped = 0;
-    free(list);
-    free(l1);
     return rc;
 }

@@ -64,6 +64,10 @@ typedef struct qcow2_write_state {
  * written); the image is then marked corrupt (incompatible bit 1). */
 int qcow2_overlap_check(qcow2_image *img, int ignore, uint64_t offset,
                         uint64_t length);
+/* The structure (enum qcow2_overlap) such a write would hit, or 0; marks
+ * nothing (check -r all skips a repair that would overwrite metadata). */
+int qcow2_overlap_find(qcow2_image *img, int ignore, uint64_t offset,
+                       uint64_t length);
 /* Every write of the engine: overlap check (ignore mask), trace label
  * `what`, pwrite; a failure is returned with a message naming `what`. */
 int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
@@ -305,9 +309,12 @@ int qcow2_switch_commit(qcow2_switch *sw, uint64_t l1_offset,
  * file is cut off again. */
 void qcow2_switch_end(qcow2_switch *sw);
 
-/* snapshot_write.c: the snapshot table rewritten as parsed (check -r all
- * after extra data past 1024 bytes was cut at load). */
-int qcow2_snapshot_table_rewrite(qcow2_image *img);
+/* snapshot_write.c: the bytes of a snapshot table holding `list`, laid
+ * out as QEMU's qcow2_write_snapshots writes it (every entry complete);
+ * *table (NULL for an empty list) is the caller's to free. */
+int qcow2_snapshot_table_build(qcow2_image *img, qcow2_snapshot *const *list,
+                               uint32_t count, uint8_t **table,
+                               uint64_t *size);
 
 /* write.c: one active L1 entry written (synced) and mirrored in memory; a
  * failure poisons the handle, the metadata update being half done. */
