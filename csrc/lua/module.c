@@ -102,18 +102,9 @@ void ql_opt_io(lua_State *L, int opts, const char *fn, qcow2_open_opts *o)
         return;
     }
     io = lua_gettop(L);
-    lua_pushnil(L);
-    while (lua_next(L, io)) {
-        int ok = 0;
-        lua_pop(L, 1);
-        for (int i = 0; known[i] && lua_type(L, -1) == LUA_TSTRING; i++)
-            ok |= strcmp(known[i], lua_tostring(L, -1)) == 0;
-        if (!ok) {
-            lua_pushvalue(L, -1);   /* tostring may not touch the key */
-            luaL_error(L, "bad option 'io' to '%s' (unknown field '%s')", fn,
-                       luaL_tolstring(L, -1, NULL));
-        }
-    }
+    lua_pushfstring(L, "%s' option 'io", fn);     /* names the table */
+    ql_check_options(L, io, lua_tostring(L, -1), known);
+    lua_pop(L, 1);
     if (ql_opt_integer(L, io, fn, "fail_after_writes", 1, &n))
         o->fail_after_writes = n;
     errno_index = ql_opt_choice(L, io, fn, "errno", errnos);
@@ -334,8 +325,6 @@ static int module_open(lua_State *L)
         /* cache: metadata is written through today, which keeps each
          * mode's promise ("writeback" and "unsafe" promise less). */
         ql_opt_choice(L, 2, "open", "cache", ql_cache_modes);
-        /* force_share: see lock */
-        (void)ql_opt_bool(L, 2, "open", "force_share");
 
         /* QEMU's runtime options of read-write handles; a read-only
          * handle never writes, so they change nothing there. */
