@@ -42,11 +42,13 @@ local function new_machine()
   return dir, copy, bin
 end
 
--- Run one README command there; the environment may narrow what it does
+-- Run one README command there, in a user's environment (nothing of the
+-- running suite's: under make sanitize it would preload ASan into every
+-- child, qemu-img included); the environment may narrow what it does
 -- (SPECS picks the spec files `make test` runs), never the command itself.
 local function run(cmd, env)
   local dir, copy, bin = new_machine()
-  local ok, out = h.sh(("cd %s && env -u MAKEFLAGS -u MAKELEVEL -u MFLAGS PATH=%s:\"$PATH\" %s MAKEFLAGS=-j2 sh -c %s")
+  local ok, out = h.sh(("cd %s && env -u MAKEFLAGS -u MAKELEVEL -u MFLAGS -u LUA -u BUILD -u SPECS -u LUA_PATH -u LUA_CPATH -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS PATH=%s:\"$PATH\" %s MAKEFLAGS=-j2 sh -c %s")
     :format(h.q(copy), h.q(bin), env or "", h.q(cmd)), true)
   local log = io.open(dir .. "/apt.log")
   local apt = log and log:read("a") or ""
