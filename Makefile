@@ -1,6 +1,6 @@
 # lua-qcow2: build the engine + binding as build/qcow2/core.so and run the
 # busted suite under Lua 5.4. Targets: all test demo sanitize valgrind
-# fuzz sweep bench install clean deps nobarrier.
+# fuzz sweep bench install clean deps nobarrier layer-check.
 
 LUA_VERSION ?= 5.4
 LUA         ?= lua$(LUA_VERSION)
@@ -28,7 +28,7 @@ MODULE      := $(BUILD)/qcow2/core.so
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;
 export LUA_CPATH := ./$(BUILD)/?.so;;
 
-.PHONY: all test demo sanitize valgrind fuzz sweep bench install clean deps nobarrier
+.PHONY: all test demo sanitize valgrind fuzz sweep bench install clean deps nobarrier layer-check
 
 all: $(MODULE)
 
@@ -45,9 +45,19 @@ $(MODULE): $(OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(LDFLAGS) -o $@ $(OBJ) $(PKG_LIBS) $(EXTRA_LIBS)
 
-# Every spec file under Lua 5.4; ends with "N passed, N failed".
+# Every spec file under Lua 5.4; ends with "N passed, N failed". The layer
+# check runs first (report mode: it fails only when csrc/README.md's map
+# misses a file; LAYER_CHECK=--strict once the engine is layered).
+LAYER_CHECK ?= --report
 test: $(MODULE)
+	@$(LUA) csrc/layer-check $(LAYER_CHECK) --summary --obj $(BUILD)/obj
 	@BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs $(SPECS)
+
+# The engine's layers (csrc/README.md): calls only downwards, the binding
+# only through csrc/qcow2.h. Prints every violation, cycle and the files a
+# read-only consumer links.
+layer-check: $(MODULE)
+	@$(LUA) csrc/layer-check $(LAYER_CHECK) --obj $(BUILD)/obj
 
 demo: $(MODULE)
 	@$(LUA) examples/demo.lua
