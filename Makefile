@@ -41,7 +41,12 @@ ifneq ($(filter deps,$(MAKECMDGOALS)),)
 $(OBJ): | deps
 endif
 
-$(MODULE): $(OBJ)
+# The source list as a file that changes only when the list does, so that
+# removing or adding a source file relinks the module.
+SRC_STAMP   := $(BUILD)/sources.list
+$(shell mkdir -p $(BUILD) && echo '$(SRC)' | cmp -s - $(SRC_STAMP) || echo '$(SRC)' > $(SRC_STAMP))
+
+$(MODULE): $(OBJ) $(SRC_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(LDFLAGS) -o $@ $(OBJ) $(PKG_LIBS) $(EXTRA_LIBS)
 
