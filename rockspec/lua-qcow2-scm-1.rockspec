@@ -39,6 +39,7 @@ build = {
             "csrc/engine/compressed_write.c",
             "csrc/engine/create.c",
             "csrc/engine/error.c",
+            "csrc/engine/geometry.c",
             "csrc/engine/header.c",
             "csrc/engine/header_write.c",
             "csrc/engine/image.c",
