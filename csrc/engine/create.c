@@ -171,19 +171,17 @@ static int check_names(const qcow2_create_opts *o, create_plan *plan,
 static int check_size(const qcow2_create_opts *o, create_plan *plan,
                       qcow2_error *err)
 {
-    uint64_t coverage_bits, entries;
-    uint32_t l2_bits;
+    uint64_t entries;
 
     /* qemu-img rounds the size up to whole sectors. */
     if (o->size > (uint64_t)INT64_MAX - 511)
         return qcow2_error_set(err, QCOW2_E_INVALID, "Image size must be "
                                "less than 8 EiB!");
     plan->size = align_up(o->size, 512);
-    l2_bits = plan->cluster_bits - (o->extended_l2 ? 4 : 3);
-    coverage_bits = plan->cluster_bits + l2_bits;
-    entries = coverage_bits >= 64 ? (plan->size != 0)
-                                  : div_round_up(plan->size,
-                                                 1ull << coverage_bits);
+    entries = qcow2_l1_entries_for(plan->cluster_bits,
+                                   qcow2_l2_bits_for(plan->cluster_bits,
+                                                     o->extended_l2),
+                                   plan->size);
     if (entries > QCOW2_MAX_L1_BYTES / 8)
         return qcow2_error_set(err, QCOW2_E_INVALID, "The image size is too "
                                "large for file format 'qcow2' (try using a "
@@ -339,16 +337,8 @@ static void set_geometry(qcow2_image *img, const create_plan *plan)
 {
     const qcow2_create_opts *o = plan->opts;
 
-    img->cluster_bits = plan->cluster_bits;
-    img->cluster_size = 1ull << plan->cluster_bits;
-    img->extended_l2 = o->extended_l2 != 0;
-    img->l2_entry_bytes = img->extended_l2 ? 16 : 8;
-    img->l2_bits = plan->cluster_bits - (img->extended_l2 ? 4 : 3);
-    img->l2_entries = 1ull << img->l2_bits;
-    img->subcluster_bits = plan->cluster_bits - (img->extended_l2 ? 5 : 0);
-    img->subcluster_size = 1ull << img->subcluster_bits;
-    img->refcount_bits = 1u << plan->refcount_order;
-    img->refblock_entries = img->cluster_size * 8 / img->refcount_bits;
+    qcow2_geometry_set(img, plan->cluster_bits, o->extended_l2,
+                       plan->refcount_order);
     img->compression_type = plan->compression_type;
 }
 

@@ -474,14 +474,9 @@ static void set_geometry(qcow2_image *img)
 {
     const qcow2_header *h = &img->hdr;
 
-    img->extended_l2 = !!(h->incompatible_features & INCOMPAT_EXTL2);
-    img->l2_entry_bytes = img->extended_l2 ? 16 : 8;
-    img->l2_bits = img->cluster_bits - (img->extended_l2 ? 4 : 3);
-    img->l2_entries = 1ull << img->l2_bits;
-    img->subcluster_bits = img->cluster_bits - (img->extended_l2 ? 5 : 0);
-    img->subcluster_size = 1ull << img->subcluster_bits;
-    img->refcount_bits = 1u << h->refcount_order;
-    img->refblock_entries = img->cluster_size * 8 / img->refcount_bits;
+    qcow2_geometry_set(img, h->cluster_bits,
+                       (h->incompatible_features & INCOMPAT_EXTL2) != 0,
+                       h->refcount_order);
     /* QEMU counts whole sectors and drops a partial last one. */
     img->size = h->size & ~511ull;
     img->compression_type = h->compression_type;
@@ -519,16 +514,6 @@ int qcow2_check_tables_apart(qcow2_image *img, const char *what_a,
                           "0x%llx (%llu bytes)", what_a, ull(a),
                           ull(a_length), what_b, ull(b), ull(b_length));
     return 0;
-}
-
-int qcow2_l1_entries_needed(const qcow2_image *img, uint64_t size,
-                            uint64_t *entries)
-{
-    /* One L1 entry maps one L2 table: l2_entries clusters of guest data. */
-    uint64_t l1_coverage = 1ull << (img->cluster_bits + img->l2_bits);
-
-    *entries = div_round_up(size, l1_coverage);
-    return *entries > (uint64_t)INT32_MAX ? QCOW2_E_CORRUPT : 0;
 }
 
 /*

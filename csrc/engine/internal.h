@@ -242,6 +242,18 @@ typedef struct qcow2_known_feature {
 } qcow2_known_feature;
 extern const qcow2_known_feature qcow2_known_features[QCOW2_KNOWN_FEATURES];
 
+/* ---- Geometry (geometry.c) -------------------------------------------- */
+/* log2 of the entries of one L2 table. */
+uint32_t qcow2_l2_bits_for(uint32_t cluster_bits, int extended_l2);
+/* Every geometry field of img (cluster, L2, subcluster and refcount-block
+ * sizes) from the three header fields that fix them (already validated). */
+void qcow2_geometry_set(qcow2_image *img, uint32_t cluster_bits,
+                        int extended_l2, uint32_t refcount_order);
+/* L1 entries that map `size` guest bytes with this geometry (no limit
+ * applied: qcow2_l1_entries_needed and create apply theirs). */
+uint64_t qcow2_l1_entries_for(uint32_t cluster_bits, uint32_t l2_bits,
+                              uint64_t size);
+
 /* ---- Refcounts (refcount.c) ------------------------------------------ */
 int qcow2_reftable_load(qcow2_image *img);
 /* Clusters [0, end_cluster) whose refcount is not zero, reading each

@@ -21,6 +21,7 @@
 
 #include "internal.h"
 #include "io_fault.h"
+#include "l1_write.h"   /* L1 growth, preallocation (layer 7) */
 
 /* Structures the overlap check guards (QEMU's QCOW2_OL_* in spirit). */
 enum qcow2_overlap {
@@ -190,17 +191,6 @@ int qcow2_alloc_clusters_at(qcow2_image *img, uint64_t offset,
 /* A fresh write state with QEMU's defaults (overlap checks "cached",
  * free_cluster_hint 0): create.c uses it on its bootstrap handle. */
 void qcow2_write_state_defaults(qcow2_write_state *ws);
-/* Grow the active L1 to exactly min_entries (QEMU's exact growth): new
- * table at fresh clusters, synced, header pair switched, old one freed. */
-int qcow2_l1_grow(qcow2_image *img, uint64_t min_entries);
-/* QEMU's metadata preallocation of guest [from, to): every unallocated
- * cluster gets a host cluster (L2 tables allocated as needed, entries
- * COPIED, subcluster bitmaps left 0). reserved_host: 0 to allocate data
- * clusters per L2 table (each table's data right after it), else the
- * first of the clusters already reserved contiguously (falloc/full).
- * With an external data file the mapping is the identity. */
-int qcow2_preallocate_metadata(qcow2_image *img, uint64_t from, uint64_t to,
-                               uint64_t reserved_host);
 /* *unused = 1 when refcount block `index` exists and counts nothing but
  * (possibly) itself: QEMU's qcow2_shrink_reftable drops those. */
 int qcow2_refblock_unused(qcow2_image *img, uint64_t index, int *unused);
