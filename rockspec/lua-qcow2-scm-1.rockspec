@@ -46,6 +46,7 @@ build = {
             "csrc/engine/io_fault.c",
             "csrc/engine/lock.c",
             "csrc/engine/map.c",
+            "csrc/engine/meta_io.c",
             "csrc/engine/overlap.c",
             "csrc/engine/read.c",
             "csrc/engine/refcount.c",

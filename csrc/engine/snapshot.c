@@ -71,19 +71,10 @@ static void parse_fixed_part(qcow2_snapshot *sn, const uint8_t *fixed,
 static int read_zero_filled(qcow2_image *img, uint64_t offset, uint8_t *buf,
                             size_t length)
 {
-    size_t done = 0;
+    size_t done;
+    int rc = qcow2_pread_zero_fill(img->io, offset, buf, length, &done);
 
-    while (done < length) {
-        int64_t n = img->io->ops->pread(img->io, buf + done, length - done,
-                                        offset + done);
-        if (n < 0)
-            return qcow2_fail(img, (int)n, "cannot read the snapshot table");
-        if (n == 0)
-            break;
-        done += (size_t)n;
-    }
-    memset(buf + done, 0, length - done);
-    return 0;
+    return rc < 0 ? qcow2_fail(img, rc, "cannot read the snapshot table") : 0;
 }
 
 /*
