@@ -17,6 +17,7 @@
 #include "internal.h"
 #include "lock.h"
 #include "meta_io.h"
+#include "snapshot_table.h"
 #include "write.h"     /* read-write opens: write state, fault plan */
 
 #define RESOLVED_PATH_MAX   4096

@@ -2,7 +2,7 @@
  * Engine-internal types and the functions one engine file offers another.
  * Nothing in here is seen by the binding except through csrc/qcow2.h.
  *
- * Ownership of work: io.c error.c header.c refcount.c snapshot.c image.c
+ * Ownership of work: io.c error.c header.c refcount.c snapshot_table.c image.c
  * (open/close/chain/validation) and cache.c cluster.c compress.c read.c
  * map.c (guest lookups) meet only through what is declared here.
  */
@@ -258,10 +258,6 @@ int qcow2_refcount_block_read(qcow2_image *img, uint64_t block_offset,
 void qcow2_refcount_cache_free(qcow2_refcount_cache *cache);
 /* QEMU 7.2's default: 4 clusters. */
 uint64_t qcow2_default_refcount_cache_bytes(const qcow2_image *img);
-
-/* ---- Snapshots (snapshot.c) -------------------------------------------- */
-int qcow2_snapshots_load(qcow2_image *img);
-void qcow2_snapshots_free(qcow2_image *img);
 
 /* ---- Guest lookups: L2 cache and codecs (cache.c, compress.c) ---------
  * Added by the read-path work (cache.c cluster.c compress.c read.c map.c).
