@@ -326,9 +326,56 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
         return ret;
     /* The refcount-block cache is created on first use (refcount_cache.c). */
     img->refcount_cache_bytes = opts->refcount_cache_size;
-    /* Read-write (write_state.c): options, autoclear bits, dirty-image
-     * repair; read-only leaves the file as it is. */
+    /* Read-write (write_state.c): options, autoclear bits, bitmaps in
+     * use; read-only leaves the file as it is. */
     return img->read_only ? 0 : qcow2_write_state_init(img, opts);
+}
+
+/* ---- Dirty images ------------------------------------------------------------ */
+
+/*
+ * What a crashed writer with lazy refcounts leaves: refcounts lower than
+ * the references. As QEMU does on a read-write open of a dirty image, the
+ * full check with repair of everything runs (check.c, repair.c), as the
+ * last step of the open, on a whole handle; it clears the dirty bit when
+ * it leaves no corruption. Only a check that could not complete fails the
+ * open. Read-only opens and opens for repair leave the image as it is.
+ */
+static int needs_dirty_repair(const qcow2_image *img,
+                              const qcow2_open_opts *opts)
+{
+    return !img->read_only && !img->is_raw && !opts->repair &&
+           (img->hdr.incompatible_features & INCOMPAT_DIRTY);
+}
+
+/* The message a failed call left, without its "<path>: " prefix (the
+ * wrapping message adds it again). */
+static const char *inner_message(const qcow2_image *img)
+{
+    size_t n = img->path ? strlen(img->path) : 0;
+
+    if (n && strncmp(img->err.msg, img->path, n) == 0 &&
+        strncmp(img->err.msg + n, ": ", 2) == 0)
+        return img->err.msg + n + 2;
+    return img->err.msg;
+}
+
+static int repair_dirty(qcow2_image *img)
+{
+    qcow2_check_result res;
+    int rc = qcow2_check(img, QCOW2_REPAIR_ALL, &res);
+
+    if (rc < 0)
+        return qcow2_fail(img, rc, "cannot repair the dirty image: %s",
+                          inner_message(img));
+    if (res.check_errors)
+        rc = qcow2_fail(img, QCOW2_E_IO, "Could not repair dirty image: "
+                        "%llu errors during the check",
+                        (unsigned long long)res.check_errors);
+    if (!(img->hdr.incompatible_features & INCOMPAT_DIRTY))
+        img->ws->dirty_on_disk = 0;
+    qcow2_check_result_free(&res);
+    return rc;
 }
 
 /* Read-write opens only: the test fault plan wraps the image file. */
@@ -459,6 +506,9 @@ static int open_image(const char *path, const qcow2_open_opts *opts,
             ret = open_backing(img, opts, chain);
         }
     }
+    /* Last: the handle is whole (chain, caches, snapshots, write state). */
+    if (ret == 0 && needs_dirty_repair(img, opts))
+        ret = repair_dirty(img);
     if (ret < 0) {
         *err = img->err;
         qcow2_close(img);
