@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "snapshot_table.h"
 
 #define L2_BITMAP_ALL_ALLOC     0x00000000ffffffffull
 #define BME_RESERVED_MASK       0xff000000000001feull
@@ -214,18 +215,6 @@ static int check_l1(check_state *st, uint64_t l1_offset, uint32_t l1_size,
 
 /* ---- Snapshots ------------------------------------------------------------------ */
 
-/* Bytes of the snapshot table, padding after the last entry excluded. */
-static uint64_t snapshot_table_size(const qcow2_image *img)
-{
-    const qcow2_snapshot *last;
-
-    if (img->nb_snapshots == 0)
-        return 0;
-    last = &img->snapshots[img->nb_snapshots - 1];
-    return last->entry_offset + last->entry_length -
-           img->hdr.snapshots_offset;
-}
-
 /* What QEMU's snapshot table check reports (the rest of it is refused
  * when the image is opened). */
 static void check_snapshot_table(check_state *st)
@@ -267,7 +256,8 @@ static int check_snapshots(check_state *st)
         if (ret < 0)
             return ret;
     }
-    return check_inc(st, img->hdr.snapshots_offset, snapshot_table_size(img));
+    return check_inc(st, img->hdr.snapshots_offset,
+                     qcow2_snapshot_table_size(img));
 }
 
 /* ---- Bitmaps -------------------------------------------------------------------- */

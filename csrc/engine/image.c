@@ -1,7 +1,7 @@
 /*
  * Opening and closing images: the file, the header and tables, the
- * external data file and the backing chain; the handle's properties and
- * the metadata reads every other file goes through.
+ * external data file and the backing chain; the handle's properties
+ * (the metadata reads are meta_io.c's).
  *
  * A read-only open never writes a byte, to the image or to anything in its
  * chain: dirty, corrupt-flagged and unknown-autoclear images open as they
@@ -16,6 +16,8 @@
 
 #include "internal.h"
 #include "lock.h"
+#include "meta_io.h"
+#include "snapshot_table.h"
 #include "write.h"     /* read-write opens: write state, fault plan */
 
 #define RESOLVED_PATH_MAX   4096
@@ -52,88 +54,6 @@ void qcow2_open_opts_init(qcow2_open_opts *opts)
     opts->fail_after_writes = -1;
     opts->fail_status = QCOW2_E_IO;
     opts->stop_after_writes = -1;
-}
-
-/* ---- Metadata reads ---------------------------------------------------- */
-
-int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
-                    size_t len, const char *what)
-{
-    char text[128];
-    int64_t n;
-
-    if (len == 0)
-        return 0;
-    if (!range_inside(offset, len, UINT64_MAX))
-        return qcow2_fail(img, QCOW2_E_CORRUPT,
-                          "%s at 0x%llx (%zu bytes) lies past any file",
-                          what, ull(offset), len);
-    n = img->io->ops->pread(img->io, buf, len, offset);
-    if (n < 0)
-        return qcow2_fail(img, (int)n, "cannot read %s at 0x%llx: %s", what,
-                          ull(offset),
-                          qcow2_errno_text(img->io->last_errno, text,
-                                           sizeof text));
-    if ((uint64_t)n < len && img->open_for_repair) {
-        /* QEMU's block layer reads past the end of the file as zeroes,
-         * and qemu-img check -r works on what it reads so */
-        memset((uint8_t *)buf + n, 0, len - (size_t)n);
-        return 0;
-    }
-    if ((uint64_t)n < len)
-        return qcow2_fail(img, QCOW2_E_CORRUPT,
-                          "%s at 0x%llx (%zu bytes) runs past the end of the "
-                          "file", what, ull(offset), len);
-    return 0;
-}
-
-int qcow2_read_host_data(qcow2_image *img, uint64_t offset, void *buf,
-                         size_t len)
-{
-    qcow2_io *io = img->data_io ? img->data_io : img->io;
-    char text[128];
-    int64_t n;
-
-    if (len == 0)
-        return 0;
-    n = io->ops->pread(io, buf, len, offset);
-    if (n < 0)
-        return qcow2_fail(img, (int)n,
-                          "cannot read guest data at host offset 0x%llx: %s",
-                          ull(offset),
-                          qcow2_errno_text(io->last_errno, text, sizeof text));
-    /* QEMU does not pad the file's last cluster: the rest reads as 0. */
-    if ((uint64_t)n < len)
-        memset((uint8_t *)buf + n, 0, len - (size_t)n);
-    return 0;
-}
-
-int qcow2_l1_load(qcow2_image *img, uint64_t offset, uint32_t count,
-                  const char *what, uint64_t **out)
-{
-    uint64_t *l1;
-    int ret;
-
-    *out = NULL;
-    if (count == 0)
-        return 0;
-    if (count > QCOW2_MAX_L1_BYTES / 8)
-        return qcow2_fail(img, QCOW2_E_CORRUPT,
-                          "%s of %u entries too large", what, count);
-    l1 = malloc((size_t)count * 8);
-    if (!l1)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory for the %s",
-                          what);
-    ret = qcow2_read_meta(img, offset, l1, (size_t)count * 8, what);
-    if (ret < 0) {
-        free(l1);
-        return ret;
-    }
-    /* in place: each entry is read before it is overwritten */
-    for (uint32_t i = 0; i < count; i++)
-        l1[i] = be64(&l1[i]);
-    *out = l1;
-    return 0;
 }
 
 /* ---- Names and paths ------------------------------------------------------ */
@@ -406,9 +326,56 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
         return ret;
     /* The refcount-block cache is created on first use (refcount_cache.c). */
     img->refcount_cache_bytes = opts->refcount_cache_size;
-    /* Read-write (write_state.c): options, autoclear bits, dirty-image
-     * repair; read-only leaves the file as it is. */
+    /* Read-write (write_state.c): options, autoclear bits, bitmaps in
+     * use; read-only leaves the file as it is. */
     return img->read_only ? 0 : qcow2_write_state_init(img, opts);
+}
+
+/* ---- Dirty images ------------------------------------------------------------ */
+
+/*
+ * What a crashed writer with lazy refcounts leaves: refcounts lower than
+ * the references. As QEMU does on a read-write open of a dirty image, the
+ * full check with repair of everything runs (check.c, repair.c), as the
+ * last step of the open, on a whole handle; it clears the dirty bit when
+ * it leaves no corruption. Only a check that could not complete fails the
+ * open. Read-only opens and opens for repair leave the image as it is.
+ */
+static int needs_dirty_repair(const qcow2_image *img,
+                              const qcow2_open_opts *opts)
+{
+    return !img->read_only && !img->is_raw && !opts->repair &&
+           (img->hdr.incompatible_features & INCOMPAT_DIRTY);
+}
+
+/* The message a failed call left, without its "<path>: " prefix (the
+ * wrapping message adds it again). */
+static const char *inner_message(const qcow2_image *img)
+{
+    size_t n = img->path ? strlen(img->path) : 0;
+
+    if (n && strncmp(img->err.msg, img->path, n) == 0 &&
+        strncmp(img->err.msg + n, ": ", 2) == 0)
+        return img->err.msg + n + 2;
+    return img->err.msg;
+}
+
+static int repair_dirty(qcow2_image *img)
+{
+    qcow2_check_result res;
+    int rc = qcow2_check(img, QCOW2_REPAIR_ALL, &res);
+
+    if (rc < 0)
+        return qcow2_fail(img, rc, "cannot repair the dirty image: %s",
+                          inner_message(img));
+    if (res.check_errors)
+        rc = qcow2_fail(img, QCOW2_E_IO, "Could not repair dirty image: "
+                        "%llu errors during the check",
+                        (unsigned long long)res.check_errors);
+    if (!(img->hdr.incompatible_features & INCOMPAT_DIRTY))
+        img->ws->dirty_on_disk = 0;
+    qcow2_check_result_free(&res);
+    return rc;
 }
 
 /* Read-write opens only: the test fault plan wraps the image file. */
@@ -539,6 +506,9 @@ static int open_image(const char *path, const qcow2_open_opts *opts,
             ret = open_backing(img, opts, chain);
         }
     }
+    /* Last: the handle is whole (chain, caches, snapshots, write state). */
+    if (ret == 0 && needs_dirty_repair(img, opts))
+        ret = repair_dirty(img);
     if (ret < 0) {
         *err = img->err;
         qcow2_close(img);

@@ -2,7 +2,7 @@
  * Engine-internal types and the functions one engine file offers another.
  * Nothing in here is seen by the binding except through csrc/qcow2.h.
  *
- * Ownership of work: io.c error.c header.c refcount.c snapshot.c image.c
+ * Ownership of work: io.c error.c header.c refcount.c snapshot_table.c image.c
  * (open/close/chain/validation) and cache.c cluster.c compress.c read.c
  * map.c (guest lookups) meet only through what is declared here.
  */
@@ -204,15 +204,9 @@ struct qcow2_image {
     uint64_t refcount_cache_bytes;  /* open option; 0 = default */
 };
 
-/* ---- Metadata reads (image.c) ------------------------------------------- */
-/* Exactly len bytes at offset of the image file. A short file is
- * QCOW2_E_CORRUPT naming `what` ("L2 table", ...); I/O error QCOW2_E_IO. */
-int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
-                    size_t len, const char *what);
-/* len bytes of guest data at host offset of img->data_io; bytes past the
- * end of the file read as zeroes (QEMU does not pad the last cluster). */
-int qcow2_read_host_data(qcow2_image *img, uint64_t offset, void *buf,
-                         size_t len);
+/* ---- Metadata reads: meta_io.h (layer 2), here for the files that
+ * still reach it through this header. */
+#include "meta_io.h"
 
 /* ---- Caches and codecs (cache.c, compress.c) -------------------------- */
 /* An L2 table cache holding at most `bytes` of tables (at least 2). */
@@ -277,10 +271,6 @@ void qcow2_refcount_cache_free(qcow2_refcount_cache *cache);
 /* QEMU 7.2's default: 4 clusters. */
 uint64_t qcow2_default_refcount_cache_bytes(const qcow2_image *img);
 
-/* ---- Snapshots (snapshot.c) -------------------------------------------- */
-int qcow2_snapshots_load(qcow2_image *img);
-void qcow2_snapshots_free(qcow2_image *img);
-
 /* ---- Guest lookups: L2 cache and codecs (cache.c, compress.c) ---------
  * Added by the read-path work (cache.c cluster.c compress.c read.c map.c).
  */
@@ -335,8 +325,5 @@ int qcow2_check_tables_apart(qcow2_image *img, const char *what_a,
  * message) when that exceeds INT32_MAX, as QEMU refuses. */
 int qcow2_l1_entries_needed(const qcow2_image *img, uint64_t size,
                             uint64_t *entries);
-/* Read `count` L1 entries at `offset` into a new host-order array. */
-int qcow2_l1_load(qcow2_image *img, uint64_t offset, uint32_t count,
-                  const char *what, uint64_t **out);
 
 #endif /* QCOW2_INTERNAL_H */

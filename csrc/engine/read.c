@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cluster.h"
+#include "meta_io.h"
 
 /* Work not yet done: a data run and a backing run, each coalesced until
  * the next run does not continue it. */
@@ -30,22 +31,15 @@ static int read_raw(qcow2_image *img, uint64_t offset, uint8_t *buf,
                     size_t length)
 {
     char text[128];
-    size_t done = 0;
+    size_t done;
+    /* A raw image may be shorter than its virtual size: zeroes. */
+    int rc = qcow2_pread_zero_fill(img->io, offset, buf, length, &done);
 
-    while (done < length) {
-        int64_t n = img->io->ops->pread(img->io, buf + done, length - done,
-                                        offset + done);
-        if (n < 0)
-            return qcow2_fail(img, (int)n, "read of %zu bytes at 0x%" PRIx64
-                              " failed: %s", length - done, offset + done,
-                              qcow2_errno_text(img->io->last_errno, text,
-                                               sizeof text));
-        if (n == 0)
-            break;
-        done += (size_t)n;
-    }
-    /* A raw image may be shorter than its virtual size. */
-    memset(buf + done, 0, length - done);
+    if (rc < 0)
+        return qcow2_fail(img, rc, "read of %zu bytes at 0x%" PRIx64
+                          " failed: %s", length - done, offset + done,
+                          qcow2_errno_text(img->io->last_errno, text,
+                                           sizeof text));
     return 0;
 }
 

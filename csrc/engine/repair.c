@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "snapshot_table.h"
 #include "write.h"
 
 /* A small check_state that only carries img and res, for check_note. */

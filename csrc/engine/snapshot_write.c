@@ -30,10 +30,8 @@
 #include <time.h>
 
 #include "cluster.h"
+#include "snapshot_table.h"
 #include "write.h"
-
-#define SNAPSHOT_HEADER_BYTES   40
-#define SNAPSHOT_EXTRA_BYTES    24  /* vm_state_size, disk_size, icount */
 
 static unsigned long long ull(uint64_t value)
 {
@@ -79,109 +77,11 @@ static int common_checks(qcow2_image *img, const char *what)
 
 /* ---- The snapshot table ------------------------------------------------- */
 
-static uint32_t extra_bytes(const qcow2_snapshot *sn)
-{
-    return sn->extra_data_size > SNAPSHOT_EXTRA_BYTES ? sn->extra_data_size
-                                                      : SNAPSHOT_EXTRA_BYTES;
-}
-
-static uint64_t entry_bytes(const qcow2_snapshot *sn)
-{
-    return SNAPSHOT_HEADER_BYTES + extra_bytes(sn) + strlen(sn->id) +
-           strlen(sn->name);
-}
-
-/* Bytes of the table QEMU records (padding after the last entry not
- * counted); QCOW2_E_INVALID past QEMU's 64 MiB. */
-static int table_size(qcow2_image *img, qcow2_snapshot *const *list,
-                      uint32_t count, uint64_t *size)
-{
-    uint64_t offset = 0;
-
-    for (uint32_t i = 0; i < count; i++) {
-        offset = align_up(offset, 8) + entry_bytes(list[i]);
-        if (offset > QCOW2_MAX_SNAPSHOT_TABLE)
-            return qcow2_fail(img, QCOW2_E_INVALID, "snapshot table would "
-                              "exceed %u bytes", QCOW2_MAX_SNAPSHOT_TABLE);
-    }
-    *size = offset;
-    return 0;
-}
-
-/* One entry as QEMU's qcow2_write_snapshots writes it. */
-static uint64_t put_entry(const qcow2_image *img, const qcow2_snapshot *sn,
-                          uint8_t *p)
-{
-    uint32_t extra = extra_bytes(sn);
-    size_t id_length = strlen(sn->id), name_length = strlen(sn->name);
-    uint8_t *x = p + SNAPSHOT_HEADER_BYTES;
-
-    put_be64(p, sn->l1_table_offset);
-    put_be32(p + 8, sn->l1_size);
-    put_be16(p + 12, (uint16_t)id_length);
-    put_be16(p + 14, (uint16_t)name_length);
-    put_be32(p + 16, sn->date_sec);
-    put_be32(p + 20, sn->date_nsec);
-    put_be64(p + 24, sn->vm_clock_nsec);
-    /* Older readers then see a disk-only snapshot, not a truncated one. */
-    put_be32(p + 32, sn->vm_state_size <= 0xffffffffu
-                         ? (uint32_t)sn->vm_state_size : 0);
-    put_be32(p + 36, extra);
-    put_be64(x, sn->vm_state_size);
-    put_be64(x + 8, sn->has_disk_size ? sn->disk_size : img->size);
-    put_be64(x + 16, (uint64_t)sn->icount);
-    /* Unknown extra data is kept verbatim. */
-    if (sn->extra_data_size > SNAPSHOT_EXTRA_BYTES)
-        memcpy(x + SNAPSHOT_EXTRA_BYTES,
-               sn->extra_data + SNAPSHOT_EXTRA_BYTES,
-               sn->extra_data_size - SNAPSHOT_EXTRA_BYTES);
-    memcpy(x + extra, sn->id, id_length);
-    memcpy(x + extra + id_length, sn->name, name_length);
-    return SNAPSHOT_HEADER_BYTES + extra + id_length + name_length;
-}
-
-/* Table size of what is on disk now (0 when there is none). */
-static uint64_t current_table_size(const qcow2_image *img)
-{
-    const qcow2_snapshot *last;
-
-    if (img->nb_snapshots == 0)
-        return 0;
-    last = &img->snapshots[img->nb_snapshots - 1];
-    return last->entry_offset + last->entry_length -
-           img->hdr.snapshots_offset;
-}
-
 /*
- * QEMU's qcow2_write_snapshots: the whole table at fresh clusters,
- * synced, the header's (nb_snapshots, snapshots_offset) switched with one
- * synced write, the old table freed; then the parsed copy reloaded.
+ * QEMU's qcow2_write_snapshots: the table (encoded by snapshot_table.c)
+ * at fresh clusters, written, not synced; the old table's clusters
+ * uncounted. *offset is 0 for an empty table.
  */
-/*
- * The table (QEMU's qcow2_write_snapshots layout) at fresh clusters,
- * written, not synced; the old table's clusters uncounted. *offset is 0
- * for an empty table.
- */
-int qcow2_snapshot_table_build(qcow2_image *img, qcow2_snapshot *const *list,
-                               uint32_t count, uint8_t **table,
-                               uint64_t *size)
-{
-    uint64_t at = 0;
-    int rc = table_size(img, list, count, size);
-
-    *table = NULL;
-    if (rc < 0 || count == 0)
-        return rc;
-    *table = calloc(1, (size_t)*size);
-    if (!*table)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    for (uint32_t i = 0; i < count; i++) {
-        at = align_up(at, 8);
-        at += put_entry(img, list[i], *table + at);
-    }
-    return 0;
-}
-
 static int write_table(qcow2_switch *sw, qcow2_snapshot *const *list,
                        uint32_t count, uint64_t *offset)
 {
@@ -193,7 +93,7 @@ static int write_table(qcow2_switch *sw, qcow2_snapshot *const *list,
     *offset = 0;
     if (rc == 0)
         rc = qcow2_switch_add(sw, img->hdr.snapshots_offset,
-                              current_table_size(img), -1);
+                              qcow2_snapshot_table_size(img), -1);
     if (rc == 0 && count)
         rc = qcow2_switch_alloc(sw, div_round_up(size, img->cluster_size),
                                 offset);

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "snapshot_table.h"
 #include "write.h"
 
 /* ---- The header ---------------------------------------------------------- */

@@ -299,13 +299,6 @@ int qcow2_switch_commit(qcow2_switch *sw, uint64_t l1_offset,
  * file is cut off again. */
 void qcow2_switch_end(qcow2_switch *sw);
 
-/* snapshot_write.c: the bytes of a snapshot table holding `list`, laid
- * out as QEMU's qcow2_write_snapshots writes it (every entry complete);
- * *table (NULL for an empty list) is the caller's to free. */
-int qcow2_snapshot_table_build(qcow2_image *img, qcow2_snapshot *const *list,
-                               uint32_t count, uint8_t **table,
-                               uint64_t *size);
-
 /* write.c: one active L1 entry written (synced) and mirrored in memory; a
  * failure poisons the handle, the metadata update being half done. */
 int qcow2_l1_entry_write(qcow2_image *img, uint32_t l1_index,

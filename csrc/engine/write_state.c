@@ -2,8 +2,8 @@
  * The state of a read-write handle (QEMU's qcow2_do_open/qcow2_close write
  * side): runtime options, autoclear bits, persistent bitmaps marked in
  * use, the dirty bit of lazy refcounts (set before the first deferred
- * update, cleared on a clean close), repair of a dirty image at open;
- * flush, raw file access and the write trace.
+ * update, cleared on a clean close); flush, raw file access and the write
+ * trace. The repair of a dirty image at open is image.c's.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -100,45 +100,6 @@ static int mark_bitmaps_in_use(qcow2_image *img)
     return rc;
 }
 
-/* ---- Repair of a dirty image --------------------------------------------- */
-
-/*
- * What a crashed writer with lazy refcounts leaves: refcounts lower than
- * the references. As QEMU does on a read-write open of a dirty image, the
- * full check with repair of everything runs (check.c, repair.c); it
- * clears the dirty bit when it leaves no corruption. Only a check that
- * could not complete fails the open.
- */
-/* The message a failed call left, without its "<path>: " prefix (the
- * wrapping message adds it again). */
-static const char *inner_message(const qcow2_image *img)
-{
-    size_t n = img->path ? strlen(img->path) : 0;
-
-    if (n && strncmp(img->err.msg, img->path, n) == 0 &&
-        strncmp(img->err.msg + n, ": ", 2) == 0)
-        return img->err.msg + n + 2;
-    return img->err.msg;
-}
-
-static int repair_dirty(qcow2_image *img)
-{
-    qcow2_check_result res;
-    int rc = qcow2_check(img, QCOW2_REPAIR_ALL, &res);
-
-    if (rc < 0)
-        return qcow2_fail(img, rc, "cannot repair the dirty image: %s",
-                          inner_message(img));
-    if (res.check_errors)
-        rc = qcow2_fail(img, QCOW2_E_IO, "Could not repair dirty image: "
-                        "%llu errors during the check",
-                        (unsigned long long)res.check_errors);
-    if (!(img->hdr.incompatible_features & INCOMPAT_DIRTY))
-        img->ws->dirty_on_disk = 0;
-    qcow2_check_result_free(&res);
-    return rc;
-}
-
 /* ---- Open and close ---------------------------------------------------------- */
 
 static int overlap_mask(int mode)
@@ -202,12 +163,9 @@ int qcow2_write_state_init(qcow2_image *img, const qcow2_open_opts *opts)
         if (rc < 0)
             return rc;
     }
-    rc = mark_bitmaps_in_use(img);
-    if (rc < 0)
-        return rc;
-    if ((incompat & INCOMPAT_DIRTY) && !opts->repair)
-        return repair_dirty(img);
-    return 0;
+    /* A dirty image is repaired by the open once the handle is whole
+     * (image.c), not from here. */
+    return mark_bitmaps_in_use(img);
 }
 
 int qcow2_write_state_close(qcow2_image *img)

@@ -1,22 +1,26 @@
 /*
- * Internal snapshots: the snapshot table (parsed whole at open, QEMU's
- * limits applied) and read-only views of the disk at a snapshot.
+ * The snapshot table, the format codec (layer 3): parsed whole at open
+ * with QEMU's limits applied, and encoded again as QEMU's
+ * qcow2_write_snapshots lays it out. Views of a snapshot are
+ * snapshot_view.c's; writing the table in place is snapshot_write.c's and
+ * repair.c's.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
+#include "meta_io.h"
+#include "snapshot_table.h"
 
 #define SNAPSHOT_HEADER_BYTES   40
 /* Known extra data: vm_state_size (64-bit), disk size, icount. */
 #define EXTRA_VM_STATE_END      8
 #define EXTRA_DISK_SIZE_END     16
 #define EXTRA_ICOUNT_END        24
+/* What every entry written gets: vm_state_size, disk_size, icount. */
+#define SNAPSHOT_EXTRA_BYTES    EXTRA_ICOUNT_END
 
-static unsigned long long ull(uint64_t value)
-{
-    return (unsigned long long)value;
-}
+/* ---- Parsing ---------------------------------------------------------------- */
 
 static char *copy_string(const uint8_t *bytes, size_t length)
 {
@@ -71,19 +75,10 @@ static void parse_fixed_part(qcow2_snapshot *sn, const uint8_t *fixed,
 static int read_zero_filled(qcow2_image *img, uint64_t offset, uint8_t *buf,
                             size_t length)
 {
-    size_t done = 0;
+    size_t done;
+    int rc = qcow2_pread_zero_fill(img->io, offset, buf, length, &done);
 
-    while (done < length) {
-        int64_t n = img->io->ops->pread(img->io, buf + done, length - done,
-                                        offset + done);
-        if (n < 0)
-            return qcow2_fail(img, (int)n, "cannot read the snapshot table");
-        if (n == 0)
-            break;
-        done += (size_t)n;
-    }
-    memset(buf + done, 0, length - done);
-    return 0;
+    return rc < 0 ? qcow2_fail(img, rc, "cannot read the snapshot table") : 0;
 }
 
 /*
@@ -237,15 +232,26 @@ void qcow2_snapshots_free(qcow2_image *img)
     img->nb_snapshots = 0;
 }
 
-/* ---- Public ---------------------------------------------------------------- */
+/* ---- The parsed table --------------------------------------------------------- */
+
+uint64_t qcow2_snapshot_table_size(const qcow2_image *img)
+{
+    const qcow2_snapshot *last;
+
+    if (img->nb_snapshots == 0)
+        return 0;
+    last = &img->snapshots[img->nb_snapshots - 1];
+    return last->entry_offset + last->entry_length -
+           img->hdr.snapshots_offset;
+}
 
 uint32_t qcow2_snapshot_count(const qcow2_image *img)
 {
     return img->nb_snapshots;
 }
 
-static uint64_t snapshot_disk_size(const qcow2_image *img,
-                                   const qcow2_snapshot *sn)
+uint64_t qcow2_snapshot_disk_size(const qcow2_image *img,
+                                  const qcow2_snapshot *sn)
 {
     return sn->has_disk_size ? sn->disk_size : img->size;
 }
@@ -265,7 +271,7 @@ int qcow2_snapshot_get(const qcow2_image *img, uint32_t index,
     out->date_nsec = sn->date_nsec;
     out->vm_clock_nsec = sn->vm_clock_nsec;
     out->vm_state_size = sn->vm_state_size;
-    out->disk_size = snapshot_disk_size(img, sn);
+    out->disk_size = qcow2_snapshot_disk_size(img, sn);
     out->has_icount = sn->has_icount;
     out->icount = sn->has_icount ? sn->icount : -1;
     out->l1_table_offset = sn->l1_table_offset;
@@ -274,149 +280,87 @@ int qcow2_snapshot_get(const qcow2_image *img, uint32_t index,
     return 0;
 }
 
-static int copy_optional(const char *text, char **out)
+/* ---- Encoding ---------------------------------------------------------------- */
+
+static uint32_t extra_bytes(const qcow2_snapshot *sn)
 {
-    *out = NULL;
-    if (!text)
-        return 0;
-    *out = strdup(text);
-    return *out ? 0 : QCOW2_E_NOMEM;
+    return sn->extra_data_size > SNAPSHOT_EXTRA_BYTES ? sn->extra_data_size
+                                                      : SNAPSHOT_EXTRA_BYTES;
 }
 
-/* Names and the refcount table: owned copies, so that closing a view frees
- * exactly what it holds. */
-static int copy_view_state(qcow2_image *view, const qcow2_image *parent)
+static uint64_t entry_bytes(const qcow2_snapshot *sn)
 {
-    if (copy_optional(parent->dir, &view->dir) < 0 ||
-        copy_optional(parent->backing_name, &view->backing_name) < 0 ||
-        copy_optional(parent->backing_format_ext,
-                      &view->backing_format_ext) < 0 ||
-        copy_optional(parent->data_file_ext, &view->data_file_ext) < 0)
-        return QCOW2_E_NOMEM;
-    view->ext = parent->ext;
-    view->ext.backing_format = view->backing_format_ext;
-    view->ext.data_file = view->data_file_ext;
-    if (parent->reftable_entries) {
-        size_t bytes = (size_t)parent->reftable_entries * 8;
-        view->reftable = malloc(bytes);
-        if (!view->reftable)
-            return QCOW2_E_NOMEM;
-        memcpy(view->reftable, parent->reftable, bytes);
-        view->reftable_entries = parent->reftable_entries;
+    return SNAPSHOT_HEADER_BYTES + extra_bytes(sn) + strlen(sn->id) +
+           strlen(sn->name);
+}
+
+/* Bytes of the table QEMU records (padding after the last entry not
+ * counted); QCOW2_E_INVALID past QEMU's 64 MiB. */
+static int encoded_size(qcow2_image *img, qcow2_snapshot *const *list,
+                        uint32_t count, uint64_t *size)
+{
+    uint64_t offset = 0;
+
+    for (uint32_t i = 0; i < count; i++) {
+        offset = align_up(offset, 8) + entry_bytes(list[i]);
+        if (offset > QCOW2_MAX_SNAPSHOT_TABLE)
+            return qcow2_fail(img, QCOW2_E_INVALID, "snapshot table would "
+                              "exceed %u bytes", QCOW2_MAX_SNAPSHOT_TABLE);
+    }
+    *size = offset;
+    return 0;
+}
+
+/* One entry as QEMU's qcow2_write_snapshots writes it. */
+static uint64_t put_entry(const qcow2_image *img, const qcow2_snapshot *sn,
+                          uint8_t *p)
+{
+    uint32_t extra = extra_bytes(sn);
+    size_t id_length = strlen(sn->id), name_length = strlen(sn->name);
+    uint8_t *x = p + SNAPSHOT_HEADER_BYTES;
+
+    put_be64(p, sn->l1_table_offset);
+    put_be32(p + 8, sn->l1_size);
+    put_be16(p + 12, (uint16_t)id_length);
+    put_be16(p + 14, (uint16_t)name_length);
+    put_be32(p + 16, sn->date_sec);
+    put_be32(p + 20, sn->date_nsec);
+    put_be64(p + 24, sn->vm_clock_nsec);
+    /* Older readers then see a disk-only snapshot, not a truncated one. */
+    put_be32(p + 32, sn->vm_state_size <= 0xffffffffu
+                         ? (uint32_t)sn->vm_state_size : 0);
+    put_be32(p + 36, extra);
+    put_be64(x, sn->vm_state_size);
+    put_be64(x + 8, sn->has_disk_size ? sn->disk_size : img->size);
+    put_be64(x + 16, (uint64_t)sn->icount);
+    /* Unknown extra data is kept verbatim. */
+    if (sn->extra_data_size > SNAPSHOT_EXTRA_BYTES)
+        memcpy(x + SNAPSHOT_EXTRA_BYTES,
+               sn->extra_data + SNAPSHOT_EXTRA_BYTES,
+               sn->extra_data_size - SNAPSHOT_EXTRA_BYTES);
+    memcpy(x + extra, sn->id, id_length);
+    memcpy(x + extra + id_length, sn->name, name_length);
+    return SNAPSHOT_HEADER_BYTES + extra + id_length + name_length;
+}
+
+/* The bytes of the table holding `list` (snapshot_table.h). */
+int qcow2_snapshot_table_build(qcow2_image *img, qcow2_snapshot *const *list,
+                               uint32_t count, uint8_t **table,
+                               uint64_t *size)
+{
+    uint64_t at = 0;
+    int rc = encoded_size(img, list, count, size);
+
+    *table = NULL;
+    if (rc < 0 || count == 0)
+        return rc;
+    *table = calloc(1, (size_t)*size);
+    if (!*table)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint32_t i = 0; i < count; i++) {
+        at = align_up(at, 8);
+        at += put_entry(img, list[i], *table + at);
     }
     return 0;
 }
 
-static char *view_path(const qcow2_image *parent, const qcow2_snapshot *sn)
-{
-    const char *path = parent->path ? parent->path : "qcow2";
-    size_t length = strlen(path) + 1 + strlen(sn->name) + 1;
-    char *joined = malloc(length);
-
-    if (joined) {
-        memcpy(joined, path, strlen(path));
-        joined[strlen(path)] = '@';
-        memcpy(joined + strlen(path) + 1, sn->name, strlen(sn->name) + 1);
-    }
-    return joined;
-}
-
-/* The view as the parent was at the snapshot: geometry and file borrowed,
- * size, L1 and header fields the snapshot's. */
-static qcow2_image *new_view(qcow2_image *parent, const qcow2_snapshot *sn)
-{
-    qcow2_image *view = calloc(1, sizeof *view);
-
-    if (!view)
-        return NULL;
-    view->path = view_path(parent, sn);
-    if (!view->path || copy_view_state(view, parent) < 0) {
-        qcow2_close(view);
-        return NULL;
-    }
-    view->io = parent->io;
-    view->data_io = parent->data_io;
-    view->read_only = 1;
-    view->is_snapshot_view = 1;
-    view->depth = parent->depth;
-    view->hdr = parent->hdr;
-    view->hdr.size = snapshot_disk_size(parent, sn);
-    view->hdr.l1_size = sn->l1_size;
-    view->hdr.l1_table_offset = sn->l1_table_offset;
-    view->hdr.nb_snapshots = 0;
-    view->hdr.snapshots_offset = 0;
-    view->file_size = parent->file_size;
-    view->cluster_bits = parent->cluster_bits;
-    view->cluster_size = parent->cluster_size;
-    view->extended_l2 = parent->extended_l2;
-    view->l2_entry_bytes = parent->l2_entry_bytes;
-    view->l2_bits = parent->l2_bits;
-    view->l2_entries = parent->l2_entries;
-    view->subcluster_bits = parent->subcluster_bits;
-    view->subcluster_size = parent->subcluster_size;
-    view->refcount_bits = parent->refcount_bits;
-    view->refblock_entries = parent->refblock_entries;
-    view->size = snapshot_disk_size(parent, sn);
-    view->compression_type = parent->compression_type;
-    view->backing = parent->backing;
-    return view;
-}
-
-/* The snapshot's L1 must be a real table able to map its disk size. */
-static int load_view_l1(qcow2_image *view, const qcow2_snapshot *sn)
-{
-    uint64_t needed;
-    int ret;
-
-    if (qcow2_l1_entries_needed(view, view->size, &needed) < 0 ||
-        sn->l1_size < needed)
-        return qcow2_fail(view, QCOW2_E_CORRUPT,
-                          "snapshot L1 table of %u entries too small for "
-                          "disk size %llu", sn->l1_size, ull(view->size));
-    ret = qcow2_check_table(view, "snapshot L1 table", sn->l1_table_offset,
-                            (uint64_t)sn->l1_size * 8);
-    if (ret < 0)
-        return ret;
-    ret = qcow2_l1_load(view, sn->l1_table_offset, sn->l1_size,
-                        "snapshot L1 table", &view->l1);
-    if (ret < 0)
-        return ret;
-    view->l1_size = sn->l1_size;
-    return 0;
-}
-
-int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
-                        qcow2_image **out)
-{
-    qcow2_image *view;
-    int ret;
-
-    *out = NULL;
-    if (parent->is_raw || parent->is_snapshot_view)
-        return qcow2_fail(parent, QCOW2_E_INVALID,
-                          "no snapshots in a %s", parent->is_raw
-                              ? "raw image" : "snapshot view");
-    if (index >= parent->nb_snapshots)
-        return qcow2_fail(parent, QCOW2_E_INVALID,
-                          "snapshot index %u out of range (%u snapshots)",
-                          index, parent->nb_snapshots);
-    view = new_view(parent, &parent->snapshots[index]);
-    if (!view)
-        return qcow2_fail(parent, QCOW2_E_NOMEM,
-                          "out of memory for a snapshot view");
-    ret = load_view_l1(view, &parent->snapshots[index]);
-    if (ret == 0)
-        ret = qcow2_l2_cache_new(view, qcow2_default_l2_cache_bytes(view),
-                                 &view->l2_cache);
-    if (ret < 0) {
-        /* the view's message names the snapshot; hand it to the caller */
-        if (view->err.code == 0)
-            qcow2_fail(view, ret, "cannot create the L2 cache");
-        parent->err = view->err;
-        qcow2_close(view);
-        return ret;
-    }
-    view->l2_cache_bytes = qcow2_default_l2_cache_bytes(view);
-    *out = view;
-    return 0;
-}
