@@ -56,6 +56,7 @@ build = {
             "csrc/engine/snapshot.c",
             "csrc/engine/snapshot_write.c",
             "csrc/engine/switch.c",
+            "csrc/engine/table_cache.c",
             "csrc/engine/write.c",
             "csrc/engine/write_state.c",
             "csrc/engine/zero.c",
