@@ -1,6 +1,6 @@
 # lua-qcow2: build the engine + binding as build/qcow2/core.so and run the
 # busted suite under Lua 5.4. Targets: all test demo sanitize valgrind
-# fuzz sweep bench install clean deps nobarrier layer-check.
+# fuzz sweep bench install clean deps nobarrier layer-check test-progs.
 
 LUA_VERSION ?= 5.4
 LUA         ?= lua$(LUA_VERSION)
@@ -24,11 +24,13 @@ SRC         := $(ENGINE_SRC) $(BINDING_SRC)
 OBJ         := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(SRC))
 HEADERS     := csrc/qcow2.h $(wildcard csrc/engine/*.h) $(wildcard csrc/lua/*.h)
 MODULE      := $(BUILD)/qcow2/core.so
+# C unit tests of engine parts (spec/*_spec.lua run them); never installed.
+TEST_PROGS  := $(BUILD)/test/table_cache_test
 
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;
 export LUA_CPATH := ./$(BUILD)/?.so;;
 
-.PHONY: all test demo sanitize valgrind fuzz sweep bench install clean deps nobarrier layer-check
+.PHONY: all test demo sanitize valgrind fuzz sweep bench install clean deps nobarrier layer-check test-progs
 
 all: $(MODULE)
 
@@ -50,11 +52,17 @@ $(MODULE): $(OBJ) $(SRC_STAMP)
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(LDFLAGS) -o $@ $(OBJ) $(PKG_LIBS) $(EXTRA_LIBS)
 
+test-progs: $(TEST_PROGS)
+
+$(BUILD)/test/table_cache_test: csrc/test/table_cache_test.c $(BUILD)/obj/engine/table_cache.o $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/engine/table_cache.o
+
 # Every spec file under Lua 5.4; ends with "N passed, N failed". The layer
 # check runs first (report mode: it fails only when csrc/README.md's map
 # misses a file; LAYER_CHECK=--strict once the engine is layered).
 LAYER_CHECK ?= --report
-test: $(MODULE)
+test: $(MODULE) $(TEST_PROGS)
 	@$(LUA) csrc/layer-check $(LAYER_CHECK) --summary --obj $(BUILD)/obj
 	@BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs $(SPECS)
 
@@ -71,7 +79,7 @@ demo: $(MODULE)
 # so the runtime is preloaded.
 sanitize:
 	$(MAKE) BUILD=build-san CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
-	        LDFLAGS="-fsanitize=address,undefined" all
+	        LDFLAGS="-fsanitize=address,undefined" all test-progs
 	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	BUILD=build-san LUA_CPATH="./build-san/?.so;;" LUA="env LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) $(LUA)" \
 	sh spec/run-specs $(SPECS)

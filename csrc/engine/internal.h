@@ -3,7 +3,7 @@
  * Nothing in here is seen by the binding except through csrc/qcow2.h.
  *
  * Ownership of work: io.c error.c header.c refcount.c snapshot_table.c image.c
- * (open/close/chain/validation) and cache.c cluster.c compress.c read.c
+ * (open/close/chain/validation) and l2_cache.c cluster.c compress.c read.c
  * map.c (guest lookups) meet only through what is declared here.
  */
 #ifndef QCOW2_INTERNAL_H
@@ -134,7 +134,7 @@ typedef struct qcow2_snapshot {
     uint32_t entry_length;      /* bytes, without the padding */
 } qcow2_snapshot;
 
-typedef struct qcow2_l2_cache qcow2_l2_cache;   /* cache.c */
+typedef struct qcow2_l2_cache qcow2_l2_cache;   /* l2_cache.c */
 typedef struct qcow2_codec qcow2_codec;         /* compress.c */
 typedef struct qcow2_refcount_cache qcow2_refcount_cache; /* refcount_cache.c */
 
@@ -208,7 +208,7 @@ struct qcow2_image {
  * still reach it through this header. */
 #include "meta_io.h"
 
-/* ---- Caches and codecs (cache.c, compress.c) -------------------------- */
+/* ---- Caches and codecs (l2_cache.c, compress.c) ----------------------- */
 /* An L2 table cache holding at most `bytes` of tables (at least 2). */
 int qcow2_l2_cache_new(qcow2_image *img, uint64_t bytes,
                        qcow2_l2_cache **out);
@@ -272,7 +272,7 @@ void qcow2_refcount_cache_free(qcow2_refcount_cache *cache);
 uint64_t qcow2_default_refcount_cache_bytes(const qcow2_image *img);
 
 /* ---- Guest lookups: L2 cache and codecs (cache.c, compress.c) ---------
- * Added by the read-path work (cache.c cluster.c compress.c read.c map.c).
+ * Added by the read-path work (l2_cache.c cluster.c compress.c read.c map.c).
  */
 /* The L2 table at host offset l2_offset: one whole cluster, big-endian as
  * on disk, from img->l2_cache or read with qcow2_read_meta on a miss. The

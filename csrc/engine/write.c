@@ -274,6 +274,9 @@ static int commit_in_place(qcow2_image *img, qcow2_l2_work *work)
     rc = qcow2_barrier(img);
     if (rc < 0)
         return rc;
+    /* The cached table changes (dirty), is written through, then clean. */
+    qcow2_l2_cache_update(img->l2_cache, work->l2_offset, first,
+                          work->table + first, (size_t)length);
     rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2",
                              work->l2_offset + first, work->table + first,
                              (size_t)length);
@@ -282,8 +285,7 @@ static int commit_in_place(qcow2_image *img, qcow2_l2_work *work)
         qcow2_l2_cache_drop(img->l2_cache, work->l2_offset);
         return qcow2_poison(img, rc);
     }
-    qcow2_l2_cache_update(img->l2_cache, work->l2_offset, first,
-                          work->table + first, (size_t)length);
+    qcow2_l2_cache_mark_clean(img->l2_cache, work->l2_offset);
     return 0;
 }
 
