@@ -50,6 +50,7 @@ build = {
             "csrc/engine/read.c",
             "csrc/engine/refcount.c",
             "csrc/engine/refcount_cache.c",
+            "csrc/engine/refcount_codec.c",
             "csrc/engine/reftable_grow.c",
             "csrc/engine/repair.c",
             "csrc/engine/resize.c",

@@ -18,77 +18,34 @@
 
 #include "alloc.h"
 
-/* ---- Entry packing ------------------------------------------------------- */
-
+/* ---- Refcount block spans ---------------------------------------------- */
 
 static uint64_t refcount_max(const qcow2_image *img)
 {
-    return img->refcount_bits >= 64 ? UINT64_MAX
-                                    : (1ull << img->refcount_bits) - 1;
+    return img->refcount_codec->max;
 }
 
 void alloc_span_init(const qcow2_image *img, uint64_t block_offset,
                      uint64_t first, uint64_t count, uint8_t *bytes,
                      refblock_span *span)
 {
-    uint32_t bits = img->refcount_bits;
-
     span->block_offset = block_offset;
     span->first = first;
     span->count = count;
-    span->bits = bits;
+    span->codec = img->refcount_codec;
     span->bytes = bytes;
-    if (bits < 8) {
-        uint64_t per_byte = 8 / bits;
-        span->byte_start = first / per_byte;
-        span->byte_len = (size_t)((first + count - 1) / per_byte + 1 -
-                                  span->byte_start);
-    } else {
-        span->byte_start = first * (bits / 8);
-        span->byte_len = (size_t)(count * (bits / 8));
-    }
+    qcow2_refcount_codec_bytes(span->codec, first, count, &span->byte_start,
+                               &span->byte_len, &span->first_in_bytes);
 }
 
 uint64_t alloc_span_get(const refblock_span *span, uint64_t entry)
 {
-    uint32_t bits = span->bits;
-    const uint8_t *p;
-
-    if (bits < 8) {
-        uint64_t per_byte = 8 / bits;
-        unsigned shift = (unsigned)(entry % per_byte) * bits;
-        uint8_t byte = span->bytes[entry / per_byte - span->byte_start];
-        return (uint64_t)(byte >> shift) & ((1u << bits) - 1);
-    }
-    p = span->bytes + (entry * (bits / 8) - span->byte_start);
-    switch (bits) {
-    case 8:  return p[0];
-    case 16: return be16(p);
-    case 32: return be32(p);
-    default: return be64(p);
-    }
+    return span->codec->get(span->bytes, entry - span->first_in_bytes);
 }
 
 void alloc_span_set(refblock_span *span, uint64_t entry, uint64_t value)
 {
-    uint32_t bits = span->bits;
-    uint8_t *p;
-
-    if (bits < 8) {
-        uint64_t per_byte = 8 / bits;
-        unsigned shift = (unsigned)(entry % per_byte) * bits;
-        uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
-        p = &span->bytes[entry / per_byte - span->byte_start];
-        *p = (uint8_t)((*p & ~mask) | ((value << shift) & mask));
-        return;
-    }
-    p = span->bytes + (entry * (bits / 8) - span->byte_start);
-    switch (bits) {
-    case 8:  p[0] = (uint8_t)value; break;
-    case 16: put_be16(p, (uint16_t)value); break;
-    case 32: put_be32(p, (uint32_t)value); break;
-    default: put_be64(p, value); break;
-    }
+    span->codec->set(span->bytes, entry - span->first_in_bytes, value);
 }
 
 int alloc_span_load(qcow2_image *img, refblock_span *span)

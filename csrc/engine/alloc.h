@@ -1,6 +1,6 @@
 /*
- * What alloc.c shares with reftable_grow.c: the packing of refcount
- * entries into the bytes of a refcount block, and two guards.
+ * What alloc.c shares with reftable_grow.c: spans of refcount-block
+ * entries (read and written as the bytes that hold them), and two guards.
  */
 #ifndef QCOW2_ALLOC_H
 #define QCOW2_ALLOC_H
@@ -9,17 +9,17 @@
 
 #define REFTABLE_MAX_ENTRIES  (QCOW2_MAX_REFTABLE_BYTES / 8)
 
-/* Some entries of one refcount block, held as the bytes that store them:
- * 1/2/4-bit entries share bytes (least significant bits first), wider
- * ones are big-endian integers. */
+/* Some entries of one refcount block, held as the bytes that store them
+ * and packed by the image's refcount codec (refcount_codec.c). */
 typedef struct refblock_span {
     uint64_t block_offset;      /* host offset of the refcount block */
     uint64_t first;             /* first entry (index inside the block) */
     uint64_t count;             /* entries */
     uint64_t byte_start;        /* byte of the block holding `first` */
     size_t byte_len;
+    uint64_t first_in_bytes;    /* the entry bytes[0] starts with */
     uint8_t *bytes;             /* byte_len bytes */
-    uint32_t bits;
+    const qcow2_refcount_codec *codec;
 } refblock_span;
 
 /* A span over entries [first, first+count) of the block at block_offset,

@@ -108,7 +108,7 @@ static int check_features(const qcow2_create_opts *o, create_plan *plan,
         return qcow2_error_set(err, QCOW2_E_INVALID, "Lazy refcounts only "
                                "supported with " NEEDS_V3);
     order = log2_exact(o->refcount_bits);
-    if (order < 0 || order > 6)
+    if (order < 0 || order > QCOW2_REFCOUNT_ORDER_MAX)
         return qcow2_error_set(err, QCOW2_E_INVALID, "Refcount width must be "
                                "a power of two and may not exceed 64 bits");
     if (plan->version < 3 && o->refcount_bits != 16)
@@ -347,7 +347,8 @@ static void set_geometry(qcow2_image *img, const create_plan *plan)
     img->l2_entries = 1ull << img->l2_bits;
     img->subcluster_bits = plan->cluster_bits - (img->extended_l2 ? 5 : 0);
     img->subcluster_size = 1ull << img->subcluster_bits;
-    img->refcount_bits = 1u << plan->refcount_order;
+    img->refcount_codec = qcow2_refcount_codec_for(plan->refcount_order);
+    img->refcount_bits = img->refcount_codec->bits;
     img->refblock_entries = img->cluster_size * 8 / img->refcount_bits;
     img->compression_type = plan->compression_type;
 }

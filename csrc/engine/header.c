@@ -314,7 +314,7 @@ static int check_field_values(qcow2_image *img)
     int has_compression_bit = !!(h->incompatible_features &
                                  INCOMPAT_COMPRESSION);
 
-    if (h->refcount_order > 6)
+    if (h->refcount_order > QCOW2_REFCOUNT_ORDER_MAX)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "refcount_order %u out of range (0..6)",
                           h->refcount_order);
@@ -480,7 +480,9 @@ static void set_geometry(qcow2_image *img)
     img->l2_entries = 1ull << img->l2_bits;
     img->subcluster_bits = img->cluster_bits - (img->extended_l2 ? 5 : 0);
     img->subcluster_size = 1ull << img->subcluster_bits;
-    img->refcount_bits = 1u << h->refcount_order;
+    /* check_field_values bounded refcount_order: there is a codec */
+    img->refcount_codec = qcow2_refcount_codec_for(h->refcount_order);
+    img->refcount_bits = img->refcount_codec->bits;
     img->refblock_entries = img->cluster_size * 8 / img->refcount_bits;
     /* QEMU counts whole sectors and drops a partial last one. */
     img->size = h->size & ~511ull;
