@@ -51,6 +51,7 @@ build = {
             "csrc/engine/refcount.c",
             "csrc/engine/refcount_cache.c",
             "csrc/engine/refcount_codec.c",
+            "csrc/engine/refcount_scan.c",
             "csrc/engine/reftable_grow.c",
             "csrc/engine/repair.c",
             "csrc/engine/resize.c",

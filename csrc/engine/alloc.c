@@ -1,8 +1,9 @@
 /*
  * Refcount writes and host-cluster allocation (QEMU's qcow2-refcount.c,
- * write side): refcounts of every width, first-fit cluster allocation,
- * byte allocation for compressed streams, new refcount blocks and
- * refcount-table growth, in crash-safe order.
+ * write side): refcount updates, first-fit cluster allocation, byte
+ * allocation for compressed streams, new refcount blocks and
+ * refcount-table growth, in crash-safe order. The reads it builds on
+ * (spans, lookups, the free-cluster search) are refcount_scan.c.
  *
  * Write-through: every update reads the bytes of the refcount block it
  * touches (from the refcount-block cache, refcount_cache.c, which reads
@@ -18,112 +19,12 @@
 
 #include "alloc.h"
 
-/* ---- Refcount block spans ---------------------------------------------- */
-
-static uint64_t refcount_max(const qcow2_image *img)
-{
-    return img->refcount_codec->max;
-}
-
-void alloc_span_init(const qcow2_image *img, uint64_t block_offset,
-                     uint64_t first, uint64_t count, uint8_t *bytes,
-                     refblock_span *span)
-{
-    span->block_offset = block_offset;
-    span->first = first;
-    span->count = count;
-    span->codec = img->refcount_codec;
-    span->bytes = bytes;
-    qcow2_refcount_codec_bytes(span->codec, first, count, &span->byte_start,
-                               &span->byte_len, &span->first_in_bytes);
-}
-
-uint64_t alloc_span_get(const refblock_span *span, uint64_t entry)
-{
-    return span->codec->get(span->bytes, entry - span->first_in_bytes);
-}
-
-void alloc_span_set(refblock_span *span, uint64_t entry, uint64_t value)
-{
-    span->codec->set(span->bytes, entry - span->first_in_bytes, value);
-}
-
-int alloc_span_load(qcow2_image *img, refblock_span *span)
-{
-    return qcow2_refcount_block_read(img, span->block_offset,
-                                     span->byte_start, span->bytes,
-                                     span->byte_len);
-}
-
-/* Written through: only the bytes that hold the span's entries
- * (qcow2_write_checked patches the cached block too). */
-int alloc_span_store(qcow2_image *img, const refblock_span *span)
-{
-    return qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
-                               span->block_offset + span->byte_start,
-                               span->bytes, span->byte_len);
-}
-
-/* ---- Refcount table ------------------------------------------------------ */
+/* ---- Guards and the refcount table -------------------------------------- */
 
 int alloc_need_write_state(qcow2_image *img)
 {
     if (!img->ws || img->read_only)
         return qcow2_fail(img, QCOW2_E_READONLY, "image is open read-only");
-    return 0;
-}
-
-/* The refcount block of reftable entry `index` (0: none, or past the
- * table), validated before use. */
-static int refblock_at(qcow2_image *img, uint64_t index, uint64_t *block)
-{
-    uint64_t entry;
-
-    *block = 0;
-    if (index >= img->reftable_entries)
-        return 0;
-    entry = img->reftable[index];
-    if (entry & REFT_RESERVED_MASK)
-        return qcow2_fail(img, QCOW2_E_CORRUPT, "refcount table entry %llu "
-                          "has reserved bits set (0x%llx)",
-                          (unsigned long long)index,
-                          (unsigned long long)entry);
-    *block = entry & REFT_OFFSET_MASK;
-    if (!is_aligned(*block, img->cluster_size) ||
-        *block > QCOW2_MAX_HOST_OFFSET)
-        return qcow2_fail(img, QCOW2_E_CORRUPT, "refcount block offset 0x%llx"
-                          " (refcount table entry %llu) is invalid",
-                          (unsigned long long)*block,
-                          (unsigned long long)index);
-    return 0;
-}
-
-uint64_t qcow2_refcount_coverage(const qcow2_image *img)
-{
-    uint64_t clusters;
-    if (mul_overflows(img->reftable_entries, img->refblock_entries,
-                      &clusters))
-        return UINT64_MAX;
-    return clusters;
-}
-
-int qcow2_refcount_get(qcow2_image *img, uint64_t host_cluster,
-                       uint64_t *refcount)
-{
-    uint64_t entries = img->refblock_entries, block;
-    uint8_t bytes[8];
-    refblock_span span;
-    int rc;
-
-    *refcount = 0;
-    rc = refblock_at(img, host_cluster / entries, &block);
-    if (rc < 0 || block == 0)
-        return rc;
-    alloc_span_init(img, block, host_cluster % entries, 1, bytes, &span);
-    rc = alloc_span_load(img, &span);
-    if (rc < 0)
-        return rc;
-    *refcount = alloc_span_get(&span, host_cluster % entries);
     return 0;
 }
 
@@ -145,74 +46,13 @@ static int reftable_hook(qcow2_image *img, uint64_t index, uint64_t block)
     return 0;
 }
 
-/* ---- Free-cluster search ----------------------------------------------- */
-
-uint64_t alloc_max_host_cluster(const qcow2_image *img)
+/* Written through: only the bytes that hold the span's entries
+ * (qcow2_write_checked patches the cached block too). */
+int alloc_span_store(qcow2_image *img, const refblock_span *span)
 {
-    return QCOW2_MAX_HOST_OFFSET >> img->cluster_bits;
-}
-
-/*
- * First fit: the first run of `count` clusters with refcount 0 at or after
- * *from. Clusters past the refcount table, or under an empty entry, are
- * free. Like QEMU's free_cluster_index, *from ends just past the run.
- */
-static int find_free_run(qcow2_image *img, uint64_t *from, uint64_t count,
-                         uint64_t *start)
-{
-    uint64_t entries = img->refblock_entries;
-    uint64_t cluster = *from, run_start = *from, run = 0;
-    uint8_t *bytes = NULL;
-    int rc = 0;
-
-    while (run < count) {
-        uint64_t index = cluster / entries, in_block = cluster % entries;
-        uint64_t n = entries - in_block, block;
-        refblock_span span;
-
-        if (cluster > alloc_max_host_cluster(img) ||
-            count - run > alloc_max_host_cluster(img) - cluster) {
-            rc = qcow2_fail(img, QCOW2_E_NOSPC, "no room for %llu clusters "
-                            "below the largest host offset",
-                            (unsigned long long)count);
-            break;
-        }
-        if (index >= img->reftable_entries) {
-            run += count - run;         /* nothing is counted out here */
-            break;
-        }
-        rc = refblock_at(img, index, &block);
-        if (rc < 0)
-            break;
-        if (block == 0) {
-            run += min_u64(n, count - run);   /* the whole block is free */
-            cluster += n;
-            continue;
-        }
-        if (!bytes && !(bytes = malloc(img->cluster_size))) {
-            rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-            break;
-        }
-        alloc_span_init(img, block, in_block, n, bytes, &span);
-        rc = alloc_span_load(img, &span);
-        if (rc < 0)
-            break;
-        for (uint64_t e = in_block; e < entries && run < count; e++) {
-            cluster++;
-            if (alloc_span_get(&span, e) != 0) {
-                run = 0;
-                run_start = cluster;
-            } else {
-                run++;
-            }
-        }
-    }
-    free(bytes);
-    if (rc < 0)
-        return rc;
-    *start = run_start;
-    *from = run_start + count;
-    return 0;
+    return qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
+                               span->block_offset + span->byte_start,
+                               span->bytes, span->byte_len);
 }
 
 /* ---- Refcount updates -------------------------------------------------- */
@@ -223,7 +63,7 @@ static int apply_delta(qcow2_image *img, uint64_t cluster, uint64_t current,
 {
     uint64_t magnitude = delta < 0 ? (uint64_t)(-(delta + 1)) + 1
                                    : (uint64_t)delta;
-    uint64_t max = refcount_max(img);
+    uint64_t max = img->refcount_codec->max;
 
     if (delta < 0) {
         if (current < magnitude)
@@ -268,7 +108,7 @@ static int update_pass(qcow2_image *img, uint64_t first, uint64_t last,
         uint64_t in_block = cluster % entries, block, updated;
         uint64_t n = min_u64(entries - in_block, last - cluster + 1);
         refblock_span span;
-        int rc = refblock_at(img, cluster / entries, &block);
+        int rc = alloc_refblock_at(img, cluster / entries, &block);
 
         if (rc < 0)
             return rc;
@@ -326,7 +166,7 @@ static int ensure_refblocks(qcow2_image *img, uint64_t first, uint64_t last,
     for (uint64_t index = first / entries; index <= last / entries;
          index++) {
         uint64_t block;
-        int rc = refblock_at(img, index, &block);
+        int rc = alloc_refblock_at(img, index, &block);
         if (rc < 0)
             return rc;
         if (block == 0) {
@@ -449,15 +289,15 @@ static int create_refblock(qcow2_image *img, uint64_t index,
     uint64_t entries = img->refblock_entries, cluster, own_index, own_block;
     int rc;
 
-    rc = find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
+    rc = alloc_find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
     if (rc == 0 && cluster >= avoid_first && cluster <= avoid_last) {
         uint64_t from = avoid_last + 1;
-        rc = find_free_run(img, &from, 1, &cluster);
+        rc = alloc_find_free_run(img, &from, 1, &cluster);
     }
     if (rc < 0)
         return rc;
     own_index = cluster / entries;
-    rc = refblock_at(img, own_index, &own_block);
+    rc = alloc_refblock_at(img, own_index, &own_block);
     if (rc < 0)
         return rc;
 
@@ -504,7 +344,7 @@ int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
     for (;;) {
         uint64_t needed;
 
-        rc = find_free_run(img, &ws->free_cluster_hint, count, &start);
+        rc = alloc_find_free_run(img, &ws->free_cluster_hint, count, &start);
         if (rc < 0)
             return rc;
         rc = ensure_refblocks(img, start, start + count - 1, &needed);
@@ -582,7 +422,7 @@ int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
         rc = qcow2_refcount_get(img, offset >> img->cluster_bits, &refcount);
         if (rc < 0)
             return rc;
-        if (refcount == 0 || refcount >= refcount_max(img))
+        if (refcount == 0 || refcount >= img->refcount_codec->max)
             offset = 0;
         else
             free_in_cluster = cs - (offset & (cs - 1));
@@ -590,7 +430,7 @@ int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
     while (!offset || free_in_cluster < length) {
         uint64_t cluster, needed;
 
-        rc = find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
+        rc = alloc_find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
         if (rc < 0)
             return rc;
         if (cluster == 0)
@@ -622,78 +462,6 @@ int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
     if (is_aligned(ws->free_byte_offset, cs))
         ws->free_byte_offset = 0;
     return 0;
-}
-
-/* ---- End of the used area -------------------------------------------------- */
-
-int qcow2_last_used_cluster(qcow2_image *img, uint64_t clusters,
-                            int64_t *last)
-{
-    uint64_t entries = img->refblock_entries;
-    uint8_t *bytes;
-    int rc = 0;
-
-    *last = -1;
-    if (clusters == 0)
-        return 0;
-    bytes = malloc(img->cluster_size);
-    if (!bytes)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    for (uint64_t index = (clusters - 1) / entries + 1; index-- > 0;) {
-        uint64_t block, n;
-        refblock_span span;
-
-        rc = refblock_at(img, index, &block);
-        if (rc < 0 || block == 0) {
-            if (rc < 0)
-                break;
-            continue;
-        }
-        n = min_u64(entries, clusters - index * entries);
-        alloc_span_init(img, block, 0, n, bytes, &span);
-        rc = alloc_span_load(img, &span);
-        if (rc < 0)
-            break;
-        for (uint64_t e = n; e-- > 0;) {
-            if (alloc_span_get(&span, e) != 0) {
-                *last = (int64_t)(index * entries + e);
-                free(bytes);
-                return 0;
-            }
-        }
-    }
-    free(bytes);
-    return rc;
-}
-
-int qcow2_refblock_unused(qcow2_image *img, uint64_t index, int *unused)
-{
-    uint64_t entries = img->refblock_entries, block, self = UINT64_MAX;
-    uint8_t *bytes;
-    refblock_span span;
-    int rc;
-
-    *unused = 0;
-    rc = refblock_at(img, index, &block);
-    if (rc < 0 || block == 0)
-        return rc;
-    bytes = malloc(img->cluster_size);
-    if (!bytes)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    alloc_span_init(img, block, 0, entries, bytes, &span);
-    rc = alloc_span_load(img, &span);
-    if (rc == 0) {
-        /* A block that counts only itself counts nothing. */
-        if ((block >> img->cluster_bits) / entries == index) {
-            self = (block >> img->cluster_bits) % entries;
-            alloc_span_set(&span, self, 0);
-        }
-        *unused = 1;
-        for (uint64_t i = 0; i < img->cluster_size && *unused; i++)
-            *unused = bytes[i] == 0;
-    }
-    free(bytes);
-    return rc;
 }
 
 void qcow2_write_state_defaults(qcow2_write_state *ws)
