@@ -52,7 +52,6 @@ build = {
             "csrc/engine/refcount_cache.c",
             "csrc/engine/refcount_codec.c",
             "csrc/engine/refcount_scan.c",
-            "csrc/engine/reftable_grow.c",
             "csrc/engine/repair.c",
             "csrc/engine/resize.c",
             "csrc/engine/snapshot.c",

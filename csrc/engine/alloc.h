@@ -43,9 +43,4 @@ uint64_t alloc_max_host_cluster(const qcow2_image *img);
 int alloc_find_free_run(qcow2_image *img, uint64_t *from, uint64_t count,
                         uint64_t *start);
 
-/* ---- alloc.c (for reftable_grow.c) -------------------------------------- */
-int alloc_span_store(qcow2_image *img, const refblock_span *span);
-/* 0 for a writable handle, else the refusal. */
-int alloc_need_write_state(qcow2_image *img);
-
 #endif

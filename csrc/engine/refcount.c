@@ -2,7 +2,7 @@
  * Refcounts, read side: the refcount table (read whole at open) and
  * single refcounts or counts of used clusters, any width (entries are
  * decoded by the image's refcount codec, refcount_codec.c). The writers
- * are alloc.c and reftable_grow.c, over refcount_scan.c.
+ * are alloc.c, over refcount_scan.c.
  */
 #include <stdlib.h>
 #include <string.h>
