@@ -1,8 +1,12 @@
 /*
  * Refcount writes and host-cluster allocation (QEMU's qcow2-refcount.c,
- * write side): refcounts of every width, first-fit cluster allocation,
- * byte allocation for compressed streams, new refcount blocks and
- * refcount-table growth, in crash-safe order.
+ * write side): refcount updates, first-fit cluster allocation, byte
+ * allocation for compressed streams, new refcount blocks and
+ * refcount-table growth (QEMU's qcow2_refcount_area), in crash-safe
+ * order. They recurse into each other (an update needs a block, a block
+ * needs a table entry, a new table frees the old one), so they share
+ * this one file, as in QEMU. The reads they build on (spans, lookups,
+ * the free-cluster search) are refcount_scan.c, below.
  *
  * Write-through: every update reads the bytes of the refcount block it
  * touches (from the refcount-block cache, refcount_cache.c, which reads
@@ -18,155 +22,12 @@
 
 #include "alloc.h"
 
-/* ---- Entry packing ------------------------------------------------------- */
+/* ---- Guards and the refcount table -------------------------------------- */
 
-
-static uint64_t refcount_max(const qcow2_image *img)
-{
-    return img->refcount_bits >= 64 ? UINT64_MAX
-                                    : (1ull << img->refcount_bits) - 1;
-}
-
-void alloc_span_init(const qcow2_image *img, uint64_t block_offset,
-                     uint64_t first, uint64_t count, uint8_t *bytes,
-                     refblock_span *span)
-{
-    uint32_t bits = img->refcount_bits;
-
-    span->block_offset = block_offset;
-    span->first = first;
-    span->count = count;
-    span->bits = bits;
-    span->bytes = bytes;
-    if (bits < 8) {
-        uint64_t per_byte = 8 / bits;
-        span->byte_start = first / per_byte;
-        span->byte_len = (size_t)((first + count - 1) / per_byte + 1 -
-                                  span->byte_start);
-    } else {
-        span->byte_start = first * (bits / 8);
-        span->byte_len = (size_t)(count * (bits / 8));
-    }
-}
-
-uint64_t alloc_span_get(const refblock_span *span, uint64_t entry)
-{
-    uint32_t bits = span->bits;
-    const uint8_t *p;
-
-    if (bits < 8) {
-        uint64_t per_byte = 8 / bits;
-        unsigned shift = (unsigned)(entry % per_byte) * bits;
-        uint8_t byte = span->bytes[entry / per_byte - span->byte_start];
-        return (uint64_t)(byte >> shift) & ((1u << bits) - 1);
-    }
-    p = span->bytes + (entry * (bits / 8) - span->byte_start);
-    switch (bits) {
-    case 8:  return p[0];
-    case 16: return be16(p);
-    case 32: return be32(p);
-    default: return be64(p);
-    }
-}
-
-void alloc_span_set(refblock_span *span, uint64_t entry, uint64_t value)
-{
-    uint32_t bits = span->bits;
-    uint8_t *p;
-
-    if (bits < 8) {
-        uint64_t per_byte = 8 / bits;
-        unsigned shift = (unsigned)(entry % per_byte) * bits;
-        uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
-        p = &span->bytes[entry / per_byte - span->byte_start];
-        *p = (uint8_t)((*p & ~mask) | ((value << shift) & mask));
-        return;
-    }
-    p = span->bytes + (entry * (bits / 8) - span->byte_start);
-    switch (bits) {
-    case 8:  p[0] = (uint8_t)value; break;
-    case 16: put_be16(p, (uint16_t)value); break;
-    case 32: put_be32(p, (uint32_t)value); break;
-    default: put_be64(p, value); break;
-    }
-}
-
-int alloc_span_load(qcow2_image *img, refblock_span *span)
-{
-    return qcow2_refcount_block_read(img, span->block_offset,
-                                     span->byte_start, span->bytes,
-                                     span->byte_len);
-}
-
-/* Written through: only the bytes that hold the span's entries
- * (qcow2_write_checked patches the cached block too). */
-int alloc_span_store(qcow2_image *img, const refblock_span *span)
-{
-    return qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
-                               span->block_offset + span->byte_start,
-                               span->bytes, span->byte_len);
-}
-
-/* ---- Refcount table ------------------------------------------------------ */
-
-int alloc_need_write_state(qcow2_image *img)
+static int need_write_state(qcow2_image *img)
 {
     if (!img->ws || img->read_only)
         return qcow2_fail(img, QCOW2_E_READONLY, "image is open read-only");
-    return 0;
-}
-
-/* The refcount block of reftable entry `index` (0: none, or past the
- * table), validated before use. */
-static int refblock_at(qcow2_image *img, uint64_t index, uint64_t *block)
-{
-    uint64_t entry;
-
-    *block = 0;
-    if (index >= img->reftable_entries)
-        return 0;
-    entry = img->reftable[index];
-    if (entry & REFT_RESERVED_MASK)
-        return qcow2_fail(img, QCOW2_E_CORRUPT, "refcount table entry %llu "
-                          "has reserved bits set (0x%llx)",
-                          (unsigned long long)index,
-                          (unsigned long long)entry);
-    *block = entry & REFT_OFFSET_MASK;
-    if (!is_aligned(*block, img->cluster_size) ||
-        *block > QCOW2_MAX_HOST_OFFSET)
-        return qcow2_fail(img, QCOW2_E_CORRUPT, "refcount block offset 0x%llx"
-                          " (refcount table entry %llu) is invalid",
-                          (unsigned long long)*block,
-                          (unsigned long long)index);
-    return 0;
-}
-
-uint64_t qcow2_refcount_coverage(const qcow2_image *img)
-{
-    uint64_t clusters;
-    if (mul_overflows(img->reftable_entries, img->refblock_entries,
-                      &clusters))
-        return UINT64_MAX;
-    return clusters;
-}
-
-int qcow2_refcount_get(qcow2_image *img, uint64_t host_cluster,
-                       uint64_t *refcount)
-{
-    uint64_t entries = img->refblock_entries, block;
-    uint8_t bytes[8];
-    refblock_span span;
-    int rc;
-
-    *refcount = 0;
-    rc = refblock_at(img, host_cluster / entries, &block);
-    if (rc < 0 || block == 0)
-        return rc;
-    alloc_span_init(img, block, host_cluster % entries, 1, bytes, &span);
-    rc = alloc_span_load(img, &span);
-    if (rc < 0)
-        return rc;
-    *refcount = alloc_span_get(&span, host_cluster % entries);
     return 0;
 }
 
@@ -188,74 +49,13 @@ static int reftable_hook(qcow2_image *img, uint64_t index, uint64_t block)
     return 0;
 }
 
-/* ---- Free-cluster search ----------------------------------------------- */
-
-uint64_t alloc_max_host_cluster(const qcow2_image *img)
+/* Written through: only the bytes that hold the span's entries
+ * (qcow2_write_checked patches the cached block too). */
+static int span_store(qcow2_image *img, const refblock_span *span)
 {
-    return QCOW2_MAX_HOST_OFFSET >> img->cluster_bits;
-}
-
-/*
- * First fit: the first run of `count` clusters with refcount 0 at or after
- * *from. Clusters past the refcount table, or under an empty entry, are
- * free. Like QEMU's free_cluster_index, *from ends just past the run.
- */
-static int find_free_run(qcow2_image *img, uint64_t *from, uint64_t count,
-                         uint64_t *start)
-{
-    uint64_t entries = img->refblock_entries;
-    uint64_t cluster = *from, run_start = *from, run = 0;
-    uint8_t *bytes = NULL;
-    int rc = 0;
-
-    while (run < count) {
-        uint64_t index = cluster / entries, in_block = cluster % entries;
-        uint64_t n = entries - in_block, block;
-        refblock_span span;
-
-        if (cluster > alloc_max_host_cluster(img) ||
-            count - run > alloc_max_host_cluster(img) - cluster) {
-            rc = qcow2_fail(img, QCOW2_E_NOSPC, "no room for %llu clusters "
-                            "below the largest host offset",
-                            (unsigned long long)count);
-            break;
-        }
-        if (index >= img->reftable_entries) {
-            run += count - run;         /* nothing is counted out here */
-            break;
-        }
-        rc = refblock_at(img, index, &block);
-        if (rc < 0)
-            break;
-        if (block == 0) {
-            run += min_u64(n, count - run);   /* the whole block is free */
-            cluster += n;
-            continue;
-        }
-        if (!bytes && !(bytes = malloc(img->cluster_size))) {
-            rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-            break;
-        }
-        alloc_span_init(img, block, in_block, n, bytes, &span);
-        rc = alloc_span_load(img, &span);
-        if (rc < 0)
-            break;
-        for (uint64_t e = in_block; e < entries && run < count; e++) {
-            cluster++;
-            if (alloc_span_get(&span, e) != 0) {
-                run = 0;
-                run_start = cluster;
-            } else {
-                run++;
-            }
-        }
-    }
-    free(bytes);
-    if (rc < 0)
-        return rc;
-    *start = run_start;
-    *from = run_start + count;
-    return 0;
+    return qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
+                               span->block_offset + span->byte_start,
+                               span->bytes, span->byte_len);
 }
 
 /* ---- Refcount updates -------------------------------------------------- */
@@ -266,7 +66,7 @@ static int apply_delta(qcow2_image *img, uint64_t cluster, uint64_t current,
 {
     uint64_t magnitude = delta < 0 ? (uint64_t)(-(delta + 1)) + 1
                                    : (uint64_t)delta;
-    uint64_t max = refcount_max(img);
+    uint64_t max = img->refcount_codec->max;
 
     if (delta < 0) {
         if (current < magnitude)
@@ -311,7 +111,7 @@ static int update_pass(qcow2_image *img, uint64_t first, uint64_t last,
         uint64_t in_block = cluster % entries, block, updated;
         uint64_t n = min_u64(entries - in_block, last - cluster + 1);
         refblock_span span;
-        int rc = refblock_at(img, cluster / entries, &block);
+        int rc = alloc_refblock_at(img, cluster / entries, &block);
 
         if (rc < 0)
             return rc;
@@ -342,7 +142,7 @@ static int update_pass(qcow2_image *img, uint64_t first, uint64_t last,
             }
         }
         if (apply) {
-            rc = alloc_span_store(img, &span);
+            rc = span_store(img, &span);
             if (rc < 0)
                 return rc;
         }
@@ -369,7 +169,7 @@ static int ensure_refblocks(qcow2_image *img, uint64_t first, uint64_t last,
     for (uint64_t index = first / entries; index <= last / entries;
          index++) {
         uint64_t block;
-        int rc = refblock_at(img, index, &block);
+        int rc = alloc_refblock_at(img, index, &block);
         if (rc < 0)
             return rc;
         if (block == 0) {
@@ -388,7 +188,7 @@ int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
     uint8_t *bytes;
     int rc;
 
-    rc = alloc_need_write_state(img);
+    rc = need_write_state(img);
     if (rc < 0 || length == 0 || delta == 0)
         return rc;
     if (add_overflows(offset, length, &end) ||
@@ -492,15 +292,15 @@ static int create_refblock(qcow2_image *img, uint64_t index,
     uint64_t entries = img->refblock_entries, cluster, own_index, own_block;
     int rc;
 
-    rc = find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
+    rc = alloc_find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
     if (rc == 0 && cluster >= avoid_first && cluster <= avoid_last) {
         uint64_t from = avoid_last + 1;
-        rc = find_free_run(img, &from, 1, &cluster);
+        rc = alloc_find_free_run(img, &from, 1, &cluster);
     }
     if (rc < 0)
         return rc;
     own_index = cluster / entries;
-    rc = refblock_at(img, own_index, &own_block);
+    rc = alloc_refblock_at(img, own_index, &own_block);
     if (rc < 0)
         return rc;
 
@@ -529,6 +329,190 @@ static int create_refblock(qcow2_image *img, uint64_t index,
     return rc;
 }
 
+/* ---- Refcount table growth ------------------------------------------------ */
+
+/* QEMU's fixed point: refcount blocks needed so that `clusters` plus the
+ * blocks and table themselves are covered; `generous` adds half the
+ * table again, as QEMU does for a table that will keep growing. */
+static uint64_t refcount_blocks_needed(const qcow2_image *img,
+                                       uint64_t clusters, int generous)
+{
+    uint64_t per_table_cluster = img->cluster_size / 8;
+    uint64_t entries = img->refblock_entries;
+    uint64_t table = 0, blocks = 0, total = 0, previous;
+
+    do {
+        previous = total;
+        blocks = div_round_up(clusters + table + blocks, entries);
+        table = div_round_up(blocks, per_table_cluster);
+        total = clusters + blocks + table;
+        if (total == previous && generous) {
+            clusters += div_round_up(table, 2);
+            total = 0;
+            generous = 0;
+        }
+    } while (total != previous);
+    return blocks;
+}
+
+/* Set refcount 1 on the clusters of [area_first, area_end) that refcount
+ * block `index` covers; they must be free. A new block is written whole. */
+static int count_area_in_block(qcow2_image *img, uint64_t index,
+                               uint64_t block, int is_new,
+                               uint64_t area_first, uint64_t area_end,
+                               uint8_t *bytes)
+{
+    uint64_t entries = img->refblock_entries;
+    uint64_t covered = index * entries;
+    uint64_t first = max_u64(area_first, covered);
+    uint64_t end = min_u64(area_end, covered + entries);
+    refblock_span span;
+    int rc;
+
+    if (is_new) {
+        memset(bytes, 0, img->cluster_size);
+        alloc_span_init(img, block, 0, entries, bytes, &span);
+    } else if (first < end) {
+        alloc_span_init(img, block, first - covered, end - first, bytes, &span);
+        rc = alloc_span_load(img, &span);
+        if (rc < 0)
+            return rc;
+    } else {
+        return 0;
+    }
+    for (uint64_t c = first; c < end; c++) {
+        if (alloc_span_get(&span, c - covered) != 0)
+            return qcow2_fail(img, QCOW2_E_CORRUPT, "cluster %llu meant for "
+                              "the new refcount structures is in use",
+                              (unsigned long long)c);
+        alloc_span_set(&span, c - covered, 1);
+    }
+    rc = span_store(img, &span);
+    if (rc == 0 && is_new)
+        qcow2_refcount_cache_install(img, block, bytes);
+    return rc;
+}
+
+static int write_reftable(qcow2_image *img, const uint64_t *table,
+                          uint64_t entries, uint64_t offset)
+{
+    uint8_t *bytes = malloc(entries * 8);
+    int rc;
+
+    if (!bytes)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (uint64_t i = 0; i < entries; i++)
+        put_be64(bytes + i * 8, table[i]);
+    rc = qcow2_write_checked(img, OVERLAP_REFCOUNT_TABLE, "refcount_table",
+                             offset, bytes, entries * 8);
+    free(bytes);
+    return rc;
+}
+
+int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
+                        uint64_t additional_clusters, int exact,
+                        uint64_t new_block_index, uint64_t new_block_offset,
+                        uint64_t *end_offset)
+{
+    uint64_t cs = img->cluster_size, per_table_cluster = cs / 8;
+    uint64_t start = start_offset >> img->cluster_bits;
+    uint64_t clusters, total_blocks, table_entries, table_clusters;
+    uint64_t area_index, missing = 0, block_cluster, table_cluster, end;
+    uint64_t old_offset = img->hdr.refcount_table_offset;
+    uint64_t old_clusters = img->hdr.refcount_table_clusters;
+    uint64_t *table;
+    uint8_t *bytes;
+    int rc;
+
+    rc = need_write_state(img);
+    if (rc < 0)
+        return rc;
+    if (!is_aligned(start_offset, cs) ||
+        add_overflows(start, additional_clusters, &clusters) ||
+        clusters > alloc_max_host_cluster(img))
+        return qcow2_fail(img, QCOW2_E_NOSPC, "refcount structures for "
+                          "0x%llx clusters do not fit",
+                          (unsigned long long)additional_clusters);
+    total_blocks = refcount_blocks_needed(img, clusters, !exact);
+    table_entries = exact ? total_blocks
+                          : total_blocks + div_round_up(total_blocks, 2);
+    table_entries = align_up(table_entries, per_table_cluster);
+    if (total_blocks > REFTABLE_MAX_ENTRIES ||
+        table_entries > REFTABLE_MAX_ENTRIES)
+        return qcow2_fail(img, QCOW2_E_NOSPC, "refcount table would exceed "
+                          "%u bytes", QCOW2_MAX_REFTABLE_BYTES);
+    table_clusters = table_entries / per_table_cluster;
+    area_index = start / img->refblock_entries;
+
+    table = calloc(table_entries, sizeof *table);
+    bytes = malloc(cs);
+    if (!table || !bytes) {
+        rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+        goto out;
+    }
+    for (uint64_t i = 0; i < img->reftable_entries; i++) {
+        if (i < table_entries) {
+            table[i] = img->reftable[i];
+        } else if (img->reftable[i]) {
+            rc = qcow2_fail(img, QCOW2_E_INVALID, "refcount block %llu in "
+                            "use past the new refcount table",
+                            (unsigned long long)i);
+            goto out;
+        }
+    }
+    if (new_block_offset) {
+        if (new_block_index >= total_blocks) {
+            rc = qcow2_fail(img, QCOW2_E_INVALID, "new refcount block %llu "
+                            "outside the new refcount table",
+                            (unsigned long long)new_block_index);
+            goto out;
+        }
+        table[new_block_index] = new_block_offset;
+    }
+    for (uint64_t i = area_index; i < total_blocks; i++)
+        missing += table[i] == 0;
+    table_cluster = start + missing;
+    end = table_cluster + table_clusters;
+
+    /* The blocks first (new ones whole), each counting the new
+     * structures it covers; then the table; then the header switch. */
+    block_cluster = start;
+    for (uint64_t i = area_index; i < total_blocks; i++) {
+        int is_new = table[i] == 0;
+        if (is_new)
+            table[i] = (block_cluster++) << img->cluster_bits;
+        rc = count_area_in_block(img, i, table[i] & REFT_OFFSET_MASK, is_new,
+                                 start, end, bytes);
+        if (rc < 0)
+            goto out;
+    }
+    rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = write_reftable(img, table, table_entries,
+                            table_cluster << img->cluster_bits);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_header_set_reftable(img, table_cluster << img->cluster_bits,
+                                       (uint32_t)table_clusters);
+    if (rc < 0)
+        goto out;
+
+    free(img->reftable);
+    img->reftable = table;
+    img->reftable_entries = table_entries;
+    table = NULL;
+    *end_offset = end << img->cluster_bits;
+    /* A failure to free the old table only leaks it. */
+    if (old_clusters)
+        (void)qcow2_free_clusters(img, old_offset, old_clusters * cs);
+    rc = 0;
+out:
+    free(table);
+    free(bytes);
+    return rc;
+}
+
 /* ---- Allocation ------------------------------------------------------------ */
 
 int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
@@ -536,7 +520,7 @@ int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
 {
     qcow2_write_state *ws;
     uint64_t start;
-    int rc = alloc_need_write_state(img);
+    int rc = need_write_state(img);
 
     if (rc < 0)
         return rc;
@@ -547,7 +531,7 @@ int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
     for (;;) {
         uint64_t needed;
 
-        rc = find_free_run(img, &ws->free_cluster_hint, count, &start);
+        rc = alloc_find_free_run(img, &ws->free_cluster_hint, count, &start);
         if (rc < 0)
             return rc;
         rc = ensure_refblocks(img, start, start + count - 1, &needed);
@@ -572,7 +556,7 @@ int qcow2_alloc_clusters_at(qcow2_image *img, uint64_t offset,
                             uint64_t count)
 {
     uint64_t first = offset >> img->cluster_bits, last, bytes;
-    int rc = alloc_need_write_state(img);
+    int rc = need_write_state(img);
 
     if (rc < 0)
         return rc;
@@ -610,7 +594,7 @@ int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
 {
     qcow2_write_state *ws;
     uint64_t cs = img->cluster_size, offset, free_in_cluster = 0;
-    int rc = alloc_need_write_state(img);
+    int rc = need_write_state(img);
 
     if (rc < 0)
         return rc;
@@ -625,7 +609,7 @@ int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
         rc = qcow2_refcount_get(img, offset >> img->cluster_bits, &refcount);
         if (rc < 0)
             return rc;
-        if (refcount == 0 || refcount >= refcount_max(img))
+        if (refcount == 0 || refcount >= img->refcount_codec->max)
             offset = 0;
         else
             free_in_cluster = cs - (offset & (cs - 1));
@@ -633,7 +617,7 @@ int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
     while (!offset || free_in_cluster < length) {
         uint64_t cluster, needed;
 
-        rc = find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
+        rc = alloc_find_free_run(img, &ws->free_cluster_hint, 1, &cluster);
         if (rc < 0)
             return rc;
         if (cluster == 0)
@@ -665,78 +649,6 @@ int qcow2_alloc_bytes(qcow2_image *img, uint64_t length,
     if (is_aligned(ws->free_byte_offset, cs))
         ws->free_byte_offset = 0;
     return 0;
-}
-
-/* ---- End of the used area -------------------------------------------------- */
-
-int qcow2_last_used_cluster(qcow2_image *img, uint64_t clusters,
-                            int64_t *last)
-{
-    uint64_t entries = img->refblock_entries;
-    uint8_t *bytes;
-    int rc = 0;
-
-    *last = -1;
-    if (clusters == 0)
-        return 0;
-    bytes = malloc(img->cluster_size);
-    if (!bytes)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    for (uint64_t index = (clusters - 1) / entries + 1; index-- > 0;) {
-        uint64_t block, n;
-        refblock_span span;
-
-        rc = refblock_at(img, index, &block);
-        if (rc < 0 || block == 0) {
-            if (rc < 0)
-                break;
-            continue;
-        }
-        n = min_u64(entries, clusters - index * entries);
-        alloc_span_init(img, block, 0, n, bytes, &span);
-        rc = alloc_span_load(img, &span);
-        if (rc < 0)
-            break;
-        for (uint64_t e = n; e-- > 0;) {
-            if (alloc_span_get(&span, e) != 0) {
-                *last = (int64_t)(index * entries + e);
-                free(bytes);
-                return 0;
-            }
-        }
-    }
-    free(bytes);
-    return rc;
-}
-
-int qcow2_refblock_unused(qcow2_image *img, uint64_t index, int *unused)
-{
-    uint64_t entries = img->refblock_entries, block, self = UINT64_MAX;
-    uint8_t *bytes;
-    refblock_span span;
-    int rc;
-
-    *unused = 0;
-    rc = refblock_at(img, index, &block);
-    if (rc < 0 || block == 0)
-        return rc;
-    bytes = malloc(img->cluster_size);
-    if (!bytes)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-    alloc_span_init(img, block, 0, entries, bytes, &span);
-    rc = alloc_span_load(img, &span);
-    if (rc == 0) {
-        /* A block that counts only itself counts nothing. */
-        if ((block >> img->cluster_bits) / entries == index) {
-            self = (block >> img->cluster_bits) % entries;
-            alloc_span_set(&span, self, 0);
-        }
-        *unused = 1;
-        for (uint64_t i = 0; i < img->cluster_size && *unused; i++)
-            *unused = bytes[i] == 0;
-    }
-    free(bytes);
-    return rc;
 }
 
 void qcow2_write_state_defaults(qcow2_write_state *ws)

@@ -166,25 +166,6 @@ int check_inc(check_state *st, uint64_t offset, uint64_t size)
 
 /* ---- Refcounts on disk ---------------------------------------------------------- */
 
-static uint64_t refblock_entry(const qcow2_image *img, const uint8_t *block,
-                               uint64_t index)
-{
-    uint32_t bits = img->refcount_bits;
-
-    if (bits < 8) {
-        uint32_t per_byte = 8 / bits;
-        uint32_t shift = (uint32_t)(index % per_byte) * bits;
-        return (uint64_t)(block[index / per_byte] >> shift) &
-               ((1u << bits) - 1);
-    }
-    switch (bits) {
-    case 8:  return block[index];
-    case 16: return be16(block + index * 2);
-    case 32: return be32(block + index * 4);
-    default: return be64(block + index * 8);
-    }
-}
-
 int check_disk_refcount(check_state *st, uint64_t cluster, uint64_t *refcount)
 {
     qcow2_image *img = st->img;
@@ -214,8 +195,8 @@ int check_disk_refcount(check_state *st, uint64_t cluster, uint64_t *refcount)
             return ret;
         st->refblock_index = reftable_index;
     }
-    *refcount = refblock_entry(img, st->refblock,
-                               cluster % img->refblock_entries);
+    *refcount = img->refcount_codec->get(st->refblock,
+                                         cluster % img->refblock_entries);
     return 0;
 }
 
@@ -370,8 +351,7 @@ static int state_init(check_state *st, qcow2_image *img, int repair,
     st->refblock_index = UINT64_MAX;
     st->has_data_file =
         (img->hdr.incompatible_features & INCOMPAT_DATA_FILE) != 0;
-    st->count_max = img->refcount_bits >= 32
-                        ? UINT32_MAX : (1ull << img->refcount_bits) - 1;
+    st->count_max = min_u64(img->refcount_codec->max, UINT32_MAX);
 
     ret = img->io->ops->size(img->io, &st->file_size);
     if (ret < 0)

@@ -108,7 +108,7 @@ static int check_features(const qcow2_create_opts *o, create_plan *plan,
         return qcow2_error_set(err, QCOW2_E_INVALID, "Lazy refcounts only "
                                "supported with " NEEDS_V3);
     order = log2_exact(o->refcount_bits);
-    if (order < 0 || order > 6)
+    if (order < 0 || order > QCOW2_REFCOUNT_ORDER_MAX)
         return qcow2_error_set(err, QCOW2_E_INVALID, "Refcount width must be "
                                "a power of two and may not exceed 64 bits");
     if (plan->version < 3 && o->refcount_bits != 16)

@@ -24,7 +24,10 @@ void qcow2_geometry_set(qcow2_image *img, uint32_t cluster_bits,
     /* 32 subclusters per cluster with extended L2, else one. */
     img->subcluster_bits = cluster_bits - (img->extended_l2 ? 5 : 0);
     img->subcluster_size = 1ull << img->subcluster_bits;
-    img->refcount_bits = 1u << refcount_order;
+    /* the caller bounded refcount_order (QCOW2_REFCOUNT_ORDER_MAX): there
+     * is a codec for it, chosen here once for the handle */
+    img->refcount_codec = qcow2_refcount_codec_for(refcount_order);
+    img->refcount_bits = img->refcount_codec->bits;
     img->refblock_entries = img->cluster_size * 8 / img->refcount_bits;
 }
 

@@ -314,7 +314,7 @@ static int check_field_values(qcow2_image *img)
     int has_compression_bit = !!(h->incompatible_features &
                                  INCOMPAT_COMPRESSION);
 
-    if (h->refcount_order > 6)
+    if (h->refcount_order > QCOW2_REFCOUNT_ORDER_MAX)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "refcount_order %u out of range (0..6)",
                           h->refcount_order);

@@ -15,6 +15,7 @@
 
 #include "../qcow2.h"
 #include "util.h"
+#include "refcount_codec.h"
 
 /* ---- Format constants (docs/qcow2-format.md) ---------------------------- */
 #define QCOW2_MAGIC                 0x514649FBu
@@ -167,6 +168,8 @@ struct qcow2_image {
                                    without extended L2) */
     uint64_t subcluster_size;
     uint32_t refcount_bits;
+    /* packs and unpacks refcount entries of this width (chosen at open) */
+    const qcow2_refcount_codec *refcount_codec;
     uint64_t refblock_entries;
     uint64_t size;              /* virtual size (a view: the snapshot's) */
     int compression_type;
@@ -254,9 +257,6 @@ int qcow2_reftable_load(qcow2_image *img);
  * refcount block once. */
 int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
                               uint64_t *out);
-/* Store one refcount entry of any width into a refcount block image. */
-void qcow2_refblock_put(const qcow2_image *img, uint8_t *block,
-                        uint64_t index, uint64_t value);
 
 /* ---- Refcount-block cache (refcount_cache.c) -------------------------
  * Write-through: cached blocks always hold the bytes on disk; writers

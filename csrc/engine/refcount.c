@@ -1,8 +1,8 @@
 /*
- * Refcounts: the refcount table (read whole at open) and refcount blocks
- * of any width, 1 to 64 bits. Read side only for now; the writers
- * (allocation, table growth) build on refcount_block_of and
- * refcount_block_entry below.
+ * Refcounts, read side: the refcount table (read whole at open) and
+ * single refcounts or counts of used clusters, any width (entries are
+ * decoded by the image's refcount codec, refcount_codec.c). The writers
+ * are alloc.c, over refcount_scan.c.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -99,43 +99,26 @@ static int refcount_block_of(qcow2_image *img, uint64_t host_cluster,
 }
 
 /*
- * Entry refblock_index of the block at refblock_offset. Widths below a
- * byte are packed least-significant bits first; 8..64 are big-endian.
- * Read through the refcount-block cache (refcount_cache.c) when the
- * handle keeps one.
+ * Entry refblock_index of the block at refblock_offset: only the bytes
+ * that hold it are read, through the refcount-block cache
+ * (refcount_cache.c) when the handle keeps one.
  */
 static int refcount_block_entry(qcow2_image *img, uint64_t refblock_offset,
                                 uint64_t refblock_index, uint64_t *refcount)
 {
-    uint32_t bits = img->refcount_bits;
+    const qcow2_refcount_codec *codec = img->refcount_codec;
     uint8_t bytes[8];
-    uint64_t byte_offset;
+    uint64_t byte_offset, first_in_bytes;
+    size_t byte_len;
     int ret;
 
-    if (bits < 8) {
-        uint32_t per_byte = 8 / bits;
-        uint32_t shift = (uint32_t)(refblock_index % per_byte) * bits;
-
-        byte_offset = refblock_index / per_byte;
-        ret = qcow2_refcount_block_read(img, refblock_offset, byte_offset,
-                                        bytes, 1);
-        if (ret < 0)
-            return ret;
-        *refcount = (uint64_t)(bytes[0] >> shift) & ((1u << bits) - 1);
-        return 0;
-    }
-
-    byte_offset = refblock_index * (bits / 8);
+    qcow2_refcount_codec_bytes(codec, refblock_index, 1, &byte_offset,
+                               &byte_len, &first_in_bytes);
     ret = qcow2_refcount_block_read(img, refblock_offset, byte_offset,
-                                    bytes, bits / 8);
+                                    bytes, byte_len);
     if (ret < 0)
         return ret;
-    switch (bits) {
-    case 8:  *refcount = bytes[0]; break;
-    case 16: *refcount = be16(bytes); break;
-    case 32: *refcount = be32(bytes); break;
-    default: *refcount = be64(bytes); break;
-    }
+    *refcount = codec->get(bytes, refblock_index - first_in_bytes);
     return 0;
 }
 
@@ -156,27 +139,13 @@ int qcow2_refcount(qcow2_image *img, uint64_t host_cluster, uint64_t *out)
 }
 
 /* Non-zero entries among entries [0, count) of one refcount block image. */
-static uint64_t count_nonzero_entries(const uint8_t *block, uint32_t bits,
-                                      uint64_t count)
+static uint64_t count_nonzero_entries(const qcow2_refcount_codec *codec,
+                                      const uint8_t *block, uint64_t count)
 {
     uint64_t nonzero = 0;
 
-    for (uint64_t i = 0; i < count; i++) {
-        uint64_t refcount;
-
-        if (bits < 8)
-            refcount = (block[i / (8 / bits)] >> ((i % (8 / bits)) * bits)) &
-                       ((1u << bits) - 1);
-        else if (bits == 8)
-            refcount = block[i];
-        else if (bits == 16)
-            refcount = be16(block + i * 2);
-        else if (bits == 32)
-            refcount = be32(block + i * 4);
-        else
-            refcount = be64(block + i * 8);
-        nonzero += refcount != 0;
-    }
+    for (uint64_t i = 0; i < count; i++)
+        nonzero += codec->get(block, i) != 0;
     return nonzero;
 }
 
@@ -209,31 +178,9 @@ int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
                               "refcount block");
         if (ret < 0)
             break;
-        *out += count_nonzero_entries(block, img->refcount_bits, count);
+        *out += count_nonzero_entries(img->refcount_codec, block,
+                                      count);
     }
     free(block);
     return ret;
-}
-
-/* Store one refcount entry of any width into a refcount block image
- * (docs 4.2: below 8 bits least-significant first, else big-endian). */
-void qcow2_refblock_put(const qcow2_image *img, uint8_t *block,
-                        uint64_t index, uint64_t value)
-{
-    uint32_t bits = img->refcount_bits;
-
-    if (bits < 8) {
-        uint32_t per_byte = 8 / bits;
-        uint32_t shift = (uint32_t)(index % per_byte) * bits;
-        uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
-        block[index / per_byte] = (uint8_t)((block[index / per_byte] & ~mask) |
-                                            ((value << shift) & mask));
-        return;
-    }
-    switch (bits) {
-    case 8:  block[index] = (uint8_t)value; break;
-    case 16: put_be16(block + index * 2, (uint16_t)value); break;
-    case 32: put_be32(block + index * 4, (uint32_t)value); break;
-    default: put_be64(block + index * 8, value); break;
-    }
 }

@@ -329,7 +329,7 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
             if (value > st->count_max)
                 value = st->count_max;
             if (value)
-                qcow2_refblock_put(img, buf, e, value);
+                img->refcount_codec->set(buf, e, value);
         }
         reftable[b] = (start + b) * cs;
         /* the old structure may claim these clusters: it is being

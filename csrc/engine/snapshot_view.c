@@ -96,6 +96,7 @@ static qcow2_image *new_view(qcow2_image *parent, const qcow2_snapshot *sn)
     view->subcluster_bits = parent->subcluster_bits;
     view->subcluster_size = parent->subcluster_size;
     view->refcount_bits = parent->refcount_bits;
+    view->refcount_codec = parent->refcount_codec;
     view->refblock_entries = parent->refblock_entries;
     view->size = qcow2_snapshot_disk_size(parent, sn);
     view->compression_type = parent->compression_type;

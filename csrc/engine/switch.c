@@ -385,8 +385,7 @@ static int write_refcounts(qcow2_switch *sw, uint64_t *table_offset,
 {
     qcow2_image *img = sw->img;
     uint64_t cs = img->cluster_size, per_block = img->refblock_entries;
-    uint64_t max = img->refcount_bits >= 64
-                       ? UINT64_MAX : (1ull << img->refcount_bits) - 1;
+    uint64_t max = img->refcount_codec->max;
     uint64_t start = sw->next, blocks = 0, tclusters = 1, entries, offset;
     uint64_t *table = NULL;
     uint8_t *buf = NULL;
@@ -425,7 +424,7 @@ static int write_refcounts(qcow2_switch *sw, uint64_t *table_offset,
         for (uint64_t e = 0; e < per_block; e++) {
             uint64_t k = b * per_block + e;
             if (k < sw->nb_clusters && sw->counts[k])
-                qcow2_refblock_put(img, buf, e, sw->counts[k]);
+                img->refcount_codec->set(buf, e, sw->counts[k]);
         }
         table[b] = offset + b * cs;
         rc = qcow2_write_checked(img, 0, "refcount_block", table[b], buf,
