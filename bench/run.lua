@@ -45,7 +45,7 @@ for _, case in ipairs({ { "plain", plain }, { "compressed", comp }, { "fragmente
       local chunk = 4 << 20
       for off = 0, size - 1, chunk do img:read(off, math.min(chunk, size - off)) end
     end),
-    timed(function() sh(("qemu-io -f qcow2 -c 'read 0 %d' %s"):format(size, path)) end))
+    timed(function() sh(("qemu-io -r -f qcow2 -c 'read 0 %d' %s"):format(size, path)) end))
   row(("sha256 of guest disk (%s)"):format(name),
     timed(function() img:digest("sha256") end),
     -- qemu-img's way to hash a guest disk: export it raw, then hash it
@@ -90,7 +90,7 @@ local function peak_kib(status_file)
     if kib then return tonumber(kib) end
   end
 end
-local qemu_peak = tonumber((sh(("command -v /usr/bin/time >/dev/null && /usr/bin/time -f %%M qemu-io -f qcow2 -c 'read 0 %dM' %s 2>&1 >/dev/null | tail -n 1 || echo 0")
+local qemu_peak = tonumber((sh(("command -v /usr/bin/time >/dev/null && /usr/bin/time -f %%M qemu-io -r -f qcow2 -c 'read 0 %dM' %s 2>&1 >/dev/null | tail -n 1 || echo 0")
   :format(size_mb, plain)):match("(%d+)%s*$"))) or 0
 print(("peak RSS: library process %d KiB%s"):format(peak_kib("/proc/self/status"),
   qemu_peak > 0 and (", qemu-io whole-disk read %d KiB"):format(qemu_peak) or " (install GNU time for qemu-io's)"))
