@@ -376,6 +376,7 @@ static int state_init(check_state *st, qcow2_image *img, int repair,
     ret = img->io->ops->size(img->io, &st->file_size);
     if (ret < 0)
         return qcow2_fail(img, ret, "cannot get the size of the file");
+    st->file_size = check_file_length(st->file_size);
     file_clusters = div_round_up(st->file_size, img->cluster_size);
     if (file_clusters > CHECK_MAX_CLUSTERS)
         return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "the file holds %llu "

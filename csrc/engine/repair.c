@@ -500,7 +500,7 @@ static int free_old_table(qcow2_image *img, uint64_t offset, uint64_t length,
     int rc = 0;
 
     if (length == 0 || add_overflows(offset, length, &end) ||
-        end >= file_size + img->cluster_size)
+        end >= check_file_length(file_size) + img->cluster_size)
         return 0;
     for (uint64_t c = offset >> img->cluster_bits;
          rc == 0 && c <= (end - 1) >> img->cluster_bits; c++) {
