@@ -33,6 +33,14 @@ local function two_snapshots_512(p)
   snapshot(p, "b")
 end
 
+-- spec/repair_fuzz_spec.lua's v2_64k base
+local function v2_64k(p)
+  h.create(p, "1M", "compat=0.10")
+  h.qemu_io(p, { "write -P 0x11 0 64k", "write -P 0x22 64k 64k" })
+  snapshot(p, "s1")
+  h.qemu_io(p, { "write -P 0x33 64k 64k" })
+end
+
 local function entry_of_snapshot(p) return hostile.snapshots(p)[1].offset end
 
 local cases = {
@@ -104,6 +112,24 @@ local cases = {
   -- old one's tail past EOF
   { name = "nb_snapshots 16 over a table of two (v3_512_r64:50)", base = two_snapshots_512,
     poke = function(p) hostile.set(p, "nb_snapshots", 16) end },
+  -- found with seed 42: the rebuilt refcount structure would land on the
+  -- uncounted tail of a snapshot table running past EOF (refused); it goes
+  -- past that tail, and the leaks the old table held back once the table
+  -- is rewritten are freed then
+  { name = "no refcount block and a snapshot table running past EOF (v3_512_r64:151)",
+    base = two_snapshots_512, clean = true, poke = function(p)
+      hostile.put64(p, hostile.header(p).refcount_table_offset, 0)
+      h.poke(p, entry_of_snapshot(p) + 36, h.be32(16))
+    end },
+  -- found with seed 1234: a garbage snapshot L1 spans the whole file, so
+  -- every refcount write is refused; clearing the L1 entry with reserved
+  -- bits first left its L2 and data as leaks nothing could free
+  { name = "an L1 entry with reserved bits and a snapshot L1 over everything (v2_64k:119)",
+    base = v2_64k, poke = function(p)
+      hostile.put64(p, hostile.header(p).l1_table_offset, COPIED | 0x90100)
+      h.poke(p, entry_of_snapshot(p) + 36, h.be32(8))
+      hostile.set(p, "nb_snapshots", 2)
+    end },
   { name = "an unknown autoclear bit: qemu-img's clean result drops the snapshots (v3_64k:24)",
     opts = "", poke = function(p)
       hostile.set(p, "autoclear_features", 0x20)
