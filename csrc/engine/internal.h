@@ -205,7 +205,18 @@ struct qcow2_image {
      * first use, freed by qcow2_close; never on views or raw images. */
     qcow2_refcount_cache *refcount_cache;
     uint64_t refcount_cache_bytes;  /* open option; 0 = default */
+    /* Told of every write of the image file qcow2_write_checked makes (ok:
+     * it succeeded). The refcount-block cache registers here when it is
+     * created, so the write funnel (layer 2) calls no cache (layer 4). */
+    void (*write_observer)(void *ctx, uint64_t offset, const void *buf,
+                           size_t length, int ok);
+    void *write_observer_ctx;
 };
+
+/* ---- Teardown (handle.c) ------------------------------------------------- */
+/* Free img's caches, tables, names and the files it owns; no flush, no
+ * backing image closed (qcow2_close does those first). NULL: nothing. */
+void qcow2_handle_free(qcow2_image *img);
 
 /* ---- Metadata reads: meta_io.h (layer 2), here for the files that
  * still reach it through this header. */

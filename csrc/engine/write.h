@@ -11,7 +11,7 @@
  *                   allocation, refcount table growth, frees
  *   overlap.c       metadata overlap check, checked writes, poisoning
  *   header_write.c  header/extension serialization, feature-bit updates
- *   create.c        qcow2_create (every option, preallocation)
+ *   create.c        qcow2_create_layout (every option, preallocation)
  *   resize.c        qcow2_resize (grow, shrink where QEMU allows)
  *   write.c         guest writes, COW, zero writes, discard, compressed
  *                   writes, flush, lazy-refcount dirty bit
@@ -115,11 +115,6 @@ uint64_t qcow2_refcount_coverage(const qcow2_image *img);
  * are on disk when qcow2_refcount_update returns, so the barrier before a
  * dependent L2 entry is what flushes refcount blocks before the L2 tables
  * that depend on them. */
-/* Mirror a write of the image file into the cached blocks it overlaps
- * (ok), or forget them (!ok: the disk is unknown). qcow2_write_checked
- * calls it for every write. */
-void qcow2_refcount_cache_written(qcow2_image *img, uint64_t offset,
-                                  const void *buf, size_t length, int ok);
 /* A whole block just written (cluster_size bytes): keep it, saving the
  * read that would follow. Best effort. */
 void qcow2_refcount_cache_install(qcow2_image *img, uint64_t block_offset,
@@ -157,6 +152,11 @@ int qcow2_write_state_close(qcow2_image *img);
  * table and its L1 entry when missing, COWing a shared L2 table). */
 int qcow2_set_l2_entry(qcow2_image *img, uint64_t guest_offset,
                        uint64_t entry, uint64_t bitmap);
+
+/* ---- create.c: the new image laid out and closed again (qcow2_create,
+ * image.c, opens it). Errors as qcow2_create's, in err (not NULL). */
+int qcow2_create_layout(const char *path, const qcow2_create_opts *opts,
+                        qcow2_error *err);
 
 /* ---- Added for alloc.c overlap.c header_write.c create.c resize.c ------- */
 /* Guest data bytes at host offset of img->data_io: through
