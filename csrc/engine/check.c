@@ -15,7 +15,6 @@
 #include <string.h>
 
 #include "check.h"
-#include "write.h"
 
 /* ---- Findings ------------------------------------------------------------- */
 

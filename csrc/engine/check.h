@@ -11,7 +11,7 @@
 #ifndef QCOW2_CHECK_H
 #define QCOW2_CHECK_H
 
-#include "internal.h"
+#include "ops.h"
 
 /* At most this many findings are kept; the counts stay exact. */
 #define CHECK_MAX_FINDINGS      10000u

@@ -11,7 +11,6 @@
 #include <string.h>
 
 #include "check.h"
-#include "snapshot_table.h"
 
 #define L2_BITMAP_ALL_ALLOC     0x00000000ffffffffull
 #define BME_RESERVED_MASK       0xff000000000001feull

@@ -13,7 +13,7 @@
 #include <unistd.h>
 
 #include "lock.h"
-#include "write.h"
+#include "ops.h"
 
 enum prealloc_mode { PREALLOC_OFF, PREALLOC_METADATA, PREALLOC_FALLOC,
                      PREALLOC_FULL };

@@ -3,7 +3,7 @@
  * opened read-write like any other. Apart from image.c so that a
  * read-only consumer of open/close does not link the create path.
  */
-#include "write.h"
+#include "ops.h"
 
 int qcow2_create(const char *path, const qcow2_create_opts *opts,
                  const qcow2_open_opts *open_opts, qcow2_image **out,

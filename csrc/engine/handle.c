@@ -5,8 +5,7 @@
  */
 #include <stdlib.h>
 
-#include "internal.h"
-#include "snapshot_table.h"
+#include "read_path.h"
 
 void qcow2_handle_free(qcow2_image *img)
 {

@@ -14,11 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
 #include "lock.h"
-#include "meta_io.h"
-#include "snapshot_table.h"
-#include "write.h"     /* read-write opens: write state, fault plan */
+#include "ops.h"
 
 #define RESOLVED_PATH_MAX   4096
 #define RESOLVE_WHY_MAX     256

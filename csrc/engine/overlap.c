@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "overlap.h"
 
 /* QEMU's metadata_ol_names, so messages read the same. */
 static const char *overlap_name(int which)

@@ -39,7 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "cache.h"
 #include "table_cache.h"
 
 #define RC_CACHE_DEFAULT_BLOCKS 4u      /* QEMU 7.2 MIN_REFCOUNT_CACHE_SIZE */

@@ -6,9 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
-#include "meta_io.h"
-#include "snapshot_table.h"
+#include "ops.h"
 
 static unsigned long long ull(uint64_t value)
 {
