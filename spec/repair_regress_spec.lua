@@ -22,6 +22,25 @@ local function base(p, opts, empty_snapshot)
   h.qemu_io(p, { "write -P 0x33 0 64k" })
 end
 
+-- spec/repair_fuzz_spec.lua's v3_512_r64 base: two snapshots, the table
+-- last in the file and its last entry unpadded (the file length is not a
+-- multiple of 512)
+local function two_snapshots_512(p)
+  h.create(p, "256K", "cluster_size=512,refcount_bits=64")
+  h.qemu_io(p, { "write -P 0x11 0 2k", "write -P 0x22 100k 1k" })
+  snapshot(p, "a")
+  h.qemu_io(p, { "write -P 0x33 512 512" })
+  snapshot(p, "b")
+end
+
+-- spec/repair_fuzz_spec.lua's v2_64k base
+local function v2_64k(p)
+  h.create(p, "1M", "compat=0.10")
+  h.qemu_io(p, { "write -P 0x11 0 64k", "write -P 0x22 64k 64k" })
+  snapshot(p, "s1")
+  h.qemu_io(p, { "write -P 0x33 64k 64k" })
+end
+
 local function entry_of_snapshot(p) return hostile.snapshots(p)[1].offset end
 
 local cases = {
@@ -86,11 +105,31 @@ local cases = {
       local block = hostile.get64(p, hostile.header(p).refcount_table_offset)
       hostile.put64(p, block + 8, -1)
     end },
-  -- the new snapshot table lands on the old one's uncounted tail past EOF;
-  -- "leaks" is left out: it still ends one corruption up (our count of
-  -- the garbage entries' table differs from qemu-img's), see the report
-  { name = "nb_snapshots 16 over a table of two (v3_512_r64:50)", opts = "cluster_size=512,refcount_bits=64",
-    modes = { "all" }, poke = function(p) hostile.set(p, "nb_snapshots", 16) end },
+  -- the zeroes past EOF read as 14 more entries: the table ends 566 bytes
+  -- past the end of the file but 192 past its length in 512-byte sectors,
+  -- which is what qemu-img measures, so it is counted (a leak repair that
+  -- did not count it freed the table's cluster); the new table lands on the
+  -- old one's tail past EOF
+  { name = "nb_snapshots 16 over a table of two (v3_512_r64:50)", base = two_snapshots_512,
+    poke = function(p) hostile.set(p, "nb_snapshots", 16) end },
+  -- found with seed 42: the rebuilt refcount structure would land on the
+  -- uncounted tail of a snapshot table running past EOF (refused); it goes
+  -- past that tail, and the leaks the old table held back once the table
+  -- is rewritten are freed then
+  { name = "no refcount block and a snapshot table running past EOF (v3_512_r64:151)",
+    base = two_snapshots_512, clean = true, poke = function(p)
+      hostile.put64(p, hostile.header(p).refcount_table_offset, 0)
+      h.poke(p, entry_of_snapshot(p) + 36, h.be32(16))
+    end },
+  -- found with seed 1234: a garbage snapshot L1 spans the whole file, so
+  -- every refcount write is refused; clearing the L1 entry with reserved
+  -- bits first left its L2 and data as leaks nothing could free
+  { name = "an L1 entry with reserved bits and a snapshot L1 over everything (v2_64k:119)",
+    base = v2_64k, poke = function(p)
+      hostile.put64(p, hostile.header(p).l1_table_offset, COPIED | 0x90100)
+      h.poke(p, entry_of_snapshot(p) + 36, h.be32(8))
+      hostile.set(p, "nb_snapshots", 2)
+    end },
   { name = "an unknown autoclear bit: qemu-img's clean result drops the snapshots (v3_64k:24)",
     opts = "", poke = function(p)
       hostile.set(p, "autoclear_features", 0x20)
@@ -114,7 +153,7 @@ describe("check{repair} regressions against qemu-img check -r", function()
     it(c.name, function()
       local dir = h.tmpdir()
       local p = dir .. "/image.qcow2"
-      base(p, c.opts, c.empty_snapshot)
+      if c.base then c.base(p) else base(p, c.opts, c.empty_snapshot) end
       c.poke(p)
       assert.is_false(oracle.qemu_check(p).clean, "the poke must break the image")
       for _, mode in ipairs(c.modes or { "all", "leaks" }) do
@@ -169,6 +208,35 @@ describe("check{repair} regressions against qemu-img check -r", function()
     assert.are.equal(24, h.get_be32(p, entry_of_snapshot(p) + 36))
     assert.are.equal(h.must("qemu-img snapshot -l " .. q(theirs)),
                      h.must("qemu-img snapshot -l " .. q(p)))
+  end)
+
+  it("a table past the end of the file is judged by the file's length in sectors, as qemu-img does", function()
+    local dir = h.tmpdir()
+    local p = dir .. "/image.qcow2"
+    h.create(p, "1M", "cluster_size=4096")
+    h.qemu_io(p, { "write -P 0x11 0 8k" })
+    snapshot(p, "s1")
+    h.qemu_io(p, { "write -P 0x22 0 4k" })
+    -- the one entry (67 bytes) copied to the end of the file: the file
+    -- ends 67 bytes into a cluster, 445 short of a sector boundary
+    local entry = h.peek(p, entry_of_snapshot(p), 67)
+    local eof = hostile.file_size(p)
+    assert.are.equal(0, eof % 4096)
+    h.poke(p, eof, entry)
+    hostile.set(p, "snapshots_offset", eof)
+    local pristine = h.read_file(p)
+    -- the zeroes past EOF read as 40-byte entries: with 105 the table ends
+    -- 4165 bytes past the file's end, 3720 past its last sector (counted);
+    -- with 115, 4125 past its last sector (not counted) but still inside
+    -- its last cluster
+    for _, n in ipairs({ 105, 115 }) do
+      h.write_file(p, pristine)
+      hostile.set(p, "nb_snapshots", n)
+      local theirs, ours = oracle.qemu_check(p), oracle.our_check(qcow2, p)
+      assert.is_true(theirs.known and ours.known)
+      assert.are.same({ theirs.corruptions, theirs.leaks, theirs.check_errors },
+                      { ours.corruptions, ours.leaks, ours.check_errors }, n .. " entries")
+    end
   end)
 
   it("a plain open still refuses what only an open for repair takes", function()

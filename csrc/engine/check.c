@@ -355,6 +355,7 @@ static int state_init(check_state *st, qcow2_image *img, int repair,
     ret = img->io->ops->size(img->io, &st->file_size);
     if (ret < 0)
         return qcow2_fail(img, ret, "cannot get the size of the file");
+    st->file_size = check_file_length(st->file_size);
     file_clusters = div_round_up(st->file_size, img->cluster_size);
     if (file_clusters > CHECK_MAX_CLUSTERS)
         return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "the file holds %llu "
@@ -554,9 +555,21 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
         return ret;
     /* last, as QEMU fixes the snapshot table once the refcounts are right:
      * the new table is allocated from them */
-    if (snapshot_table_needs_rewrite(img) &&
-        (ret = repair_snapshot_table(img, out)) < 0)
-        return ret;
+    if (snapshot_table_needs_rewrite(img)) {
+        if ((ret = repair_snapshot_table(img, out)) < 0)
+            return ret;
+        /* the old table, gone, may have run past the end of the file
+         * over the rebuilt refcounts, counted then as referenced at
+         * refcount 0 (which stops a leak pass): free now what it held
+         * back, and set the COPIED flags those refcounts decide */
+        if ((ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks, NULL)) < 0)
+            return ret;
+        keep_repairs(&leaks);
+        append_findings(out, &leaks);
+        qcow2_check_result_free(&leaks);
+        if ((ret = repair_copied(img, out)) < 0)
+            return ret;
+    }
     qcow2_l2_cache_drop_all(img->l2_cache);
     return qcow2_flush(img);
 }

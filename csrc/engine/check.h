@@ -22,6 +22,15 @@
  * and disk_size); less is an "incomplete" entry. */
 #define CHECK_SNAPSHOT_EXTRA_V3 16u
 
+/* QEMU measures the image file in 512-byte sectors (bdrv_getlength), so
+ * the length references are judged against is the file size rounded up
+ * to 512: a snapshot table ending up to 511 bytes further past the end of
+ * the file is still counted. */
+static inline uint64_t check_file_length(uint64_t file_size)
+{
+    return align_up(file_size, 512);
+}
+
 /* QEMU's CHECK_FRAG_INFO: the walk of the active L1 fills the statistics. */
 #define CHECK_FRAG_INFO         0x2
 
@@ -31,7 +40,8 @@ typedef struct check_state {
     int repair;                 /* enum qcow2_repair_mode */
     int has_data_file;          /* data clusters are not refcounted */
 
-    uint64_t file_size;         /* the image file, at the start */
+    uint64_t file_size;         /* the image file at the start, as QEMU
+                                   measures it (check_file_length) */
     uint32_t *counts;           /* references per host cluster */
     uint64_t capacity;          /* entries of counts (file clusters + 1) */
     uint64_t nb_clusters;       /* entries compared: file clusters, grown

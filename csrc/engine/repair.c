@@ -167,6 +167,44 @@ static int mend_l1(qcow2_image *img, qcow2_check_result *res,
     return rc;
 }
 
+/* The first cluster past the file where new structures may go: past
+ * the end of the snapshot table too, which, running past the end of the
+ * file, is not counted yet claims its tail until step 4 replaces it (the
+ * overlap check would refuse writes there; QEMU fills holes inside the
+ * file instead, past the tail is just as safe). */
+static uint64_t repair_fresh_start(const qcow2_image *img, uint64_t file_size)
+{
+    uint64_t cs = img->cluster_size, start = div_round_up(file_size, cs);
+
+    if (img->nb_snapshots) {
+        const qcow2_snapshot *last = &img->snapshots[img->nb_snapshots - 1];
+        uint64_t table_end;
+        if (!add_overflows(last->entry_offset, last->entry_length,
+                           &table_end))
+            start = max_u64(start, div_round_up(table_end, cs));
+    }
+    return start;
+}
+
+/* Clearing an entry turns what it referenced into leaks, which only the
+ * refcount writes that follow can free: when a refcount block, or the
+ * first cluster past the end of the file (where new ones would go), lies
+ * inside other metadata (say a garbage snapshot L1 spanning the file),
+ * those writes would be refused and the image left worse. 1 when so. */
+static int refcounts_unwritable(qcow2_image *img, uint64_t file_size)
+{
+    uint64_t cs = img->cluster_size;
+
+    for (uint64_t i = 0; i < img->reftable_entries; i++) {
+        uint64_t block = img->reftable[i] & REFT_OFFSET_MASK;
+        if (block && is_aligned(block, cs) &&
+            qcow2_overlap_find(img, OVERLAP_REFCOUNT_BLOCK, block, cs))
+            return 1;
+    }
+    return qcow2_overlap_find(img, 0, repair_fresh_start(img, file_size) * cs,
+                              cs) != 0;
+}
+
 int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
 {
     uint64_t file_size;
@@ -176,6 +214,14 @@ int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
     rc = img->io->ops->size(img->io, &file_size);
     if (rc < 0)
         return qcow2_fail(img, rc, "cannot get the size of the file");
+    if (refcounts_unwritable(img, file_size)) {
+        check_state st;
+        note_state(&st, img, res);
+        check_note(&st, QCOW2_FINDING_STRICT, 0, "Not clearing table "
+                   "entries: the refcount updates that must follow would "
+                   "overlap other metadata");
+        return 0;
+    }
     table = malloc((size_t)img->cluster_size);
     if (!table)
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
@@ -274,6 +320,7 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
     int rc = 0;
 
     note_state(&notes, img, res);
+    start = max_u64(start, repair_fresh_start(img, st->file_size));
     /* fixed point: the new structures count themselves */
     for (;;) {
         uint64_t indices = div_round_up(start + blocks + table_clusters,
@@ -499,7 +546,7 @@ static int free_old_table(qcow2_image *img, uint64_t offset, uint64_t length,
     int rc = 0;
 
     if (length == 0 || add_overflows(offset, length, &end) ||
-        end >= file_size + img->cluster_size)
+        end >= check_file_length(file_size) + img->cluster_size)
         return 0;
     for (uint64_t c = offset >> img->cluster_bits;
          rc == 0 && c <= (end - 1) >> img->cluster_bits; c++) {
