@@ -32,6 +32,7 @@ build = {
             "csrc/engine/amend.c",
             "csrc/engine/bitmap.c",
             "csrc/engine/check.c",
+            "csrc/engine/check_state.c",
             "csrc/engine/check_walk.c",
             "csrc/engine/cluster.c",
             "csrc/engine/compress.c",
