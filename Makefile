@@ -59,9 +59,10 @@ $(BUILD)/test/table_cache_test: csrc/test/table_cache_test.c $(BUILD)/obj/engine
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/engine/table_cache.o
 
 # Every spec file under Lua 5.4; ends with "N passed, N failed". The layer
-# check runs first (report mode: it fails only when csrc/README.md's map
-# misses a file; LAYER_CHECK=--strict once the engine is layered).
-LAYER_CHECK ?= --report
+# check runs first and is strict: any upward call, include of a higher
+# layer's header, binding use of a non-public symbol, stale exception or
+# unlisted file fails the run (LAYER_CHECK=--report only prints them).
+LAYER_CHECK ?= --strict
 test: $(MODULE) $(TEST_PROGS)
 	@$(LUA) csrc/layer-check $(LAYER_CHECK) --summary --obj $(BUILD)/obj
 	@BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs $(SPECS)

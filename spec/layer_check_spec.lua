@@ -9,6 +9,7 @@ local function tree(spec)
   local dir = h.tmpdir()
   h.must("mkdir -p " .. h.q(dir .. "/src/engine") .. " " .. h.q(dir .. "/src/lua") ..
          " " .. h.q(dir .. "/obj/engine") .. " " .. h.q(dir .. "/obj/lua"))
+  for name, text in pairs(spec.headers or {}) do h.write_file(dir .. "/src/engine/" .. name, text) end
   for part, files in pairs({ engine = spec.engine or {}, lua = spec.lua or {} }) do
     for name, code in pairs(files) do
       local c = ("%s/src/%s/%s"):format(dir, part, name)
@@ -121,6 +122,33 @@ describe("csrc/layer-check", function()
     assert.are.same({ "BINDING VIOLATION: lua/bind.o -> high_fn in high.o (not declared in "
                       .. dir .. "/pub.h)" }, violations(out))
     assert.are.equal(1, code, out)
+  end)
+
+  it("reports a file including a higher layer's header; an umbrella header goes anywhere", function()
+    local headers = { ["low.h"] = "int low_fn(void);\n", ["high.h"] = "int high_fn(void);\n",
+                      ["all.h"] = "#include \"low.h\"\n#include \"high.h\"\n" }
+    local hrows = { rows[1], rows[2], "| 1 | `low.h` | low |", "| 2 | `high.h` | high |",
+                    "| umbrella | `all.h` | both |" }
+    -- low.c includes high.h but calls nothing of it: only the include is wrong.
+    local dir = tree { engine = { ["low.c"] = "#include \"high.h\"\n" .. low, ["high.c"] = high },
+                       headers = headers, rows = hrows }
+    local code, out = check(dir, "--strict")
+    assert.are.same({ "INCLUDE VIOLATION: low.c (1) includes high.h (2)" }, violations(out))
+    assert.are.equal(1, code, out)
+    -- Down a layer, and through the umbrella: fine.
+    dir = tree { engine = { ["low.c"] = "#include \"all.h\"\n" .. low,
+                            ["high.c"] = "#include \"low.h\"\n" .. high },
+                 headers = headers, rows = hrows }
+    code, out = check(dir, "--strict")
+    assert.are.same({}, violations(out))
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("umbrella header (allowed; per-layer headers preferred): low.c", 1, true), out)
+    -- A header without a row fails the check in every mode.
+    dir = tree { engine = { ["low.c"] = low, ["high.c"] = high },
+                 headers = { ["stray.h"] = "int stray_fn(void);\n" }, rows = rows }
+    code, out = check(dir, "--report")
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("UNLISTED: [^\n]*stray%.h"), out)
   end)
 
   it("finds every engine source of this tree in csrc/README.md", function()

@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "format.h"
 
 #define BITMAP_ENTRY_FIXED      24u     /* bytes before extra data + name */
 #define BITMAP_MAX_NAME         1023u

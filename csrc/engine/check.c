@@ -1,8 +1,10 @@
 /*
- * qemu-img check (QEMU's qcow2_check_refcounts and friends, 7.2): the
- * driver, the in-memory refcount table, the comparison with the refcounts
- * on disk, the COPIED flags of the active tables, leak repair and the
- * findings list. The walk that counts references is check_walk.c.
+ * qemu-img check (QEMU's qcow2_check_refcounts and friends, 7.2), the
+ * driver: one pass (the walk, the comparison with the refcounts on disk,
+ * the COPIED flags of the active tables, leak repair), the repair steps in
+ * QEMU's order, the result. Calls go down: to the walk (check_walk.c) and
+ * the repair steps (repair.c), and from all three to the shared state
+ * (check_state.c: in-memory refcounts, reads, findings).
  *
  * Read-only unless a repair is asked for: every read goes straight to the
  * image file (no cache is filled or trusted), short reads past the end of
@@ -15,190 +17,6 @@
 #include <string.h>
 
 #include "check.h"
-#include "write.h"
-
-/* ---- Findings ------------------------------------------------------------- */
-
-/*
- * The findings array holds room for findings_room(finding_count) entries:
- * every writer (add_finding, append_findings) keeps that invariant, and
- * keep_repairs only shrinks the count, which keeps it too. Room is
- * therefore derived, never stored next to a count that could drift.
- */
-static size_t findings_room(size_t count)
-{
-    size_t room = 8;
-
-    while (room < count)
-        room *= 2;
-    return room;
-}
-
-/* Room for `count` findings in res (count <= CHECK_MAX_FINDINGS). */
-static int findings_reserve(qcow2_check_result *res, size_t count)
-{
-    qcow2_finding *grown;
-
-    if (res->findings && findings_room(count) <=
-                             findings_room(res->finding_count))
-        return 0;
-    grown = realloc(res->findings, findings_room(count) * sizeof *grown);
-    if (!grown)
-        return QCOW2_E_NOMEM;
-    res->findings = grown;
-    return 0;
-}
-
-static void add_finding(check_state *st, int kind, uint64_t offset,
-                        const char *fmt, va_list ap)
-{
-    qcow2_check_result *res = st->res;
-    qcow2_finding *slot;
-    char text[QCOW2_ERRMSG_MAX];
-
-    if (res->finding_count >= CHECK_MAX_FINDINGS ||
-        findings_reserve(res, res->finding_count + 1) < 0) {
-        res->findings_dropped++;
-        return;
-    }
-    vsnprintf(text, sizeof text, fmt, ap);
-    slot = &res->findings[res->finding_count];
-    slot->message = strdup(text);
-    if (!slot->message) {
-        res->findings_dropped++;
-        return;
-    }
-    slot->kind = kind;
-    slot->offset = offset;
-    slot->cluster = offset >> st->img->cluster_bits;
-    res->finding_count++;
-}
-
-void check_note(check_state *st, int kind, uint64_t offset, const char *fmt,
-                ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    add_finding(st, kind, offset, fmt, ap);
-    va_end(ap);
-}
-
-void check_corrupt(check_state *st, uint64_t offset, const char *fmt, ...)
-{
-    va_list ap;
-
-    st->res->corruptions++;
-    va_start(ap, fmt);
-    add_finding(st, QCOW2_FINDING_CORRUPTION, offset, fmt, ap);
-    va_end(ap);
-}
-
-/* ---- Reading ---------------------------------------------------------------- */
-
-int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
-                const char *what)
-{
-    qcow2_io *io = st->img->io;
-    uint8_t *bytes = buf;
-    char text[128];
-    size_t done = 0;
-
-    while (done < len) {
-        uint64_t at;
-        int64_t got;
-        if (add_overflows(offset, done, &at) || at >= st->file_size)
-            break;
-        got = io->ops->pread(io, bytes + done, len - done, at);
-        if (got < 0) {
-            st->res->check_errors++;
-            check_note(st, QCOW2_FINDING_CHECK_ERROR, offset,
-                       "ERROR: I/O error reading the %s at 0x%llx: %s", what,
-                       ull(offset),
-                       qcow2_errno_text(io->last_errno ? io->last_errno : EIO,
-                                        text, sizeof text));
-            return (int)got;
-        }
-        if (got == 0)
-            break;
-        done += (size_t)got;
-    }
-    memset(bytes + done, 0, len - done);
-    return 0;
-}
-
-/* ---- In-memory refcounts ------------------------------------------------------ */
-
-int check_inc(check_state *st, uint64_t offset, uint64_t size)
-{
-    qcow2_image *img = st->img;
-    uint64_t end, first, last;
-
-    if (size == 0)
-        return 0;
-    /* The last cluster of an image may be half written, so a reference
-     * may run past the end of the file, but by less than one cluster. */
-    if (add_overflows(offset, size, &end) ||
-        end >= st->file_size + img->cluster_size) {
-        check_corrupt(st, offset, "ERROR: counting reference for region "
-                      "exceeding the end of the file by one cluster or "
-                      "more: offset 0x%llx size 0x%llx", ull(offset),
-                      ull(size));
-        return 0;
-    }
-    first = offset >> img->cluster_bits;
-    last = (end - 1) >> img->cluster_bits;
-    for (uint64_t k = first; k <= last; k++) {
-        if (k >= st->capacity)      /* cannot happen: bounded above */
-            return QCOW2_E_NOMEM;
-        if (k >= st->nb_clusters)
-            st->nb_clusters = k + 1;
-        if (st->counts[k] >= st->count_max) {
-            check_corrupt(st, k << img->cluster_bits, "ERROR: overflow "
-                          "cluster offset=0x%llx",
-                          ull(k << img->cluster_bits));
-            continue;
-        }
-        st->counts[k]++;
-    }
-    return 0;
-}
-
-/* ---- Refcounts on disk ---------------------------------------------------------- */
-
-int check_disk_refcount(check_state *st, uint64_t cluster, uint64_t *refcount)
-{
-    qcow2_image *img = st->img;
-    uint64_t reftable_index = cluster / img->refblock_entries;
-    uint64_t block_offset;
-    int ret;
-
-    *refcount = 0;
-    if (st->refcounts_dead)
-        return QCOW2_E_IO;
-    if (reftable_index >= img->reftable_entries)
-        return 0;
-    block_offset = img->reftable[reftable_index] & REFT_OFFSET_MASK;
-    if (block_offset == 0)
-        return 0;
-    if (!is_aligned(block_offset, img->cluster_size)) {
-        /* QEMU signals a fatal corruption here and the node is unusable
-         * from then on: every later refcount read fails too. */
-        st->refcounts_dead = 1;
-        return QCOW2_E_IO;
-    }
-    if (st->refblock_index != reftable_index) {
-        st->refblock_index = UINT64_MAX;
-        ret = check_pread(st, block_offset, st->refblock, img->cluster_size,
-                          "refcount block");
-        if (ret < 0)
-            return ret;
-        st->refblock_index = reftable_index;
-    }
-    *refcount = img->refcount_codec->get(st->refblock,
-                                         cluster % img->refblock_entries);
-    return 0;
-}
 
 /* ---- Comparison ---------------------------------------------------------------- */
 
@@ -338,64 +156,6 @@ static int check_copied(check_state *st, uint8_t *table)
 
 /* ---- Driver ------------------------------------------------------------------------- */
 
-static int state_init(check_state *st, qcow2_image *img, int repair,
-                      qcow2_check_result *res)
-{
-    uint64_t file_clusters;
-    int ret;
-
-    memset(st, 0, sizeof *st);
-    st->img = img;
-    st->res = res;
-    st->repair = repair;
-    st->refblock_index = UINT64_MAX;
-    st->has_data_file =
-        (img->hdr.incompatible_features & INCOMPAT_DATA_FILE) != 0;
-    st->count_max = min_u64(img->refcount_codec->max, UINT32_MAX);
-
-    ret = img->io->ops->size(img->io, &st->file_size);
-    if (ret < 0)
-        return qcow2_fail(img, ret, "cannot get the size of the file");
-    st->file_size = check_file_length(st->file_size);
-    file_clusters = div_round_up(st->file_size, img->cluster_size);
-    if (file_clusters > CHECK_MAX_CLUSTERS)
-        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "the file holds %llu "
-                          "clusters, more than qemu-img checks (%llu)",
-                          ull(file_clusters), ull(CHECK_MAX_CLUSTERS));
-    st->nb_clusters = file_clusters;
-    st->capacity = file_clusters + 1;
-    st->counts = calloc((size_t)st->capacity, sizeof *st->counts);
-    st->refblock = malloc((size_t)img->cluster_size);
-    if (!st->counts || !st->refblock)
-        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory for the "
-                          "reference counts of %llu clusters",
-                          ull(st->capacity));
-    return 0;
-}
-
-static void state_free(check_state *st)
-{
-    free(st->counts);
-    free(st->refblock);
-    free(st->active_l1);
-}
-
-int check_count_references(qcow2_image *img, check_state *st,
-                           qcow2_check_result *scratch)
-{
-    int ret = state_init(st, img, QCOW2_REPAIR_NONE, scratch);
-
-    if (ret == 0)
-        ret = check_walk(st);
-    return ret;
-}
-
-void check_state_release(check_state *st)
-{
-    state_free(st);
-    memset(st, 0, sizeof *st);
-}
-
 /* One pass: qcow2_check_refcounts plus the snapshot table check. */
 static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
                       uint64_t *repair_pass_corruptions)
@@ -406,9 +166,9 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
     int ret;
 
     memset(res, 0, sizeof *res);
-    ret = state_init(&st, img, repair, res);
+    ret = check_state_init(&st, img, repair, res);
     if (ret < 0) {
-        state_free(&st);
+        check_state_release(&st);
         return ret;
     }
     /* what a virtual disk of this size needs (QEMU counts whole sectors) */
@@ -461,34 +221,10 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
         *repair_pass_corruptions = res->corruptions - st.copied_vs_disk +
                                    st.copied_vs_counted +
                                    st.refblocks_outside;
-    state_free(&st);
+    check_state_release(&st);
     if (ret == QCOW2_E_NOMEM && img->err.code == 0)
         qcow2_fail(img, ret, "out of memory during the check");
     return ret;
-}
-
-/* Move the findings of `from` to the end of `to` (as many as the cap
- * allows; the rest are counted as dropped). */
-static void append_findings(qcow2_check_result *to, qcow2_check_result *from)
-{
-    size_t take = from->finding_count;
-
-    if (to->finding_count + take > CHECK_MAX_FINDINGS)
-        take = CHECK_MAX_FINDINGS - to->finding_count;
-    if (take && findings_reserve(to, to->finding_count + take) < 0)
-        take = 0;
-    if (take)
-        memcpy(to->findings + to->finding_count, from->findings,
-               take * sizeof *to->findings);
-    for (size_t i = take; i < from->finding_count; i++)
-        free(from->findings[i].message);
-    to->finding_count += take;
-    to->findings_dropped += from->findings_dropped +
-                            (from->finding_count - take);
-    free(from->findings);
-    from->findings = NULL;
-    from->finding_count = 0;
-    from->findings_dropped = 0;
 }
 
 /* A clean result after a repair marks the image clean and consistent, as
@@ -504,21 +240,6 @@ static int mark_clean(qcow2_image *img)
     if (ret == 0 && (img->hdr.incompatible_features & INCOMPAT_CORRUPT))
         ret = qcow2_header_set_feature(img, 0, 1, 0);
     return ret;
-}
-
-/* Keep only the findings of kind "repaired" (a pass whose problems were
- * already reported). */
-static void keep_repairs(qcow2_check_result *res)
-{
-    size_t kept = 0;
-
-    for (size_t i = 0; i < res->finding_count; i++) {
-        if (res->findings[i].kind == QCOW2_FINDING_REPAIRED)
-            res->findings[kept++] = res->findings[i];
-        else
-            free(res->findings[i].message);
-    }
-    res->finding_count = kept;
 }
 
 /* QEMU's qcow2_check_fix_snapshot_table: entries whose extra data was cut
@@ -549,8 +270,8 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
     ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks, NULL);
     if (ret < 0)
         return ret;
-    keep_repairs(&leaks);
-    append_findings(out, &leaks);
+    check_keep_repairs(&leaks);
+    check_append_findings(out, &leaks);
     qcow2_check_result_free(&leaks);
     if ((ret = repair_copied(img, out)) < 0)
         return ret;
@@ -565,8 +286,8 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
          * back, and set the COPIED flags those refcounts decide */
         if ((ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks, NULL)) < 0)
             return ret;
-        keep_repairs(&leaks);
-        append_findings(out, &leaks);
+        check_keep_repairs(&leaks);
+        check_append_findings(out, &leaks);
         qcow2_check_result_free(&leaks);
         if ((ret = repair_copied(img, out)) < 0)
             return ret;
@@ -643,7 +364,7 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
             again.leaks_fixed = out->leaks_fixed;
             again.corruptions_fixed = out->corruptions_fixed;
         }
-        append_findings(out, &again);
+        check_append_findings(out, &again);
         again.findings = out->findings;
         again.finding_count = out->finding_count;
         again.findings_dropped = out->findings_dropped;
@@ -659,15 +380,4 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
         }
     }
     return 0;
-}
-
-void qcow2_check_result_free(qcow2_check_result *res)
-{
-    if (!res)
-        return;
-    for (size_t i = 0; i < res->finding_count; i++)
-        free(res->findings[i].message);
-    free(res->findings);
-    res->findings = NULL;
-    res->finding_count = 0;
 }

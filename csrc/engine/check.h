@@ -1,7 +1,9 @@
 /*
- * qemu-img check, shared between check.c (driver, in-memory refcounts,
- * comparison, COPIED flags, findings, leak repair) and check_walk.c (the
- * walk over every structure that references host clusters).
+ * qemu-img check (layer 8), in three floors: check.c (the driver: passes,
+ * comparison, COPIED flags, leak repair, repair steps in order) calls
+ * check_walk.c (the walk over every structure that references host
+ * clusters) and repair.c (the repair steps), and all three call
+ * check_state.c (in-memory refcounts, reads, findings). Nothing calls up.
  *
  * The in-memory refcount table ("IMRT" in QEMU) is sized by the file, not
  * by the virtual disk: a reference that runs one cluster or more past the
@@ -11,7 +13,7 @@
 #ifndef QCOW2_CHECK_H
 #define QCOW2_CHECK_H
 
-#include "internal.h"
+#include "ops.h"
 
 /* At most this many findings are kept; the counts stay exact. */
 #define CHECK_MAX_FINDINGS      10000u
@@ -66,7 +68,7 @@ typedef struct check_state {
     uint64_t refblocks_outside;
 } check_state;
 
-/* ---- check.c ------------------------------------------------------------ */
+/* ---- check_state.c: the shared state ------------------------------------ */
 /* Record a finding (kind: enum qcow2_finding_kind); counts are the
  * caller's business. offset is the host offset it is about. */
 void check_note(check_state *st, int kind, uint64_t offset, const char *fmt,
@@ -86,6 +88,17 @@ int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
  * qcow2_get_refcount). 0 or a negative status (no finding made). */
 int check_disk_refcount(check_state *st, uint64_t cluster,
                         uint64_t *refcount);
+/* A fresh state for img: file size measured, counts and the refcount
+ * block buffer allocated. Release st afterwards, even on failure. */
+int check_state_init(check_state *st, qcow2_image *img, int repair,
+                     qcow2_check_result *res);
+void check_state_release(check_state *st);
+/* Move the findings of `from` to the end of `to` (as many as the cap
+ * allows; the rest are counted as dropped). */
+void check_append_findings(qcow2_check_result *to, qcow2_check_result *from);
+/* Keep only the findings of kind "repaired" (a pass whose problems were
+ * already reported). */
+void check_keep_repairs(qcow2_check_result *res);
 
 /* ---- check_walk.c --------------------------------------------------------- */
 /* Everything QEMU's calculate_refcounts counts, in its order; the findings
@@ -95,12 +108,11 @@ int check_walk(check_state *st);
  * past the compared range. */
 int check_strict_tail(check_state *st);
 
-/* state_init + check_walk: the references of every structure counted
- * into st->counts (findings go to scratch). Release st afterwards, even
- * on failure. */
+/* check_state_init + check_walk: the references of every structure
+ * counted into st->counts (findings go to scratch). Release st
+ * afterwards, even on failure. */
 int check_count_references(qcow2_image *img, check_state *st,
                            qcow2_check_result *scratch);
-void check_state_release(check_state *st);
 
 /* ---- repair.c (qemu-img check -r all) ------------------------------------ */
 /* Clear L1/L2 entries that cannot be followed (reserved bits, unaligned,

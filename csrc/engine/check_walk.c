@@ -11,7 +11,6 @@
 #include <string.h>
 
 #include "check.h"
-#include "snapshot_table.h"
 
 #define L2_BITMAP_ALL_ALLOC     0x00000000ffffffffull
 #define BME_RESERVED_MASK       0xff000000000001feull
@@ -476,4 +475,16 @@ int check_strict_tail(check_state *st)
                    "clusters past the end of the file have a refcount above "
                    "0 (stricter than qemu-img)", ull(reported - 100));
     return 0;
+}
+
+/* The references of every structure counted into st->counts, for callers
+ * outside check (repair, whole-state switches). */
+int check_count_references(qcow2_image *img, check_state *st,
+                           qcow2_check_result *scratch)
+{
+    int ret = check_state_init(st, img, QCOW2_REPAIR_NONE, scratch);
+
+    if (ret == 0)
+        ret = check_walk(st);
+    return ret;
 }

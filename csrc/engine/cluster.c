@@ -9,7 +9,7 @@
 #include <inttypes.h>
 #include <string.h>
 
-#include "cluster.h"
+#include "read_path.h"
 
 /* Where one guest offset lives in the tables. */
 typedef struct l2_position {

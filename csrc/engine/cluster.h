@@ -7,7 +7,7 @@
 #ifndef QCOW2_CLUSTER_H
 #define QCOW2_CLUSTER_H
 
-#include "internal.h"
+#include "cache.h"
 
 /* QEMU's QCOW2_SUBCLUSTER_* states. Without extended L2 a cluster is one
  * subcluster. */
@@ -57,14 +57,6 @@ static inline int sc_type_is_unallocated(int type)
 int qcow2_lookup_run(qcow2_image *img, uint64_t guest_offset,
                      uint64_t max_len, qcow2_run *run);
 
-/* The write engine changes `length` bytes at byte `offset` of the L2
- * table at l2_offset: the cached copy (if any) gets them and is marked
- * dirty. Write-through: once the bytes are on disk the writer marks it
- * clean. NULL cache: nothing to do. */
-void qcow2_l2_cache_update(qcow2_l2_cache *cache, uint64_t l2_offset,
-                           uint64_t offset, const void *bytes,
-                           size_t length);
-void qcow2_l2_cache_mark_clean(qcow2_l2_cache *cache, uint64_t l2_offset);
 
 /* End of the file holding guest data (img->data_io). */
 int qcow2_data_file_end(qcow2_image *img, uint64_t *end);

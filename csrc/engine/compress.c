@@ -13,7 +13,7 @@
 #include <zlib.h>
 #include <zstd.h>
 
-#include "internal.h"
+#include "read_path.h"
 
 /* QEMU writes deflate with a 4 KiB window and no zlib header. */
 #define DEFLATE_WINDOW_BITS     (-12)

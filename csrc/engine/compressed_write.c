@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "write_path.h"
 
 static int check_request(qcow2_image *img, uint64_t offset, size_t length)
 {

@@ -13,7 +13,7 @@
 #include <unistd.h>
 
 #include "lock.h"
-#include "write.h"
+#include "ops.h"
 
 enum prealloc_mode { PREALLOC_OFF, PREALLOC_METADATA, PREALLOC_FALLOC,
                      PREALLOC_FULL };
@@ -589,22 +589,15 @@ out:
     return rc;
 }
 
-int qcow2_create(const char *path, const qcow2_create_opts *opts,
-                 const qcow2_open_opts *open_opts, qcow2_image **out,
-                 qcow2_error *err)
+int qcow2_create_layout(const char *path, const qcow2_create_opts *opts,
+                        qcow2_error *err)
 {
-    qcow2_error scratch;
-    qcow2_open_opts rw_opts;
     create_plan plan;
     char *data_path = NULL;
     int rc;
 
-    if (!err)
-        err = &scratch;
     err->code = 0;
     err->msg[0] = '\0';
-    if (out)
-        *out = NULL;
     if (!path || !opts)
         return qcow2_error_set(err, QCOW2_E_INVALID, "no path or options");
     rc = check_opts(opts, &plan, err);
@@ -627,14 +620,5 @@ int qcow2_create(const char *path, const qcow2_create_opts *opts,
             unlink(path);
     }
     free(data_path);
-    if (rc < 0 || !out)
-        return rc;
-
-    if (open_opts)
-        rw_opts = *open_opts;
-    else
-        qcow2_open_opts_init(&rw_opts);
-    rw_opts.read_write = 1;
-    rw_opts.force_share = 0;    /* a writer shares no writes */
-    return qcow2_open(path, &rw_opts, out, err);
+    return rc;
 }

@@ -4,7 +4,7 @@
  * (header.c) and for create.c's bootstrap handle, so the two cannot
  * drift apart.
  */
-#include "internal.h"
+#include "format.h"
 
 uint32_t qcow2_l2_bits_for(uint32_t cluster_bits, int extended_l2)
 {

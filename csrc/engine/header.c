@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "format.h"
 
 #define FEATURE_RECORD_BYTES    48
 #define BITMAPS_EXT_BYTES       24

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "format.h"
 
 #define HEADER_V3_LENGTH    112u    /* what QEMU 7.2 writes for v3 */
 #define FEATURE_NAME_BYTES  48u

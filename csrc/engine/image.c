@@ -1,7 +1,7 @@
 /*
  * Opening and closing images: the file, the header and tables, the
- * external data file and the backing chain; the handle's properties
- * (the metadata reads are meta_io.c's).
+ * external data file and the backing chain (the metadata reads are
+ * meta_io.c's, the handle's properties properties.c's).
  *
  * A read-only open never writes a byte, to the image or to anything in its
  * chain: dirty, corrupt-flagged and unknown-autoclear images open as they
@@ -14,11 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
 #include "lock.h"
-#include "meta_io.h"
-#include "snapshot_table.h"
-#include "write.h"     /* read-write opens: write state, fault plan */
+#include "ops.h"
 
 #define RESOLVED_PATH_MAX   4096
 #define RESOLVE_WHY_MAX     256
@@ -44,16 +41,6 @@ static int open_image(const char *path, const qcow2_open_opts *opts,
 static unsigned long long ull(uint64_t value)
 {
     return (unsigned long long)value;
-}
-
-void qcow2_open_opts_init(qcow2_open_opts *opts)
-{
-    memset(opts, 0, sizeof *opts);
-    opts->lazy_refcounts = -1;
-    opts->overlap_check = -1;
-    opts->fail_after_writes = -1;
-    opts->fail_status = QCOW2_E_IO;
-    opts->stop_after_writes = -1;
 }
 
 /* ---- Names and paths ------------------------------------------------------ */
@@ -550,24 +537,9 @@ void qcow2_close(qcow2_image *img)
     /* Read-write: flush, clear the dirty bit (write_state.c). */
     if (img->ws)
         (void)qcow2_write_state_close(img);
-    if (img->l2_cache)
-        qcow2_l2_cache_free(img->l2_cache);
-    qcow2_refcount_cache_free(img->refcount_cache);   /* refcount_cache.c */
-    if (img->codec)
-        qcow2_codec_free(img->codec);
     if (img->owns_backing)
         qcow2_close(img->backing);
-    qcow2_snapshots_free(img);
-    qcow2_header_free(img);
-    free(img->l1);
-    free(img->reftable);
-    if (img->owns_data_io && img->data_io != img->io)
-        qcow2_io_close(img->data_io);
-    if (img->owns_io)
-        qcow2_io_close(img->io);
-    free(img->path);
-    free(img->dir);
-    free(img);
+    qcow2_handle_free(img);     /* handle.c */
 }
 
 const char *qcow2_probe(const char *path, uint32_t *version,
@@ -605,93 +577,4 @@ const char *qcow2_probe(const char *path, uint32_t *version,
     if (version && n >= 8)
         *version = be32(start + 4);
     return "qcow2";
-}
-
-/* ---- Properties ------------------------------------------------------------- */
-
-const char *qcow2_path(const qcow2_image *img)
-{
-    return img->path;
-}
-
-const char *qcow2_format(const qcow2_image *img)
-{
-    return img->is_raw ? "raw" : "qcow2";
-}
-
-uint64_t qcow2_virtual_size(const qcow2_image *img)
-{
-    return img->size;
-}
-
-uint64_t qcow2_cluster_size(const qcow2_image *img)
-{
-    return img->is_raw ? 0 : img->cluster_size;
-}
-
-uint32_t qcow2_version(const qcow2_image *img)
-{
-    return img->is_raw ? 0 : img->hdr.version;
-}
-
-int qcow2_is_read_only(const qcow2_image *img)
-{
-    return img->read_only;
-}
-
-const char *qcow2_backing_name(const qcow2_image *img)
-{
-    return img->backing_name;
-}
-
-const char *qcow2_backing_format(const qcow2_image *img)
-{
-    return img->ext.backing_format;
-}
-
-qcow2_image *qcow2_backing(const qcow2_image *img)
-{
-    return img->backing;
-}
-
-int qcow2_file_size(qcow2_image *img, uint64_t *out)
-{
-    char text[128];
-    int ret = img->io->ops->size(img->io, out);
-
-    if (ret < 0)
-        return qcow2_fail(img, ret, "cannot get the file size: %s",
-                          qcow2_errno_text(img->io->last_errno, text,
-                                           sizeof text));
-    return 0;
-}
-
-int qcow2_allocated_file_size(qcow2_image *img, uint64_t *out)
-{
-    char text[128];
-    int ret = img->io->ops->allocated(img->io, out);
-
-    if (ret < 0)
-        return qcow2_fail(img, ret, "cannot get the allocated size: %s",
-                          qcow2_errno_text(img->io->last_errno, text,
-                                           sizeof text));
-    return 0;
-}
-
-uint32_t qcow2_l1_size(const qcow2_image *img)
-{
-    return img->l1_size;
-}
-
-int qcow2_l1_entry(qcow2_image *img, uint32_t l1_index, uint64_t *entry)
-{
-    *entry = 0;
-    if (img->is_raw)
-        return qcow2_fail(img, QCOW2_E_INVALID, "a raw image has no L1 table");
-    if (l1_index >= img->l1_size)
-        return qcow2_fail(img, QCOW2_E_INVALID,
-                          "L1 index %u out of range (l1_size %u)", l1_index,
-                          img->l1_size);
-    *entry = img->l1[l1_index];
-    return 0;
 }

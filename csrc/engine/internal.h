@@ -1,10 +1,13 @@
 /*
- * Engine-internal types and the functions one engine file offers another.
- * Nothing in here is seen by the binding except through csrc/qcow2.h.
+ * The engine's floor (layer 1): format constants, the I/O backends, errors
+ * and the shared handle type every layer works on. Nothing in here is seen
+ * by the binding except through csrc/qcow2.h.
  *
- * Ownership of work: io.c error.c header.c refcount.c snapshot_table.c image.c
- * (open/close/chain/validation) and l2_cache.c cluster.c compress.c read.c
- * map.c (guest lookups) meet only through what is declared here.
+ * One header per layer sits on top of this one, each including the one
+ * below (csrc/README.md lists them): meta_io.h and overlap.h (2),
+ * format.h (3), cache.h (4), cluster.h and read_path.h (5), alloc.h (6),
+ * l1_write.h and write_path.h (7), ops.h and check.h (8). A file includes
+ * the headers of its own layer and below; write.h includes them all.
  */
 #ifndef QCOW2_INTERNAL_H
 #define QCOW2_INTERNAL_H
@@ -15,7 +18,6 @@
 
 #include "../qcow2.h"
 #include "util.h"
-#include "refcount_codec.h"
 
 /* ---- Format constants (docs/qcow2-format.md) ---------------------------- */
 #define QCOW2_MAGIC                 0x514649FBu
@@ -138,6 +140,7 @@ typedef struct qcow2_snapshot {
 typedef struct qcow2_l2_cache qcow2_l2_cache;   /* l2_cache.c */
 typedef struct qcow2_codec qcow2_codec;         /* compress.c */
 typedef struct qcow2_refcount_cache qcow2_refcount_cache; /* refcount_cache.c */
+typedef struct qcow2_refcount_codec qcow2_refcount_codec; /* refcount_codec.h */
 
 struct qcow2_image {
     qcow2_error err;            /* last failure of a call on this handle */
@@ -196,7 +199,7 @@ struct qcow2_image {
     qcow2_l2_cache *l2_cache;
     uint64_t l2_cache_bytes;
     qcow2_codec *codec;         /* created on the first compressed read */
-    struct qcow2_write_state *ws;  /* read-write handles only (write.h) */
+    struct qcow2_write_state *ws;  /* read-write handles only (overlap.h) */
     int open_for_repair;        /* rw + repair: tolerate what check -r all
                                    fixes (QEMU's BDRV_O_CHECK) */
     uint32_t snapshot_extra_dropped; /* entries whose extra data past QEMU's
@@ -205,125 +208,12 @@ struct qcow2_image {
      * first use, freed by qcow2_close; never on views or raw images. */
     qcow2_refcount_cache *refcount_cache;
     uint64_t refcount_cache_bytes;  /* open option; 0 = default */
+    /* Told of every write of the image file qcow2_write_checked makes (ok:
+     * it succeeded). The refcount-block cache registers here when it is
+     * created, so the write funnel (layer 2) calls no cache (layer 4). */
+    void (*write_observer)(void *ctx, uint64_t offset, const void *buf,
+                           size_t length, int ok);
+    void *write_observer_ctx;
 };
-
-/* ---- Metadata reads: meta_io.h (layer 2), here for the files that
- * still reach it through this header. */
-#include "meta_io.h"
-
-/* ---- Caches and codecs (l2_cache.c, compress.c) ----------------------- */
-/* An L2 table cache holding at most `bytes` of tables (at least 2). */
-int qcow2_l2_cache_new(qcow2_image *img, uint64_t bytes,
-                       qcow2_l2_cache **out);
-void qcow2_l2_cache_free(qcow2_l2_cache *cache);
-void qcow2_codec_free(qcow2_codec *codec);
-
-/* Default L2 cache bytes for img: enough to map the whole disk, capped at
- * 32 MiB as QEMU 7.2 caps it, at least 2 tables. */
-uint64_t qcow2_default_l2_cache_bytes(const qcow2_image *img);
-
-/* ---- Header (header.c) ------------------------------------------------ */
-/* Parse and validate the header and extensions of img->io into img
- * (geometry fields too). Refuses what QEMU refuses, naming the field. */
-int qcow2_header_load(qcow2_image *img);
-void qcow2_header_free(qcow2_image *img);
-
-/* The feature names QEMU 7.2 writes in its feature-name table, in its
- * order (header.c): names for images without a table, and the table
- * header_write.c writes. */
-#define QCOW2_KNOWN_FEATURES 8
-typedef struct qcow2_known_feature {
-    uint8_t type;               /* 0 incompatible, 1 compatible, 2 autoclear */
-    uint8_t bit;
-    const char *name;
-} qcow2_known_feature;
-extern const qcow2_known_feature qcow2_known_features[QCOW2_KNOWN_FEATURES];
-
-/* ---- Geometry (geometry.c) -------------------------------------------- */
-/* log2 of the entries of one L2 table. */
-uint32_t qcow2_l2_bits_for(uint32_t cluster_bits, int extended_l2);
-/* Every geometry field of img (cluster, L2, subcluster and refcount-block
- * sizes) from the three header fields that fix them (already validated). */
-void qcow2_geometry_set(qcow2_image *img, uint32_t cluster_bits,
-                        int extended_l2, uint32_t refcount_order);
-/* L1 entries that map `size` guest bytes with this geometry (no limit
- * applied: qcow2_l1_entries_needed and create apply theirs). */
-uint64_t qcow2_l1_entries_for(uint32_t cluster_bits, uint32_t l2_bits,
-                              uint64_t size);
-
-/* ---- Refcounts (refcount.c) ------------------------------------------ */
-int qcow2_reftable_load(qcow2_image *img);
-/* Clusters [0, end_cluster) whose refcount is not zero, reading each
- * refcount block once. */
-int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
-                              uint64_t *out);
-
-/* ---- Refcount-block cache (refcount_cache.c) -------------------------
- * Write-through: cached blocks always hold the bytes on disk; writers
- * keep it so through qcow2_write_checked (see write.h). */
-/* Bytes [byte_start, byte_start+len) of the refcount block at
- * block_offset: from the cache (the whole block read once on a miss), or
- * straight from the file (views, raw images, blocks cut short by the end
- * of the file). Errors as qcow2_read_meta's ("refcount block"). */
-int qcow2_refcount_block_read(qcow2_image *img, uint64_t block_offset,
-                              uint64_t byte_start, void *buf, size_t len);
-void qcow2_refcount_cache_free(qcow2_refcount_cache *cache);
-/* QEMU 7.2's default: 4 clusters. */
-uint64_t qcow2_default_refcount_cache_bytes(const qcow2_image *img);
-
-/* ---- Guest lookups: L2 cache and codecs (cache.c, compress.c) ---------
- * Added by the read-path work (l2_cache.c cluster.c compress.c read.c map.c).
- */
-/* The L2 table at host offset l2_offset: one whole cluster, big-endian as
- * on disk, from img->l2_cache or read with qcow2_read_meta on a miss. The
- * pointer is valid until the next call on the cache. img->l2_cache is
- * created on first use when the open path did not (img->l2_cache_bytes,
- * or the default). The caller validated l2_offset (aligned, inside the
- * file, not cluster 0). */
-int qcow2_l2_cache_get(qcow2_image *img, uint64_t l2_offset,
-                       uint8_t **table);
-/* Forget the cached copy of one table (rewritten behind the cache's
- * back) or of every table. NULL cache: nothing to do. */
-void qcow2_l2_cache_drop(qcow2_l2_cache *cache, uint64_t l2_offset);
-void qcow2_l2_cache_drop_all(qcow2_l2_cache *cache);
-
-/* Decompress the compressed cluster whose stream starts at host byte
- * coffset with csize bytes at most (the L2 entry's upper bound; the file
- * may end sooner). *cluster gets cluster_size bytes owned by img->codec,
- * valid until the next codec call. The last cluster decompressed is kept,
- * so reading it again costs nothing. guest_offset is for messages. */
-int qcow2_decompress_cluster(qcow2_image *img, uint64_t coffset,
-                             uint64_t csize, uint64_t guest_offset,
-                             const uint8_t **cluster);
-/* Drop the kept decompressed cluster (a writer reused its host bytes). */
-void qcow2_codec_forget(qcow2_codec *codec);
-
-/* qcow2_compress_cluster's "keep it uncompressed" answer (not an error). */
-#define QCOW2_DOES_NOT_SHRINK 1
-/* Compress one cluster (cluster_size bytes at src) with the image's
- * compression type, as QEMU writes it: deflate raw (level default,
- * windowBits -12, memLevel 9) or zstd level 3, one frame. At most
- * min(dst_cap, cluster_size - 1) bytes go to dst; *dst_len gets the
- * stream length. Returns 0, QCOW2_DOES_NOT_SHRINK when the stream does
- * not fit, or a negative status. */
-int qcow2_compress_cluster(qcow2_image *img, const void *src, void *dst,
-                           size_t dst_cap, size_t *dst_len);
-
-/* ---- Open-path helpers (header.c, image.c; added by the open work) -----
- * qcow2_header_load expects img->io and img->file_size to be set. */
-/* A metadata table of `length` bytes at `offset`: cluster aligned, inside
- * the file, clear of cluster 0 (QCOW2_E_CORRUPT naming `what`). An empty
- * table only has to be aligned. */
-int qcow2_check_table(qcow2_image *img, const char *what, uint64_t offset,
-                      uint64_t length);
-/* QCOW2_E_CORRUPT when two tables share a byte. */
-int qcow2_check_tables_apart(qcow2_image *img, const char *what_a,
-                             uint64_t a, uint64_t a_length,
-                             const char *what_b, uint64_t b,
-                             uint64_t b_length);
-/* L1 entries needed to map `size` guest bytes; QCOW2_E_CORRUPT (no
- * message) when that exceeds INT32_MAX, as QEMU refuses. */
-int qcow2_l1_entries_needed(const qcow2_image *img, uint64_t size,
-                            uint64_t *entries);
 
 #endif /* QCOW2_INTERNAL_H */

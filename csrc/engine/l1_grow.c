@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "write_path.h"
 
 int qcow2_l1_grow(qcow2_image *img, uint64_t min_entries)
 {

@@ -7,7 +7,7 @@
 #ifndef QCOW2_L1_WRITE_H
 #define QCOW2_L1_WRITE_H
 
-#include "internal.h"
+#include "alloc.h"
 
 /* Word 0 of L2 entry l2_index in a raw (big-endian) table; with extended
  * L2 the subcluster bitmap follows it and is left alone here. */

@@ -10,8 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
-#include "cluster.h"
+#include "cache.h"
 #include "table_cache.h"
 
 /* QEMU 7.2: DEFAULT_L2_CACHE_MAX_SIZE and MIN_L2_CACHE_SIZE (tables). */

@@ -25,7 +25,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cluster.h"
+#include "read_path.h"
 
 /* QEMU's block layer counts lengths in 512-byte sectors. */
 #define SECTOR_SIZE 512u

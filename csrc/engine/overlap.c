@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "overlap.h"
 
 /* QEMU's metadata_ol_names, so messages read the same. */
 static const char *overlap_name(int which)
@@ -249,9 +249,11 @@ int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
     if (rc < 0)
         return rc;
     rc = write_io(img, img->io, what, offset, buf, length);
-    /* Refcount-block cache (refcount_cache.c): cached blocks mirror the
-     * disk, whoever writes their bytes. */
-    qcow2_refcount_cache_written(img, offset, buf, length, rc == 0);
+    /* The refcount-block cache, once it exists, observes every write:
+     * cached blocks mirror the disk, whoever writes their bytes. */
+    if (img->write_observer)
+        img->write_observer(img->write_observer_ctx, offset, buf, length,
+                            rc == 0);
     return rc;
 }
 

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "write_path.h"
 
 /* The L2 table of l1_index into `table`: read when there is one (it must
  * be ours alone), else allocated and zeroed (*is_new). */

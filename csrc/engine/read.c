@@ -7,8 +7,7 @@
 #include <inttypes.h>
 #include <string.h>
 
-#include "cluster.h"
-#include "meta_io.h"
+#include "read_path.h"
 
 /* Work not yet done: a data run and a backing run, each coalesced until
  * the next run does not continue it. */

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "read_path.h"
 
 static unsigned long long ull(uint64_t value)
 {

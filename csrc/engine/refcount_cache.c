@@ -10,11 +10,12 @@
  *
  * WRITE-THROUGH, never write-back: the cache only saves reads. The
  * invariant is "a cached block holds exactly the bytes on disk at its
- * offset", kept at the one write funnel: qcow2_write_checked mirrors every
- * successful write of the image file into the cached blocks it overlaps
- * (whoever wrote it: refcount updates, new blocks, repair, amend, guest
- * data landing on a cluster that used to be a block) and drops them when a
- * write fails (the disk is then unknown). Writes that bypass the funnel
+ * offset", kept at the one write funnel: qcow2_write_checked tells the
+ * cache (the handle's write observer, registered when the cache is made)
+ * of every write, and the cache mirrors a successful write of the image
+ * file into the cached blocks it overlaps (whoever wrote it: refcount
+ * updates, new blocks, repair, amend, guest data landing on a cluster that
+ * used to be a block) and drops them when a write fails (the disk is then unknown). Writes that bypass the funnel
  * (qcow2_raw_write, an atomic refcount-table switch elsewhere) call
  * qcow2_refcount_cache_drop_all. Because nothing is ever dirty in here,
  * every refcount increase is on disk when qcow2_refcount_update returns,
@@ -38,7 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "cache.h"
 #include "table_cache.h"
 
 #define RC_CACHE_DEFAULT_BLOCKS 4u      /* QEMU 7.2 MIN_REFCOUNT_CACHE_SIZE */
@@ -86,6 +87,17 @@ static int report(void *ctx, int code, const char *msg)
     return qcow2_fail(ctx, code, "%s", msg);
 }
 
+/* The handle's write observer (img->write_observer): mirror a write of
+ * the image file into the cached blocks it overlaps (ok), or forget them
+ * (!ok: the disk is unknown). */
+static void observe_write(void *ctx, uint64_t offset, const void *buf,
+                          size_t length, int ok)
+{
+    qcow2_refcount_cache *cache = ctx;
+
+    qcow2_table_cache_mirror(cache->blocks, offset, length, ok ? buf : NULL);
+}
+
 static int cache_new(qcow2_image *img, uint64_t bytes,
                      qcow2_refcount_cache **out)
 {
@@ -108,6 +120,9 @@ static int cache_new(qcow2_image *img, uint64_t bytes,
                           "cache)");
     }
     *out = cache;
+    /* Registered for the cache's life: it lives as long as the handle. */
+    img->write_observer = observe_write;
+    img->write_observer_ctx = cache;
     return 0;
 }
 
@@ -170,14 +185,6 @@ void qcow2_refcount_cache_install(qcow2_image *img, uint64_t block_offset,
     if (cache_attach(img, &cache) < 0 || !cache ||
         qcow2_table_cache_install(cache, block_offset, block) < 0)
         forget_error(img);
-}
-
-void qcow2_refcount_cache_written(qcow2_image *img, uint64_t offset,
-                                  const void *buf, size_t length, int ok)
-{
-    if (img->refcount_cache)
-        qcow2_table_cache_mirror(img->refcount_cache->blocks, offset, length,
-                                 ok ? buf : NULL);
 }
 
 void qcow2_refcount_cache_drop(qcow2_image *img, uint64_t block_offset)

@@ -23,8 +23,6 @@
 #include <string.h>
 
 #include "check.h"
-#include "snapshot_table.h"
-#include "write.h"
 
 /* A small check_state that only carries img and res, for check_note. */
 static void note_state(check_state *st, qcow2_image *img,

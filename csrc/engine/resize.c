@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "write.h"
+#include "ops.h"
 
 /* ---- Shrinking ------------------------------------------------------------- */
 

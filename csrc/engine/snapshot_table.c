@@ -8,9 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
-#include "meta_io.h"
-#include "snapshot_table.h"
+#include "format.h"
 
 #define SNAPSHOT_HEADER_BYTES   40
 /* Known extra data: vm_state_size (64-bit), disk size, icount. */

@@ -6,9 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
-#include "meta_io.h"
-#include "snapshot_table.h"
+#include "ops.h"
 
 static unsigned long long ull(uint64_t value)
 {
@@ -72,7 +70,7 @@ static qcow2_image *new_view(qcow2_image *parent, const qcow2_snapshot *sn)
         return NULL;
     view->path = view_path(parent, sn);
     if (!view->path || copy_view_state(view, parent) < 0) {
-        qcow2_close(view);
+        qcow2_handle_free(view);
         return NULL;
     }
     view->io = parent->io;
@@ -155,7 +153,7 @@ int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
         if (view->err.code == 0)
             qcow2_fail(view, ret, "cannot create the L2 cache");
         parent->err = view->err;
-        qcow2_close(view);
+        qcow2_handle_free(view);
         return ret;
     }
     view->l2_cache_bytes = qcow2_default_l2_cache_bytes(view);

@@ -29,9 +29,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "cluster.h"
-#include "snapshot_table.h"
-#include "write.h"
+#include "ops.h"
 
 static unsigned long long ull(uint64_t value)
 {

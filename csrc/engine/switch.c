@@ -26,8 +26,6 @@
 #include <string.h>
 
 #include "check.h"
-#include "snapshot_table.h"
-#include "write.h"
 
 /* ---- The header ---------------------------------------------------------- */
 

@@ -15,8 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cluster.h"
-#include "write.h"
+#include "write_path.h"
 
 /* Larger runs are written in up to three pieces rather than copied whole
  * into one bounce buffer. */

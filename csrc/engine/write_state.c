@@ -8,8 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cluster.h"
-#include "write.h"
+#include "alloc.h"
 
 /* Autoclear bits this engine keeps consistent (bitmaps: by marking them
  * in use, see mark_bitmaps_in_use). */

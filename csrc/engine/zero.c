@@ -7,8 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cluster.h"
-#include "write.h"
+#include "write_path.h"
 
 #define ZERO_CHUNK          (1u << 20)
 #define BITMAP_ALL_ZEROES   0xffffffff00000000ull
