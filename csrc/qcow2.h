@@ -305,9 +305,16 @@ typedef struct qcow2_snapshot_info {
     uint64_t l1_table_offset;
     uint32_t l1_size;
     uint32_t extra_data_size;
+    const uint8_t *extra_data;  /* extra_data_size bytes as stored (NULL
+                                   when 0); owned by img */
+    uint64_t entry_offset;      /* host offset of the table entry */
+    uint32_t entry_length;      /* its bytes on disk, padding excluded */
 } qcow2_snapshot_info;
 
 uint32_t qcow2_snapshot_count(const qcow2_image *img);
+/* Bytes of the snapshot table on disk, padding after the last entry
+ * excluded (QEMU's snapshots_size; 0 without snapshots). */
+uint64_t qcow2_snapshot_table_size(const qcow2_image *img);
 int qcow2_snapshot_get(const qcow2_image *img, uint32_t index,
                        qcow2_snapshot_info *out);
 /*
