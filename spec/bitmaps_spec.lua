@@ -117,6 +117,7 @@ describe("Image:bitmaps", function()
     other:close()
     assert.has_error(function() iter() end)
     assert.has_error(function() b2:extents() end)
+    assert.has_error(function() b2.extents(other) end)    -- not a Bitmap
   end)
 
   it("gives an empty list for an image without bitmaps", function()

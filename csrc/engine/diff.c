@@ -113,6 +113,11 @@ static int resolve(diff_state *ds, side *sd, uint64_t g, uint64_t max)
             seg->intra = g - run.cluster_offset;
             break;
         }
+        if (run.type != SC_ZERO_PLAIN && run.type != SC_ZERO_ALLOC &&
+            !sc_type_is_unallocated(run.type))
+            return qcow2_fail(ds->a, QCOW2_E_CORRUPT, "guest offset 0x%"
+                              PRIx64 ": unknown cluster state %d in %s", g,
+                              run.type, level->path ? level->path : "?");
         if (!sc_type_is_unallocated(run.type) || !level->backing ||
             g >= level_length(level->backing))
             break;                      /* zeroes */
