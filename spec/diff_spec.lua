@@ -246,6 +246,92 @@ describe("Image:diff", function()
     ib:close(); ig:close()
   end)
 
+  it("gives ranges or nil, message, code on randomly damaged images (sampled; make fuzz: more)", function()
+    local iterations = math.max(40, (tonumber(os.getenv("QCOW2_FUZZ_ITERATIONS") or "") or 200) // 5)
+    local pristine = dir .. "/fz.qcow2"
+    h.create(pristine, 2 * MiB, "cluster_size=4k")
+    h.qemu_img("bitmap --add --granularity 4k " .. h.q(pristine) .. " fz")
+    h.qemu_io(pristine, { "write -P 0x11 0 64k", "write -c -P 0x22 128k 4k", "write -z 256k 8k" })
+    h.qemu_img("snapshot -c s " .. h.q(pristine))
+    h.qemu_io(pristine, { "write -P 0x33 8k 4k", "write -P 0x44 1M 12k" })
+    local bytes = h.read_file(pristine)
+    -- the metadata the two calls walk, found by hand: L1, the first L2
+    -- table, the snapshot's L1, the bitmap directory, table and data
+    local function be64(off) return (string.unpack(">I8", bytes, off + 1)) end
+    local l1 = be64(40)
+    local snap_l1 = be64(be64(64))                 -- the first entry's L1 offset
+    local ext_at = string.unpack(">I4", bytes, 101)  -- extensions follow the header
+    local dir_off
+    while true do
+      local magic, len = string.unpack(">I4I4", bytes, ext_at + 1)
+      if magic == 0 then break end
+      if magic == 0x23852875 then dir_off = be64(ext_at + 8 + 16) end
+      ext_at = ext_at + 8 + (len + 7) // 8 * 8
+    end
+    local table_off = be64(dir_off)
+    local regions = {
+      { l1, 8 }, { be64(l1) & 0x00fffffffffffe00, 4096 }, { snap_l1, 8 },
+      { dir_off, 32 }, { table_off, 8 }, { be64(table_off) & 0x00fffffffffffe00, 64 },
+    }
+    local codes = { io = true, corrupt = true, unsupported = true, invalid = true, nomem = true,
+                    notfound = true }
+    local path = dir .. "/fz-run.qcow2"
+    local stats = { diffed = 0, diff_failed = 0, iterated = 0, bitmap_refused = 0 }
+    for i = 1, iterations do
+      math.randomseed(20261125, i)
+      local b = bytes
+      for _ = 1, math.random(1, 3) do
+        -- a random word, or one flipped bit, in one of the regions
+        local r = regions[math.random(#regions)]
+        local at = r[1] + math.random(0, r[2] // 8 - 1) * 8
+        local word = string.unpack(">I8", b, at + 1)
+        if math.random(2) == 1 then
+          word = word ~ (1 << math.random(0, 63))
+        else
+          word = math.random(math.mininteger, math.maxinteger)
+        end
+        b = b:sub(1, at) .. string.pack(">i8", word) .. b:sub(at + 9)
+      end
+      h.write_file(path, b)
+      local img = qcow2.open(path)
+      if img then
+        local function outcome(r, msg, code)
+          if r == nil then
+            assert.is_string(msg, "iteration " .. i)
+            assert.is_nil(msg:find("\n", 1, true))
+            assert.is_true(codes[code] == true, ("iteration %d: code %s (%s)"):format(i, tostring(code), msg))
+          end
+        end
+        local snaps = img:snapshots()
+        if snaps[1] then
+          local v = snaps[1]:open()
+          if v then
+            local r, msg, code = img:diff(v)
+            stats[r and "diffed" or "diff_failed"] = stats[r and "diffed" or "diff_failed"] + 1
+            outcome(r, msg, code)
+          end
+        end
+        local ok, list = pcall(img.bitmaps, img)
+        assert.is_true(ok, list)
+        for _, bm in ipairs(list or {}) do
+          local it_or_nil, msg, code = bm:extents()
+          stats[it_or_nil and "iterated" or "bitmap_refused"] = stats[it_or_nil and "iterated" or "bitmap_refused"] + 1
+          if it_or_nil then
+            local n = 0
+            local iok, ierr = pcall(function() for _ in it_or_nil do n = n + 1 end end)
+            -- a read failure mid-loop raises with the one-line message
+            assert.is_true(iok or type(ierr) == "string", tostring(ierr))
+          else
+            outcome(nil, msg, code)
+          end
+        end
+        img:close()
+      end
+    end
+    -- both outcomes of both calls were exercised
+    for k, n in pairs(stats) do assert.is_true(n > 0, k .. " never happened") end
+  end)
+
   it("raises on misuse", function()
     local p = dir .. "/m.qcow2"
     h.create(p, 1 * MiB)
