@@ -177,6 +177,28 @@ typedef int (*qcow2_extent_fn)(void *ctx, const qcow2_extent *extent);
 int qcow2_map(qcow2_image *img, uint64_t offset, uint64_t length,
               qcow2_extent_fn fn, void *ctx);
 
+/* --- Diff ------------------------------------------------------------------ */
+/*
+ * Guest ranges whose bytes differ between a and b: any two images or
+ * views (snapshot views, backing images, unrelated files). fn gets each
+ * range in order, at 512-byte sector precision (a sector is reported when
+ * any byte in it differs; ranges are sector aligned, adjacent ones merged,
+ * the last one ends at the larger virtual size). Sizes may differ: the
+ * shorter side reads as zeroes past its end (qemu-img compare). Maps come
+ * first: ranges both sides resolve to zeroes, or to the same host bytes
+ * of the same file, are equal without a read; bytes are read only where
+ * that fails. fn returns 0 to go on, non-zero to stop (that value is
+ * returned). Failures are reported on a. stats (may be NULL) counts the
+ * work.
+ */
+typedef struct qcow2_diff_stats {
+    uint64_t bytes_read;        /* guest bytes read, both sides summed */
+    uint64_t bytes_by_map;      /* guest bytes found equal from the maps */
+} qcow2_diff_stats;
+typedef int (*qcow2_range_fn)(void *ctx, uint64_t start, uint64_t length);
+int qcow2_diff(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn, void *ctx,
+               qcow2_diff_stats *stats);
+
 /* --- Raw structures, for inspection ---------------------------------------- */
 typedef struct qcow2_header {
     uint32_t magic;
@@ -283,9 +305,16 @@ typedef struct qcow2_snapshot_info {
     uint64_t l1_table_offset;
     uint32_t l1_size;
     uint32_t extra_data_size;
+    const uint8_t *extra_data;  /* extra_data_size bytes as stored (NULL
+                                   when 0); owned by img */
+    uint64_t entry_offset;      /* host offset of the table entry */
+    uint32_t entry_length;      /* its bytes on disk, padding excluded */
 } qcow2_snapshot_info;
 
 uint32_t qcow2_snapshot_count(const qcow2_image *img);
+/* Bytes of the snapshot table on disk, padding after the last entry
+ * excluded (QEMU's snapshots_size; 0 without snapshots). */
+uint64_t qcow2_snapshot_table_size(const qcow2_image *img);
 int qcow2_snapshot_get(const qcow2_image *img, uint32_t index,
                        qcow2_snapshot_info *out);
 /*
@@ -486,5 +515,23 @@ typedef struct qcow2_bitmap_info {
 int qcow2_bitmap_list(qcow2_image *img, qcow2_bitmap_info **out,
                       size_t *count);
 void qcow2_bitmap_list_free(qcow2_bitmap_info *list, size_t count);
+
+/*
+ * The dirty ranges of the bitmap named `name`, streamed. Open validates
+ * the directory entry (type, flags, table size against the disk, table
+ * inside the file) and every table entry (reserved bits, data clusters
+ * aligned and inside the file), reading the table a chunk at a time;
+ * an in-use bitmap (not stored cleanly) is refused as unsupported.
+ * Next gives one merged range of dirty guest bytes: 1 with *start and
+ * *length set, 0 at the end, or a negative status. Memory: the iterator
+ * holds one table chunk and one data cluster, whatever the image claims.
+ * The iterator borrows nothing: pass the same image to every call.
+ */
+typedef struct qcow2_bitmap_iter qcow2_bitmap_iter;
+int qcow2_bitmap_extents_open(qcow2_image *img, const char *name,
+                              qcow2_bitmap_iter **out);
+int qcow2_bitmap_extents_next(qcow2_image *img, qcow2_bitmap_iter *it,
+                              uint64_t *start, uint64_t *length);
+void qcow2_bitmap_extents_free(qcow2_bitmap_iter *it);
 
 #endif /* QCOW2_H */

@@ -111,6 +111,12 @@ local misuse = {
   snapshot = { function(c) return c.img:snapshot({}) end },
   backing = { function(c) return c.img.backing(io.stdout) end },
   l1 = { function(c) return c.img.l1(c.snap) end },
+  diff = {
+    function(c) return c.img:diff() end,
+    function(c) return c.img:diff(c.snap) end,
+    function(c) return c.img.diff(c.map, c.img) end,
+  },
+  bitmaps = { function(c) return c.img.bitmaps(c.snap) end },
   l2 = {
     function(c) return c.img:l2(-1) end,
     function(c) return c.img:l2(true) end,
@@ -231,10 +237,10 @@ local IMAGE_METHODS = {
   "resize", "close", "info", "info_json", "header", "map", "digest",
   "snapshots", "snapshot", "backing", "l1", "l2", "refcount", "raw_read",
   "raw_write", "io_log", "check", "amend", "make_empty", "create_snapshot",
-  "save_vmstate", "load_vmstate",
+  "save_vmstate", "load_vmstate", "diff", "bitmaps",
 }
 -- In the contract, not built yet: absent, never a stub.
-local NOT_BUILT = { "rebase", "commit", "convert", "owners", "residue", "diff" }
+local NOT_BUILT = { "rebase", "commit", "convert", "owners", "residue" }
 
 describe("the error convention", function()
   local c

@@ -251,6 +251,45 @@ describe("Image:header", function()
       assert.are.equal(e.data, exts[i].data)
     end
   end)
+  it("gives the snapshot table's size and each entry's extra data as in the file", function()
+    local path = corpus.snapshots(dir)
+    local img = assert(qcow2.open(path))
+    local hd = img:header()
+    img:close()
+    -- walk the table in the file (format doc: 40 fixed bytes, extra data,
+    -- id, name, padding to 8)
+    local off = h.get_be64(path, 64)
+    local want, pos = {}, off
+    for _ = 1, h.get_be32(path, 60) do
+      pos = (pos + 7) // 8 * 8
+      local id_size, name_size = string.unpack(">I2I2", h.peek(path, pos + 12, 4))
+      local extra_size = h.get_be32(path, pos + 36)
+      local extra = h.peek(path, pos + 40, extra_size)
+      want[#want + 1] = {
+        offset = pos, length = 40 + extra_size + id_size + name_size,
+        extra_data_size = extra_size, extra_data = extra,
+        id = h.peek(path, pos + 40 + extra_size, id_size),
+        name = h.peek(path, pos + 40 + extra_size + id_size, name_size),
+      }
+      pos = pos + 40 + extra_size + id_size + name_size
+    end
+    assert.are.equal(3, #want)
+    assert.are.equal(pos - off, hd.snapshot_table_size)
+    assert.are.same(want, hd.snapshots)
+    -- the extra data QEMU writes: vm_state_size, disk_size, icount
+    for i, size in ipairs({ 4 * MiB, 4 * MiB, 6 * MiB }) do
+      assert.is_true(hd.snapshots[i].extra_data_size >= 24)
+      assert.are.equal(size, (string.unpack(">I8", hd.snapshots[i].extra_data, 9)))
+    end
+  end)
+
+  it("gives an empty snapshot list and a zero table size without snapshots", function()
+    local img = assert(qcow2.open(corpus.v3(dir, 64 * KiB)))
+    local hd = img:header()
+    img:close()
+    assert.are.equal(0, hd.snapshot_table_size)
+    assert.are.same({}, hd.snapshots)
+  end)
 end)
 
 describe("Image:l1, Image:l2 and Image:refcount", function()
@@ -292,6 +331,27 @@ describe("Image:l1, Image:l2 and Image:refcount", function()
       end
       assert.are.equal(want, img:refcount(host_cluster), "refcount of host cluster " .. host_cluster)
     end
+    img:close()
+  end)
+
+  it("index L2 tables by the format's L1 index: img:l2(i) is the table l1()[i + 1] points at", function()
+    local path = dir .. "/second-l1.qcow2"
+    local cs = 4 * KiB
+    local span = cs * (cs // 8)      -- guest bytes one L2 table maps
+    h.create(path, 4 * span, "cluster_size=4k")
+    h.qemu_io(path, { "write -P 0x5e " .. (span + 3 * cs) .. " " .. cs })
+    local img = assert(qcow2.open(path))
+    local l1 = img:l1()
+    assert.are.equal(0, l1[1])       -- format entry 0: empty
+    local l2_off = l1[2] & 0x00FFFFFFFFFFFE00
+    assert.are_not.equal(0, l2_off)  -- format entry 1: the table
+    assert.are.same({}, img:l2(0))
+    local l2 = img:l2(1)
+    assert.are.equal(h.get_be64(path, l2_off + 8 * 3), l2[4])
+    assert.are_not.equal(0, l2[4])
+    local r, _, code = img:l2(#l1)   -- one past the last format index
+    assert.is_nil(r)
+    assert.are.equal("invalid", code)
     img:close()
   end)
 end)

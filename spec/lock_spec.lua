@@ -35,6 +35,27 @@ local function locks_on(path)
   return table.concat(bytes, " ")
 end
 
+-- The locks on each of `files` once they stop changing: qemu-io's prompt
+-- comes before QEMU has settled every permission of the chain, and a busy
+-- machine can show the moment in between.
+local function settled_locks(files)
+  local function snapshot()
+    local t = {}
+    for _, f in ipairs(files) do t[#t + 1] = f .. ": " .. locks_on(f) end
+    return table.concat(t, "\n")
+  end
+  local last = snapshot()
+  for _ = 1, 40 do
+    os.execute("sleep 0.05")
+    local now = snapshot()
+    if now == last then break end
+    last = now
+  end
+  local out = {}
+  for line in (last .. "\n"):gmatch("(.-)\n") do out[#out + 1] = line end
+  return out
+end
+
 -- A qemu-io process holding `path` (opened with `args`), fed through a
 -- pipe: it keeps the image until stop() closes its stdin. `timeout` bounds
 -- its life even if a test dies before stopping it.
@@ -106,7 +127,7 @@ describe("image locks", function()
         local p = dir .. "/x.img"
         if case.raw then h.truncate(p, MiB) else h.create(p, 16 * MiB) end
         local holder = hold_with_qemu_io(p, case[2])
-        local theirs = locks_on(p)
+        local theirs = settled_locks({ p })[1]:gsub("^.-: ", "")
         holder.stop()
         assert.are.equal("", locks_on(p))
         local img = assert(qcow2.open(p, case[3]))
@@ -129,7 +150,7 @@ describe("image locks", function()
         local theirs, mine = {}, {}
         for _, p in ipairs({ top, ext }) do
           local holder = hold_with_qemu_io(p, case[2])
-          for _, f in ipairs(files) do theirs[#theirs + 1] = f .. ": " .. locks_on(f) end
+          for _, line in ipairs(settled_locks(files)) do theirs[#theirs + 1] = line end
           holder.stop()
           local img = assert(qcow2.open(p, case[3]))
           for _, f in ipairs(files) do mine[#mine + 1] = f .. ": " .. locks_on(f) end

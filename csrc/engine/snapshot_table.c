@@ -275,6 +275,9 @@ int qcow2_snapshot_get(const qcow2_image *img, uint32_t index,
     out->l1_table_offset = sn->l1_table_offset;
     out->l1_size = sn->l1_size;
     out->extra_data_size = sn->extra_data_size;
+    out->extra_data = sn->extra_data_size ? sn->extra_data : NULL;
+    out->entry_offset = sn->entry_offset;
+    out->entry_length = sn->entry_length;
     return 0;
 }
 

@@ -440,12 +440,47 @@ static void push_feature_names(lua_State *L, qcow2_image *h, int kind,
     }
 }
 
+/* header()'s snapshot-table facts: snapshot_table_size (bytes on disk,
+ * padding after the last entry excluded, as QEMU counts it) and
+ * snapshots, one {id=, name=, offset=, length=, extra_data_size=,
+ * extra_data=} per entry in table order: the entry's host offset and
+ * bytes, and its extra data as the raw bytes stored (a string; QEMU's
+ * known part is vm_state_size, disk_size and icount, big-endian). */
+static int push_snapshot_entries(lua_State *L, qcow2_image *h)
+{
+    uint32_t n = qcow2_snapshot_count(h);
+
+    ql_set_int(L, "snapshot_table_size", qcow2_snapshot_table_size(h));
+    lua_createtable(L, (int)n, 0);
+    for (uint32_t i = 0; i < n; i++) {
+        qcow2_snapshot_info sn;
+        int rc = qcow2_snapshot_get(h, i, &sn);
+        if (rc < 0) {
+            lua_pop(L, 1);
+            return rc;
+        }
+        lua_createtable(L, 0, 6);
+        ql_set_str(L, "id", sn.id);
+        ql_set_str(L, "name", sn.name);
+        ql_set_int(L, "offset", sn.entry_offset);
+        ql_set_int(L, "length", sn.entry_length);
+        ql_set_int(L, "extra_data_size", sn.extra_data_size);
+        lua_pushlstring(L, sn.extra_data ? (const char *)sn.extra_data : "",
+                        sn.extra_data ? sn.extra_data_size : 0);
+        lua_setfield(L, -2, "extra_data");
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_setfield(L, -2, "snapshots");
+    return 0;
+}
+
 static int image_header(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
     qcow2_image *h = q->img;
     const qcow2_header *hdr = qcow2_get_header(h);
     size_t n_ext;
+    int rc;
 
     if (hdr == NULL)
         return ql_push_fail(L, QCOW2_E_UNSUPPORTED,
@@ -490,6 +525,10 @@ static int image_header(lua_State *L)
     }
     lua_setfield(L, -2, "extensions");
 
+    rc = push_snapshot_entries(L, h);
+    if (rc < 0)
+        return ql_push_engine_error(L, h, rc);
+
     lua_createtable(L, 0, 3);
     push_feature_names(L, h, 0, hdr->incompatible_features);
     lua_setfield(L, -2, "incompatible");
@@ -503,6 +542,10 @@ static int image_header(lua_State *L)
 
 /* ---- Raw tables ------------------------------------------------------------------- */
 
+/* img:l1(): the active L1 table's raw entries as a Lua array, so entry
+ * i of the format's table (guest range i * L2 span) is l1()[i + 1].
+ * Methods taking a table index (img:l2(i), img:refcount(c)) take the
+ * format's index, from 0: img:l2(i) is the table l1()[i + 1] points at. */
 static int image_l1(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
@@ -520,7 +563,9 @@ static int image_l1(lua_State *L)
     return 1;
 }
 
-/* img:l2(l1_index): the raw 64-bit words of the L2 table, in file order.
+/* img:l2(l1_index): the raw 64-bit words of the L2 table that L1 entry
+ * l1_index (the format's index, from 0; l1()[l1_index + 1]) points at,
+ * in file order.
  * With extended L2 that is a flat array of pairs: entry, then its
  * subcluster bitmap (words 2k+1 and 2k+2 describe cluster k). */
 static int image_l2(lua_State *L)
@@ -713,7 +758,8 @@ void ql_image_register(lua_State *L)
     /* Every Image method, from the files that implement them. */
     static const luaL_Reg *const all[] = {
         methods, ql_image_write_methods, ql_image_check_methods,
-        ql_image_snapshot_methods, ql_image_amend_methods, NULL
+        ql_image_snapshot_methods, ql_image_amend_methods,
+        ql_image_diff_methods, ql_image_bitmap_methods, NULL
     };
     static const luaL_Reg metamethods[] = {
         {"__gc", image_gc},

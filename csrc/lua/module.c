@@ -396,6 +396,7 @@ int luaopen_qcow2_core(lua_State *L)
     ql_snapshot_register(L);
     ql_map_register(L);
     ql_check_result_register(L);
+    ql_bitmap_register(L);
 
     luaL_newlib(L, functions);
     lua_pushliteral(L, QCOW2_LIB_VERSION);
