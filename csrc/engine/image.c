@@ -559,6 +559,7 @@ void qcow2_close(qcow2_image *img)
         qcow2_close(img->backing);
     qcow2_snapshots_free(img);
     qcow2_header_free(img);
+    qcow2_damage_free(img);
     free(img->l1);
     free(img->reftable);
     if (img->owns_data_io && img->data_io != img->io)
