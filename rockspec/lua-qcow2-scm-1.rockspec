@@ -37,6 +37,7 @@ build = {
             "csrc/engine/compress.c",
             "csrc/engine/compressed_write.c",
             "csrc/engine/create.c",
+            "csrc/engine/damage.c",
             "csrc/engine/error.c",
             "csrc/engine/geometry.c",
             "csrc/engine/header.c",
