@@ -128,6 +128,11 @@ const char *qcow2_backing_name(const qcow2_image *img);   /* NULL if none */
 const char *qcow2_backing_format(const qcow2_image *img); /* NULL if none */
 /* QEMU's path_has_protocol: a ':' before any '/' ("nbd://x", "json:{}"). */
 int qcow2_has_protocol(const char *name);
+/* Damage a read-only open tolerated, as QEMU opens such images (a
+ * refcount or snapshot table outside the file, over the header or over
+ * another table): one-line messages, none on a healthy image. */
+size_t qcow2_open_damage_count(const qcow2_image *img);
+const char *qcow2_open_damage(const qcow2_image *img, size_t index);
 /* The opened backing image (NULL if none or not opened). Owned by img. */
 qcow2_image *qcow2_backing(const qcow2_image *img);
 /* Size of the file on disk in bytes (stat st_size). */
@@ -144,12 +149,30 @@ int qcow2_allocated_file_size(qcow2_image *img, uint64_t *out);
  */
 int qcow2_read(qcow2_image *img, uint64_t offset, void *buf, size_t length);
 
+/*
+ * As qcow2_read, but a range whose metadata cannot be followed (a bad L1
+ * or L2 entry, an unreadable L2 table, a compressed cluster that does not
+ * decompress), at any level of the chain, reads as zeroes and is reported:
+ * fn(ctx, start, length, unit_start, reason) per damaged run, in order;
+ * unit_start is the start of the damaged unit (cluster or L1 entry range)
+ * the run lies in, so that pieces of one unit cut by the caller's reads
+ * can be joined. reason is the one-line message qcow2_read would have
+ * failed with, valid during the call. fn returns 0 to go on, non-zero to
+ * stop (returned). Other failures (I/O, encrypted data) fail as in
+ * qcow2_read.
+ */
+typedef int (*qcow2_damage_fn)(void *ctx, uint64_t start, uint64_t length,
+                               uint64_t unit_start, const char *reason);
+int qcow2_read_salvage(qcow2_image *img, uint64_t offset, void *buf,
+                       size_t length, qcow2_damage_fn fn, void *ctx);
+
 /* --- Map ------------------------------------------------------------------ */
 enum qcow2_extent_type {
     QCOW2_EXTENT_DATA = 0,
     QCOW2_EXTENT_ZERO = 1,
     QCOW2_EXTENT_UNALLOCATED = 2,
     QCOW2_EXTENT_COMPRESSED = 3,
+    QCOW2_EXTENT_CORRUPT = 4,       /* metadata that cannot be followed */
 };
 
 typedef struct qcow2_extent {
@@ -165,6 +188,9 @@ typedef struct qcow2_extent {
                                    EOF) of a file QEMU guesses to be
                                    metadata-preallocated; qemu-img map shows
                                    "data": true, "zero": true */
+    const char *reason;         /* corrupt: the one-line message a read of
+                                   the range fails with; valid only during
+                                   the callback. NULL otherwise */
 } qcow2_extent;
 
 /*

@@ -40,6 +40,7 @@ build = {
             "csrc/engine/compressed_write.c",
             "csrc/engine/create.c",
             "csrc/engine/create_open.c",
+            "csrc/engine/damage.c",
             "csrc/engine/diff.c",
             "csrc/engine/error.c",
             "csrc/engine/geometry.c",

@@ -104,8 +104,9 @@ local misuse = {
   digest = {
     function(c) return c.img:digest("sha256", -1, 1) end,
     function(c) return c.img:digest("sha256", 0, -1) end,
-    function(c) return c.img:digest({}) end,
-    function(c) return c.img:digest("sha256", 0, 1, { on_error = "zero" }) end,
+    function(c) return c.img:digest({ on_error = "skip" }) end,
+    function(c) return c.img:digest("sha256", 0, 1, { on_erorr = "zero" }) end,
+    function(c) return c.img:digest({ on_error = true }) end,
   },
   snapshots = { function(c) return c.img.snapshots(c.map) end },
   snapshot = { function(c) return c.img:snapshot({}) end },

@@ -196,7 +196,8 @@ local function check_fail(what, msg, code)
   end
 end
 
-local EXTENT_TYPES = { data = true, zero = true, unallocated = true, compressed = true }
+local EXTENT_TYPES = { data = true, zero = true, unallocated = true, compressed = true,
+                       corrupt = true }
 
 local function read_all(img, what)
   local size = img.size
@@ -228,6 +229,8 @@ local function read_all(img, what)
       if type(e) ~= "table" or not EXTENT_TYPES[e.type] then
         error(("%s map extent %d has type %s"):format(what, i, type(e) == "table" and tostring(e.type) or type(e)), 0)
       end
+      -- a damaged range says why, in one line, as a failed read would
+      if e.type == "corrupt" then check_fail(("%s map extent %d"):format(what, i), e.reason, "corrupt") end
     end
   end
 end

@@ -17,11 +17,18 @@
 --                                            bad guest range fails (twice,
 --                                            and straddled), "good" ranges
 --                                            still read their bytes; map of
---                                            the range fails when map is
---                                            "corrupt"; zero_ok also accepts
+--                                            the range gives it as "corrupt"
+--                                            extents naming the field when
+--                                            map is "corrupt"; zero_ok also accepts
 --                                            all-zero data
 --     {stage = "snapshot", code =, msg =}    open, img:snapshots(), s:open()
 --                                            or a read/map of the view fails
+--     {stage = "damaged", code =, msg =}     a table the active disk does not
+--                                            need is damaged where QEMU still
+--                                            opens the image: a read-only
+--                                            open works, info().damage names
+--                                            the field, the disk reads its
+--                                            bytes; a read-write open fails
 --   code is a code string or a list of acceptable ones; msg is a Lua
 --   pattern or a list of alternatives, one of which the message must match.
 local helpers = require("helpers")
@@ -341,6 +348,10 @@ local function case(name, base, poke, expect)
 end
 local function open_fails(code, msg) return { stage = "open", code = code, msg = msg } end
 local function snapshot_fails(msg) return { stage = "snapshot", code = "corrupt", msg = msg } end
+-- qemu-img opens these (verified with qemu-img info 7.2): read-only works
+local function damaged(msg, good)
+  return { stage = "damaged", code = "corrupt", msg = msg, good = good }
+end
 local function read_fails(offset, length, msg, good, map, extra)
   local e = { stage = "read", code = "corrupt", offset = offset, length = length,
               msg = msg, good = good or {}, map = map or "any" }
@@ -403,9 +414,9 @@ case("refcount_table_offset not cluster aligned", "v3",
   open_fails("corrupt", P.reftable))
 case("refcount_table_offset past end of file", "v3",
   setter("refcount_table_offset", function(p) return M.past_eof(p) end),
-  open_fails("corrupt", P.reftable))
+  damaged(P.reftable))
 case("refcount_table_offset 0 (over the header)", "v3", setter("refcount_table_offset", 0),
-  open_fails("corrupt", P.reftable))
+  damaged(P.reftable))
 case("refcount_table_offset near 2^64 (offset + size overflows)", "v3",
   setter("refcount_table_offset", -65536), open_fails("corrupt", P.reftable))
 case("l1_size huge (> 32 MiB of entries)", "v3", setter("l1_size", 32 * 1024 * 1024 // 8 + 1),
@@ -421,7 +432,8 @@ case("l1_table_offset 0 (over the header)", "v3", setter("l1_table_offset", 0),
   open_fails("corrupt", P.l1))
 case("l1_table_offset overlapping the refcount table", "v3",
   setter("l1_table_offset", function(p) return M.header(p).refcount_table_offset end),
-  open_fails("corrupt", P.l1))
+  -- the L1 entries are now refcount table entries: no byte is known good
+  damaged(P.l1, {}))
 case("l1_table_offset near 2^64 (offset + size overflows)", "v3",
   setter("l1_table_offset", -65536), open_fails("corrupt", P.l1))
 case("virtual size 2^62 (the L1 cannot cover it)", "v3", setter("size", 1 << 62),
@@ -433,9 +445,9 @@ case("snapshots_offset not cluster aligned", "snap",
   open_fails("corrupt", P.snapshot))
 case("snapshots_offset past end of file", "snap",
   setter("snapshots_offset", function(p) return M.past_eof(p) end),
-  open_fails("corrupt", P.snapshot))
+  damaged(P.snapshot))
 case("snapshots_offset 0 (over the header)", "snap", setter("snapshots_offset", 0),
-  open_fails("corrupt", P.snapshot))
+  damaged(P.snapshot))
 case("crypt_method 3", "v3", setter("crypt_method", 3),
   open_fails({ "unsupported", "corrupt" }, { "[Cc]rypt" }))
 case("header extension length running past cluster 0", "v3", function(p)
@@ -627,14 +639,14 @@ end), snapshot_fails({ "[Ss]napshot", "[Ee]xtra" }))
 case("snapshot id length running past the table", "snap", poke_snap(function(p, s)
   assert(s.offset + s.length + 0xffff > file_size(p), "layout: table not last")
   helpers.poke(p, s.offset + 12, helpers.be16(0xffff))
-end), snapshot_fails(P.snapshot))
+end), damaged(P.snapshot))
 case("snapshot name length running past the table", "snap", poke_snap(function(p, s)
   assert(s.offset + s.length + 0xffff > file_size(p), "layout: table not last")
   helpers.poke(p, s.offset + 14, helpers.be16(0xffff))
-end), snapshot_fails(P.snapshot))
+end), damaged(P.snapshot))
 case("nb_snapshots one more than the table holds", "snap", function(p)
   M.set(p, "nb_snapshots", M.header(p).nb_snapshots + 1)
-end, snapshot_fails(P.snapshot))
+end, damaged(P.snapshot))
 
 -- 8. Extended L2 bitmaps (guest 0 full, 128K one subcluster, 256K compressed) -
 local function poke_bitmap(g, fn)
@@ -823,8 +835,15 @@ function verify.read(qcow2, c, path)
     check_good(img, e.good, "after the bad read")
     local m, mmsg, mcode = img:map(e.offset, e.length)
     if e.map == "corrupt" then
-      assert(m == nil, "map of the bad range succeeded, expected nil, msg, \"corrupt\"")
-      M.check_error("map", mmsg, mcode, e)
+      -- the rest of the disk still maps: the bad range is corrupt extents
+      assert(m, "map of the bad range failed: " .. tostring(mmsg))
+      local covered = 0
+      for x in m:extents() do
+        assert(x.type == "corrupt", ("map of the bad range gave a %s extent"):format(x.type))
+        M.check_error("map reason", x.reason, "corrupt", e)
+        covered = covered + x.length
+      end
+      assert(covered == e.length, "corrupt extents do not cover the bad range")
     elseif m == nil then
       M.check_error("map", mmsg, mcode, { code = { "corrupt", "io" }, msg = e.msg })
     else
@@ -857,6 +876,28 @@ function verify.snapshot(qcow2, c, path)
     error("the hostile snapshot opened, read and mapped without an error", 0)
   end)
   if ok then ok, err = pcall(check_good, img, { { 0, 65536, 0xa1 } }, "active disk") end
+  close(img)
+  if not ok then error(err, 0) end
+end
+
+function verify.damaged(qcow2, c, path)
+  local e = c.expect
+  local rw, msg, code = qcow2.open(path, { mode = "rw" })
+  if rw then
+    close(rw)
+    error("read-write open succeeded, expected nil, msg, \"corrupt\"", 0)
+  end
+  M.check_error("read-write open", msg, code, e)
+  local img, rmsg = qcow2.open(path)
+  assert(img, "read-only open failed: " .. tostring(rmsg))
+  local ok, err = pcall(function()
+    local info = assert(img:info())
+    assert(info.damage and #info.damage >= 1, "info() reports no damage")
+    M.check_error("info damage", info.damage[1], "corrupt", e)
+    check_good(img, e.good or M.base_contents[c.base], "read-only open")
+    assert(img:map(), "map failed")
+    assert(img:digest("sha256", { on_error = "zero" }), "digest failed")
+  end)
   close(img)
   if not ok then error(err, 0) end
 end

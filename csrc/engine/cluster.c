@@ -374,11 +374,29 @@ static uint64_t extend_run(const qcow2_image *img, const file_ends *ends,
     return min_u64(length, limit);
 }
 
-int qcow2_lookup_run(qcow2_image *img, uint64_t guest_offset,
-                     uint64_t max_len, qcow2_run *run)
+/* A damaged unit [unit_start, unit_start + unit_length) met at the run's
+ * start: the run covers the rest of it (at most max_len). The reason is
+ * the message the failed check left. */
+static int corrupt_run(int rc, uint64_t unit_start,
+                       uint64_t unit_length, uint64_t max_len,
+                       qcow2_run *run)
+{
+    if (rc != QCOW2_E_CORRUPT)
+        return rc;
+    run->type = SC_CORRUPT;
+    run->damage_start = unit_start;
+    run->damage_length = unit_length;
+    run->length = min_u64(unit_length - (run->guest_offset - unit_start),
+                          max_len);
+    return 0;
+}
+
+int qcow2_lookup_span(qcow2_image *img, uint64_t guest_offset,
+                      uint64_t max_len, qcow2_run *run)
 {
     uint32_t sc_count = subclusters_per_cluster(img);
     uint64_t in_cluster = guest_offset & (img->cluster_size - 1);
+    uint64_t table_span = img->l2_entries << img->cluster_bits;
     uint64_t table_left, limit, length;
     uint32_t sc_index, same;
     l2_position pos;
@@ -397,19 +415,21 @@ int qcow2_lookup_run(qcow2_image *img, uint64_t guest_offset,
 
     rc = l1_entry_table(img, pos.l1_index, guest_offset, &pos.l2_offset,
                         &ends);
+    if (rc == 0 && pos.l2_offset != 0)
+        rc = qcow2_l2_cache_get(img, pos.l2_offset, &table);
     if (rc < 0)
-        return rc;
+        return corrupt_run(rc, pos.l1_index * table_span, table_span,
+                           max_len, run);
     if (pos.l2_offset == 0) {
         unallocated_run(img, &pos, limit, max_len, run);
         return 0;
     }
-    rc = qcow2_l2_cache_get(img, pos.l2_offset, &table);
-    if (rc < 0)
-        return rc;
     why = decode_entry(img, &ends, table, pos.l2_index,
                        guest_offset - in_cluster, &desc);
     if (why)
-        return fail_entry(img, &pos, &desc, why);
+        return corrupt_run(fail_entry(img, &pos, &desc, why),
+                           guest_offset - in_cluster, img->cluster_size,
+                           max_len, run);
 
     if (desc.compressed) {
         run->type = SC_COMPRESSED;
@@ -430,6 +450,15 @@ int qcow2_lookup_run(qcow2_image *img, uint64_t guest_offset,
         length = extend_run(img, &ends, table, &pos, run, length, limit);
     run->length = min_u64(length, limit);
     return 0;
+}
+
+int qcow2_lookup_run(qcow2_image *img, uint64_t guest_offset,
+                     uint64_t max_len, qcow2_run *run)
+{
+    int rc = qcow2_lookup_span(img, guest_offset, max_len, run);
+
+    /* the reason is already the handle's message */
+    return rc == 0 && run->type == SC_CORRUPT ? QCOW2_E_CORRUPT : rc;
 }
 
 /* ---- Inspection ------------------------------------------------------------ */

@@ -19,6 +19,8 @@ enum qcow2_sc_type {
     SC_ZERO_ALLOC,              /* reads as zeroes, host cluster kept */
     SC_NORMAL,                  /* data at host_offset */
     SC_COMPRESSED,              /* one compressed cluster */
+    SC_CORRUPT,                 /* metadata that cannot be followed: the
+                                   reason is the handle's error message */
 };
 
 typedef struct qcow2_run {
@@ -32,6 +34,10 @@ typedef struct qcow2_run {
     uint64_t compressed_size;   /* COMPRESSED: csize, the sector-rounded
                                    upper bound of the stream */
     uint64_t cluster_offset;    /* COMPRESSED: guest offset of the cluster */
+    /* CORRUPT: the damaged unit the run lies in (its cluster for a bad L2
+     * entry, the L1 entry's whole range for an L2 table that cannot be
+     * read): runs cut from one unit share it. */
+    uint64_t damage_start, damage_length;
 } qcow2_run;
 
 static inline int sc_type_has_host(int type)
@@ -57,6 +63,15 @@ static inline int sc_type_is_unallocated(int type)
 int qcow2_lookup_run(qcow2_image *img, uint64_t guest_offset,
                      uint64_t max_len, qcow2_run *run);
 
+/*
+ * As qcow2_lookup_run, but damage is a run rather than a failure: an
+ * L1 entry that is invalid or whose L2 table cannot be read gives an
+ * SC_CORRUPT run to the end of that L1 entry's range, a bad L2 entry one
+ * to the end of its cluster; the one-line reason is left in the handle's
+ * error message (QCOW2_E_CORRUPT). I/O errors still fail.
+ */
+int qcow2_lookup_span(qcow2_image *img, uint64_t guest_offset,
+                      uint64_t max_len, qcow2_run *run);
 
 /* End of the file holding guest data (img->data_io). */
 int qcow2_data_file_end(qcow2_image *img, uint64_t *end);

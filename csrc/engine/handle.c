@@ -18,6 +18,7 @@ void qcow2_handle_free(qcow2_image *img)
         qcow2_codec_free(img->codec);
     qcow2_snapshots_free(img);
     qcow2_header_free(img);
+    qcow2_damage_free(img);     /* damage.c */
     free(img->l1);
     free(img->reftable);
     if (img->owns_data_io && img->data_io != img->io)

@@ -522,12 +522,17 @@ int qcow2_check_tables_apart(qcow2_image *img, const char *what_a,
  * an open for repair asks only what QEMU's qcow2_validate_table asks
  * (aligned, ending below 2^63), as qemu-img check -r does: the rest is
  * what the check reports and the repair mends, reading past the end of
- * the file as zeroes (image.c).
+ * the file as zeroes (image.c). A read-only open is as lenient for the
+ * refcount and snapshot tables, which the active disk does not need (QEMU
+ * opens such images), and keeps what the strict check refused as damage
+ * (damage.c); the L1 table stays strict there, since a disk mapped by a
+ * table that is not in the file would silently read as zeroes.
  */
 static int check_table_place(qcow2_image *img, const char *what,
-                             uint64_t offset, uint64_t length)
+                             uint64_t offset, uint64_t length,
+                             int tolerable)
 {
-    if (!img->open_for_repair)
+    if (!img->open_for_repair && !(tolerable && img->read_only))
         return qcow2_check_table(img, what, offset, length);
     if (!is_aligned(offset, img->cluster_size))
         return qcow2_fail(img, QCOW2_E_CORRUPT,
@@ -537,17 +542,28 @@ static int check_table_place(qcow2_image *img, const char *what,
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "%s at 0x%llx (%llu bytes) lies past any file",
                           what, ull(offset), ull(length));
+    if (!img->open_for_repair &&
+        qcow2_check_table(img, what, offset, length) < 0)
+        qcow2_note_damage(img);
     return 0;
 }
 
+/* Every pair involves the refcount or the snapshot table. */
 static int tables_apart(qcow2_image *img, const char *what_a, uint64_t a,
                         uint64_t a_length, const char *what_b, uint64_t b,
                         uint64_t b_length)
 {
+    int ret;
+
     if (img->open_for_repair)
         return 0;
-    return qcow2_check_tables_apart(img, what_a, a, a_length, what_b, b,
-                                    b_length);
+    ret = qcow2_check_tables_apart(img, what_a, a, a_length, what_b, b,
+                                   b_length);
+    if (ret < 0 && img->read_only) {
+        qcow2_note_damage(img);
+        return 0;
+    }
+    return ret;
 }
 
 static int check_refcount_table(qcow2_image *img)
@@ -565,7 +581,7 @@ static int check_refcount_table(qcow2_image *img)
                           h->refcount_table_clusters, ull(max_clusters));
     return check_table_place(img, "refcount table", h->refcount_table_offset,
                              (uint64_t)h->refcount_table_clusters <<
-                                 img->cluster_bits);
+                                 img->cluster_bits, 1);
 }
 
 /* The snapshot table's length is known only once parsed (snapshot.c checks
@@ -579,7 +595,7 @@ static int check_snapshot_table(qcow2_image *img)
                           "nb_snapshots %u too large (max %u)",
                           h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
     return check_table_place(img, "snapshot table", h->snapshots_offset,
-                             (uint64_t)h->nb_snapshots * 40);
+                             (uint64_t)h->nb_snapshots * 40, 1);
 }
 
 static int check_l1_table(qcow2_image *img)
@@ -600,7 +616,7 @@ static int check_l1_table(qcow2_image *img)
                           "(needs %llu entries)", h->l1_size, ull(h->size),
                           ull(needed));
     return check_table_place(img, "L1 table", h->l1_table_offset,
-                             (uint64_t)h->l1_size * 8);
+                             (uint64_t)h->l1_size * 8, 0);
 }
 
 static int check_tables(qcow2_image *img)

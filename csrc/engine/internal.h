@@ -116,6 +116,14 @@ int qcow2_fail(qcow2_image *img, int code, const char *fmt, ...)
  * pointer to a constant string or into buf. 0 reads as "I/O error". */
 const char *qcow2_errno_text(int sys_errno, char *buf, size_t len);
 
+/* ---- Tolerated damage (damage.c) ------------------------------------- */
+/* 1 when the open takes what QEMU takes: an open for repair, or any
+ * read-only open (tables the active disk does not need may be damaged). */
+int qcow2_open_is_lenient(const qcow2_image *img);
+/* Keep img->err's message as tolerated damage and clear the error. */
+void qcow2_note_damage(qcow2_image *img);
+void qcow2_damage_free(qcow2_image *img);
+
 /* ---- Parsed structures ---------------------------------------------------- */
 typedef struct qcow2_snapshot {
     uint64_t l1_table_offset;
@@ -202,6 +210,8 @@ struct qcow2_image {
     struct qcow2_write_state *ws;  /* read-write handles only (overlap.h) */
     int open_for_repair;        /* rw + repair: tolerate what check -r all
                                    fixes (QEMU's BDRV_O_CHECK) */
+    char *damage[8];            /* what a lenient open tolerated (damage.c) */
+    size_t n_damage;
     uint32_t snapshot_extra_dropped; /* entries whose extra data past QEMU's
                                    1024 bytes was cut at load (repair only) */
     /* Added by the refcount-cache work (refcount_cache.c): created on

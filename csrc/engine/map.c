@@ -11,6 +11,10 @@
  * this level); otherwise the backing image is asked about the same range,
  * cut to the backing image's length.
  *
+ * A range whose metadata cannot be followed (cluster.c's damaged runs) is
+ * a CORRUPT extent carrying the one-line reason, at the level where the
+ * damage is; it never merges, and the rest of the disk still maps.
+ *
  * Raw images (as backing files or on top) are asked about holes the way
  * QEMU's file driver does, with SEEK_DATA/SEEK_HOLE: a data extent is DATA,
  * a hole (or the tail up to the 512-byte-rounded length past EOF) is ZERO;
@@ -51,6 +55,7 @@ typedef struct prealloc_guess {
 typedef struct map_extent {
     qcow2_extent e;
     int data_zero;
+    char reason[QCOW2_ERRMSG_MAX];  /* corrupt: the lookup's message */
 } map_extent;
 
 typedef struct map_state {
@@ -289,11 +294,15 @@ static int level_status(map_state *ms, qcow2_image *img, int depth,
         raw_status(ms, img, offset, max_len, me);
         return 0;
     }
-    rc = qcow2_lookup_run(img, offset, max_len, &run);
+    rc = qcow2_lookup_span(img, offset, max_len, &run);
     if (rc < 0)
         return level_failed(ms, img, rc);
     e->length = run.length;
     switch (run.type) {
+    case SC_CORRUPT:
+        e->type = QCOW2_EXTENT_CORRUPT;
+        snprintf(me->reason, sizeof me->reason, "%s", qcow2_errmsg(img));
+        return 0;
     case SC_NORMAL:
         e->type = QCOW2_EXTENT_DATA;
         break;
@@ -334,7 +343,8 @@ static int level_status(map_state *ms, qcow2_image *img, int depth,
  * qemu-img, so neighbours merge whatever their streams' offsets. */
 static int mergeable(const map_extent *a, const map_extent *b)
 {
-    if (a->e.type != b->e.type || a->e.depth != b->e.depth ||
+    if (a->e.type == QCOW2_EXTENT_CORRUPT ||
+        a->e.type != b->e.type || a->e.depth != b->e.depth ||
         a->data_zero != b->data_zero ||
         a->e.start + a->e.length != b->e.start)
         return 0;
@@ -348,6 +358,7 @@ static int mergeable(const map_extent *a, const map_extent *b)
 static int deliver(map_state *ms, map_extent *me)
 {
     me->e.reads_zero = me->data_zero;
+    me->e.reason = me->e.type == QCOW2_EXTENT_CORRUPT ? me->reason : NULL;
     return ms->fn(ms->ctx, &me->e);
 }
 

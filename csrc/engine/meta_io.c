@@ -35,8 +35,8 @@ int qcow2_pread_zero_fill(qcow2_io *io, uint64_t offset, void *buf,
     return 0;
 }
 
-int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
-                    size_t len, const char *what)
+static int read_meta(qcow2_image *img, uint64_t offset, void *buf,
+                     size_t len, const char *what, int zero_fill)
 {
     char text[128];
     size_t n;
@@ -56,11 +56,23 @@ int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
                                            sizeof text));
     /* An open for repair keeps the zeroes: qemu-img check -r works on
      * what QEMU's block layer reads past the end of the file. */
-    if (n < len && !img->open_for_repair)
+    if (n < len && !zero_fill)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "%s at 0x%llx (%zu bytes) runs past the end of the "
                           "file", what, ull(offset), len);
     return 0;
+}
+
+int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
+                    size_t len, const char *what)
+{
+    return read_meta(img, offset, buf, len, what, img->open_for_repair);
+}
+
+int qcow2_read_meta_lenient(qcow2_image *img, uint64_t offset, void *buf,
+                            size_t len, const char *what)
+{
+    return read_meta(img, offset, buf, len, what, qcow2_open_is_lenient(img));
 }
 
 int qcow2_read_host_data(qcow2_image *img, uint64_t offset, void *buf,

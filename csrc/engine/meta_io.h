@@ -24,6 +24,11 @@ int qcow2_pread_zero_fill(qcow2_io *io, uint64_t offset, void *buf,
  * An open for repair reads past the end of the file as zeroes. */
 int qcow2_read_meta(qcow2_image *img, uint64_t offset, void *buf,
                     size_t len, const char *what);
+/* As qcow2_read_meta, and a read-only open too reads past the end of the
+ * file as zeroes, as QEMU does: for the refcount and snapshot tables,
+ * which such an open takes wherever they lie (header.c, damage.c). */
+int qcow2_read_meta_lenient(qcow2_image *img, uint64_t offset, void *buf,
+                            size_t len, const char *what);
 /* len bytes of guest data at host offset of img->data_io; bytes past the
  * end of the file read as zeroes (QEMU does not pad the last cluster). */
 int qcow2_read_host_data(qcow2_image *img, uint64_t offset, void *buf,

@@ -3,6 +3,10 @@
  * moves each straight into the caller's buffer. Data runs whose host
  * offsets continue each other, across clusters and L2 tables, become one
  * pread; unallocated runs become one read of the backing image.
+ *
+ * A damaged run (metadata that cannot be followed, a compressed cluster
+ * that does not decompress) fails the read, or with qcow2_read_salvage
+ * reads as zeroes and is reported, at whatever level of the chain.
  */
 #include <inttypes.h>
 #include <string.h>
@@ -17,7 +21,10 @@ typedef struct read_state {
     uint64_t start;             /* guest offset of buf[0] */
     uint64_t data_guest, data_host, data_len;
     uint64_t backing_guest, backing_len;
+    qcow2_damage_fn damage_fn;  /* NULL: damage fails the read */
+    void *damage_ctx;
 } read_state;
+
 
 static uint8_t *dest(const read_state *rs, uint64_t guest_offset)
 {
@@ -79,9 +86,13 @@ static int flush_backing(read_state *rs)
     if (img->backing && guest < img->backing->size)
         inside = min_u64(len, img->backing->size - guest);
     if (inside) {
-        rc = qcow2_read(img->backing, guest, dest(rs, guest), (size_t)inside);
+        rc = qcow2_read_salvage(img->backing, guest, dest(rs, guest),
+                                (size_t)inside, rs->damage_fn,
+                                rs->damage_ctx);
         if (rc < 0)
             return backing_failed(img, rc);
+        if (rc > 0)
+            return rc;          /* the damage callback stopped the read */
     }
     /* No backing file, or past its end: zeroes. */
     memset(dest(rs, guest + inside), 0, (size_t)(len - inside));
@@ -128,6 +139,22 @@ static int refuse_encrypted(qcow2_image *img)
                       "(crypt_method %" PRIu32 ")", img->hdr.crypt_method);
 }
 
+/* A damaged run: the read fails with the message the lookup left, or the
+ * run reads as zeroes and is reported after the work queued before it. */
+static int damaged(read_state *rs, uint64_t guest, uint64_t length,
+                   uint64_t unit_start)
+{
+    int rc;
+
+    if (!rs->damage_fn)
+        return QCOW2_E_CORRUPT;
+    if ((rc = flush_data(rs)) != 0 || (rc = flush_backing(rs)) != 0)
+        return rc;
+    memset(dest(rs, guest), 0, (size_t)length);
+    return rs->damage_fn(rs->damage_ctx, guest, length, unit_start,
+                         qcow2_errmsg(rs->img));
+}
+
 static int read_compressed(read_state *rs, const qcow2_run *run)
 {
     const uint8_t *cluster;
@@ -136,6 +163,9 @@ static int read_compressed(read_state *rs, const qcow2_run *run)
     rc = qcow2_decompress_cluster(rs->img, run->host_offset,
                                   run->compressed_size, run->guest_offset,
                                   &cluster);
+    if (rc == QCOW2_E_CORRUPT)
+        return damaged(rs, run->guest_offset, run->length,
+                       run->cluster_offset);
     if (rc < 0)
         return rc;
     memcpy(dest(rs, run->guest_offset),
@@ -161,22 +191,26 @@ static int read_run(read_state *rs, const qcow2_run *run)
     case SC_ZERO_ALLOC:
         memset(dest(rs, run->guest_offset), 0, (size_t)run->length);
         return 0;
+    case SC_CORRUPT:
+        return damaged(rs, run->guest_offset, run->length,
+                       run->damage_start);
     default:
         return queue_backing(rs, run);
     }
 }
 
 static int read_qcow2(qcow2_image *img, uint64_t offset, uint8_t *buf,
-                      size_t length)
+                      size_t length, qcow2_damage_fn fn, void *ctx)
 {
-    read_state rs = { .img = img, .buf = buf, .start = offset };
+    read_state rs = { .img = img, .buf = buf, .start = offset,
+                      .damage_fn = fn, .damage_ctx = ctx };
     uint64_t guest = offset, end = offset + length;
     int rc = 0;
 
     while (guest < end && rc == 0) {
         qcow2_run run;
 
-        rc = qcow2_lookup_run(img, guest, end - guest, &run);
+        rc = qcow2_lookup_span(img, guest, end - guest, &run);
         if (rc == 0)
             rc = read_run(&rs, &run);
         guest += run.length;
@@ -188,7 +222,8 @@ static int read_qcow2(qcow2_image *img, uint64_t offset, uint8_t *buf,
     return rc;
 }
 
-int qcow2_read(qcow2_image *img, uint64_t offset, void *buf, size_t length)
+int qcow2_read_salvage(qcow2_image *img, uint64_t offset, void *buf,
+                       size_t length, qcow2_damage_fn fn, void *ctx)
 {
     if (!range_inside(offset, length, img->size))
         return qcow2_fail(img, QCOW2_E_INVALID,
@@ -199,5 +234,10 @@ int qcow2_read(qcow2_image *img, uint64_t offset, void *buf, size_t length)
         return 0;
     if (img->is_raw)
         return read_raw(img, offset, buf, length);
-    return read_qcow2(img, offset, buf, length);
+    return read_qcow2(img, offset, buf, length, fn, ctx);
+}
+
+int qcow2_read(qcow2_image *img, uint64_t offset, void *buf, size_t length)
+{
+    return qcow2_read_salvage(img, offset, buf, length, NULL, NULL);
 }

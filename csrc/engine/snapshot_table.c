@@ -94,8 +94,9 @@ static int read_snapshot_entry(qcow2_image *img, uint32_t index,
     uint8_t *variable;
     int ret;
 
-    ret = qcow2_read_meta(img, offset, fixed, sizeof fixed,
-                          "snapshot table");
+    /* a read-only open takes a table past the end of the file */
+    ret = qcow2_read_meta_lenient(img, offset, fixed, sizeof fixed,
+                                  "snapshot table");
     if (ret < 0)
         return ret;
     parse_fixed_part(sn, fixed, &id_length, &name_length);
@@ -128,8 +129,9 @@ static int read_snapshot_entry(qcow2_image *img, uint32_t index,
         ret = read_zero_filled(img, offset + SNAPSHOT_HEADER_BYTES, variable,
                                (size_t)variable_length);
     else
-        ret = qcow2_read_meta(img, offset + SNAPSHOT_HEADER_BYTES, variable,
-                              (size_t)variable_length, "snapshot table");
+        ret = qcow2_read_meta_lenient(img, offset + SNAPSHOT_HEADER_BYTES,
+                                      variable, (size_t)variable_length,
+                                      "snapshot table");
     if (ret == 0) {
         sn->extra_data = malloc(sn->extra_data_size + 1);
         sn->id = copy_string(variable + sn->extra_data_size, id_length);
@@ -159,15 +161,11 @@ static int read_snapshot_entry(qcow2_image *img, uint32_t index,
 }
 
 /* The whole table, now that its length is known, against the others. */
-static int check_snapshot_table_place(qcow2_image *img, uint64_t length)
+static int check_snapshot_table_strict(qcow2_image *img, uint64_t length)
 {
     const qcow2_header *h = &img->hdr;
     int ret;
 
-    /* an open for repair takes the table wherever it lies, as QEMU does
-     * (header.c checked its alignment); the check reports the rest */
-    if (img->open_for_repair)
-        return 0;
     /* extra data cut at a repair-mode open may have reached past the end
      * of the file (QEMU reads it as zeroes): the table stays in cluster
      * terms, only its tail beyond the file is forgiven */
@@ -190,6 +188,24 @@ static int check_snapshot_table_place(qcow2_image *img, uint64_t length)
                                     h->refcount_table_offset,
                                     (uint64_t)h->refcount_table_clusters <<
                                         img->cluster_bits);
+}
+
+/* The strict checks, or for a lenient open only QEMU's (header.c). */
+static int check_snapshot_table_place(qcow2_image *img, uint64_t length)
+{
+    int ret;
+
+    /* an open for repair takes the table wherever it lies, as QEMU does
+     * (header.c checked its alignment); the check reports the rest */
+    if (img->open_for_repair)
+        return 0;
+    /* a read-only open keeps what the checks below refuse as damage */
+    ret = check_snapshot_table_strict(img, length);
+    if (ret < 0 && img->read_only) {
+        qcow2_note_damage(img);
+        return 0;
+    }
+    return ret;
 }
 
 int qcow2_snapshots_load(qcow2_image *img)

@@ -183,28 +183,119 @@ static int image_read(lua_State *L)
     return ql_result_push(L, qcow2_path(q->img), dst, (size_t)bytes);
 }
 
-/* img:digest([algo [, offset, length]]) -> hex | nil, message, code.
+/* ---- digest() ------------------------------------------------------------------ */
+
+/* The ranges a digest with on_error = "zero" could not read, in order;
+ * pieces of one damaged unit cut by the chunked reads are joined. Filled
+ * by the engine's callback, which never calls Lua. */
+typedef struct damage_range {
+    uint64_t start, length, unit_start;
+    char *reason;
+} damage_range;
+
+typedef struct damage_list {
+    damage_range *ranges;
+    size_t count, capacity;
+} damage_list;
+
+static int collect_damage(void *ctx, uint64_t start, uint64_t length,
+                          uint64_t unit_start, const char *reason)
+{
+    damage_list *d = ctx;
+    damage_range *last = d->count ? &d->ranges[d->count - 1] : NULL;
+
+    if (last && last->start + last->length == start &&
+        last->unit_start == unit_start) {
+        last->length += length;
+        return 0;
+    }
+    if (d->count == d->capacity) {
+        size_t capacity = d->capacity ? d->capacity * 2 : 16;
+        damage_range *grown = capacity > SIZE_MAX / sizeof *grown ? NULL
+                              : realloc(d->ranges, capacity * sizeof *grown);
+        if (grown == NULL)
+            return 1;   /* stops the read; reported as "nomem" */
+        d->ranges = grown;
+        d->capacity = capacity;
+    }
+    d->ranges[d->count].reason = strdup(reason);
+    if (d->ranges[d->count].reason == NULL)
+        return 1;
+    d->ranges[d->count].start = start;
+    d->ranges[d->count].length = length;
+    d->ranges[d->count].unit_start = unit_start;
+    d->count++;
+    return 0;
+}
+
+static void damage_free(damage_list *d)
+{
+    for (size_t i = 0; i < d->count; i++)
+        free(d->ranges[i].reason);
+    free(d->ranges);
+    memset(d, 0, sizeof *d);
+}
+
+/* {{start=, length=, reason=}, ...}. The caller frees the list after
+ * (only a Lua memory error while building the table could leak it). */
+static void push_damage(lua_State *L, damage_list *d)
+{
+    lua_createtable(L, (int)(d->count < INT32_MAX ? d->count : 0), 0);
+    for (size_t i = 0; i < d->count; i++) {
+        lua_createtable(L, 0, 3);
+        ql_set_int(L, "start", d->ranges[i].start);
+        ql_set_int(L, "length", d->ranges[i].length);
+        ql_set_str(L, "reason", d->ranges[i].reason);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+}
+
+/* digest's arguments: [algo [, offset, length]] [, opts], the options
+ * table last wherever it stands. Returns 1 for on_error = "zero". */
+static int digest_args(lua_State *L, uint64_t size, const char **algo,
+                       uint64_t *offset, uint64_t *length)
+{
+    static const char *const known[] = { "on_error", NULL };
+    static const char *const modes[] = { "fail", "zero", NULL };
+    int top = lua_gettop(L), opts = 0, zero = 0;
+
+    if (top >= 2 && lua_type(L, top) == LUA_TTABLE) {
+        opts = top;
+        ql_check_options(L, opts, "digest", known);
+        zero = ql_opt_choice(L, opts, "digest", "on_error", modes) == 1;
+        lua_settop(L, top - 1);     /* the positional arguments remain */
+    }
+    *algo = luaL_optstring(L, 2, "sha256");
+    ql_opt_range(L, 3, size, offset, length);
+    if (opts)
+        lua_settop(L, top);
+    return zero;
+}
+
+/* img:digest([algo [, offset, length]] [, {on_error = "fail" | "zero"}])
+ *   -> hex | nil, message, code; with on_error = "zero": hex, damage.
  * An algorithm OpenSSL does not know is "invalid", not misuse: the set
  * depends on the OpenSSL build, as a file's existence does on the disk.
- * TODO(forensics): the {on_error = "fail" | "zero"} options table. */
+ * With "zero", ranges whose metadata cannot be followed hash as zeroes
+ * and come back as {start=, length=, reason=}; other failures (I/O,
+ * encryption) still fail. */
 static int image_digest(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
-    const char *algo = luaL_optstring(L, 2, "sha256");
     uint64_t size = qcow2_virtual_size(q->img);
     uint64_t offset, length, guest_offset, bytes;
+    const char *algo;
     const EVP_MD *md;
     EVP_MD_CTX *ctx;
     unsigned char digest[EVP_MAX_MD_SIZE];
     unsigned int digest_len = 0;
     char hex[2 * EVP_MAX_MD_SIZE + 1];
+    damage_list damage = { NULL, 0, 0 };
     size_t chunk;
     void *buf;
-    int rc = 0, evp_ok;
+    int rc = 0, evp_ok, zero;
 
-    ql_opt_range(L, 3, size, &offset, &length);
-    /* Not silently ignored: the options table is not built yet. */
-    luaL_argcheck(L, lua_isnone(L, 5), 5, "options are not supported yet");
+    zero = digest_args(L, size, &algo, &offset, &length);
     if (!ql_clamp_range(L, qcow2_path(q->img), "digest", offset, length,
                         size, &guest_offset, &bytes))
         return 3;
@@ -215,32 +306,42 @@ static int image_digest(lua_State *L)
                             qcow2_path(q->img), algo);
     chunk = bytes < QL_DIGEST_CHUNK ? (size_t)bytes : QL_DIGEST_CHUNK;
     /* Allocated by Lua before the OpenSSL context exists, so nothing below
-     * raises while ctx is live. */
+     * raises while ctx (or the damage list) is live. */
     buf = lua_newuserdatauv(L, chunk ? chunk : 1, 0);
 
     ctx = EVP_MD_CTX_new();
     evp_ok = ctx != NULL && EVP_DigestInit_ex(ctx, md, NULL);
     while (evp_ok && bytes > 0) {
         size_t n = bytes < chunk ? (size_t)bytes : chunk;
-        rc = qcow2_read(q->img, guest_offset, buf, n);
-        if (rc < 0)
+        rc = zero ? qcow2_read_salvage(q->img, guest_offset, buf, n,
+                                       collect_damage, &damage)
+                  : qcow2_read(q->img, guest_offset, buf, n);
+        if (rc != 0)
             break;
         evp_ok = EVP_DigestUpdate(ctx, buf, n);
         guest_offset += n;
         bytes -= n;
     }
-    if (rc >= 0 && evp_ok)
+    if (rc == 0 && evp_ok)
         evp_ok = EVP_DigestFinal_ex(ctx, digest, &digest_len);
     EVP_MD_CTX_free(ctx);
-    if (rc < 0)
+    if (rc < 0) {
+        damage_free(&damage);
         return ql_push_engine_error(L, q->img, rc);
-    if (!evp_ok)
+    }
+    if (rc > 0 || !evp_ok) {
+        damage_free(&damage);
         return ql_push_fail(L, QCOW2_E_NOMEM, "%s: %s digest failed",
                             qcow2_path(q->img), algo);
+    }
     for (unsigned int i = 0; i < digest_len; i++)
         snprintf(hex + 2 * i, 3, "%02x", digest[i]);
     lua_pushlstring(L, hex, 2 * (size_t)digest_len);
-    return 1;
+    if (!zero)
+        return 1;
+    push_damage(L, &damage);
+    damage_free(&damage);
+    return 2;
 }
 
 /* ---- info() --------------------------------------------------------------------- */
@@ -415,6 +516,19 @@ static int image_info(lua_State *L)
         if (rc < 0)
             return ql_push_engine_error(L, h, rc);
         lua_setfield(L, -2, "snapshots");
+    }
+    /* Not in qemu-img's output: what a read-only open took that a strict
+     * one refuses (a refcount or snapshot table outside the file, ...),
+     * one line each. Absent on a healthy image, so the rest keeps
+     * qemu-img's shape. */
+    if (qcow2_open_damage_count(h) > 0) {
+        size_t n = qcow2_open_damage_count(h);
+        lua_createtable(L, (int)n, 0);
+        for (size_t i = 0; i < n; i++) {
+            lua_pushstring(L, qcow2_open_damage(h, i));
+            lua_rawseti(L, -2, (lua_Integer)i + 1);
+        }
+        lua_setfield(L, -2, "damage");
     }
     return 1;
 }

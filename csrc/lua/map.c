@@ -22,12 +22,12 @@ struct ql_map {
 };
 
 static const char *const extent_type_names[] = {
-    "data", "zero", "unallocated", "compressed"
+    "data", "zero", "unallocated", "compressed", "corrupt"
 };
 
 static const char *extent_type_name(int type)
 {
-    if (type >= 0 && type <= QCOW2_EXTENT_COMPRESSED)
+    if (type >= 0 && type <= QCOW2_EXTENT_CORRUPT)
         return extent_type_names[type];
     return "unknown";
 }
@@ -60,7 +60,18 @@ static int collect_extent(void *ctx, const qcow2_extent *extent)
         m->extents = grown;
         m->capacity = capacity;
     }
-    m->extents[m->count++] = *extent;
+    m->extents[m->count] = *extent;
+    /* the engine's reason lives only during the call: the map keeps a
+     * copy (freed by __gc) */
+    if (extent->reason) {
+        char *reason = strdup(extent->reason);
+        if (reason == NULL) {
+            m->out_of_memory = 1;
+            return 1;
+        }
+        m->extents[m->count].reason = reason;
+    }
+    m->count++;
     return 0;
 }
 
@@ -69,9 +80,17 @@ int ql_map_fill(ql_map *m, qcow2_image *h, uint64_t offset, uint64_t length,
 {
     int rc;
 
-    if (length == 0)
+    /* qemu-img map prints one empty record for a 0-byte disk */
+    if (length == 0 && qcow2_virtual_size(h) == 0) {
+        qcow2_extent empty;
+        memset(&empty, 0, sizeof empty);
+        empty.type = QCOW2_EXTENT_UNALLOCATED;
+        rc = collect_extent(m, &empty);
+    } else if (length == 0) {
         return 0;
-    rc = qcow2_map(h, offset, length, collect_extent, m);
+    } else {
+        rc = qcow2_map(h, offset, length, collect_extent, m);
+    }
     if (m->out_of_memory) {
         snprintf(msg, msg_len, "%s: out of memory collecting the map",
                  qcow2_path(h));
@@ -103,7 +122,7 @@ static ql_map *check_map(lua_State *L, int idx)
 
 /* {start=, length=, type=, offset=, depth=, compressed_size=}: offset only
  * when the engine knows a meaningful host offset, compressed_size only for
- * compressed extents. */
+ * compressed extents, reason only for corrupt ones. */
 static void push_extent(lua_State *L, const qcow2_extent *e)
 {
     lua_createtable(L, 0, 6);
@@ -120,6 +139,8 @@ static void push_extent(lua_State *L, const qcow2_extent *e)
         lua_pushboolean(L, 1);
         lua_setfield(L, -2, "reads_zero");
     }
+    if (e->reason)
+        ql_set_str(L, "reason", e->reason);
 }
 
 /* m[i], 1-based; nil outside 1..#m. */
@@ -167,19 +188,20 @@ static int map_extents(lua_State *L)
     return 1;
 }
 
-/* Bytes per extent type: {data=, zero=, unallocated=, compressed=}. */
+/* Bytes per extent type: {data=, zero=, unallocated=, compressed=,
+ * corrupt=}. */
 static int map_stats(lua_State *L)
 {
     ql_map *m = check_map(L, 1);
-    uint64_t bytes[4] = {0, 0, 0, 0};
+    uint64_t bytes[5] = {0, 0, 0, 0, 0};
 
     for (size_t i = 0; i < m->count; i++) {
         int type = m->extents[i].type;
-        if (type >= 0 && type <= QCOW2_EXTENT_COMPRESSED)
+        if (type >= 0 && type <= QCOW2_EXTENT_CORRUPT)
             bytes[type] += m->extents[i].length;
     }
-    lua_createtable(L, 0, 4);
-    for (int type = 0; type <= QCOW2_EXTENT_COMPRESSED; type++)
+    lua_createtable(L, 0, 5);
+    for (int type = 0; type <= QCOW2_EXTENT_CORRUPT; type++)
         ql_set_int(L, extent_type_names[type], bytes[type]);
     return 1;
 }
@@ -187,6 +209,8 @@ static int map_stats(lua_State *L)
 static int map_gc(lua_State *L)
 {
     ql_map *m = check_map(L, 1);
+    for (size_t i = 0; i < m->count; i++)
+        free((char *)m->extents[i].reason);
     free(m->extents);
     m->extents = NULL;
     m->count = m->capacity = 0;

@@ -77,6 +77,13 @@ local MapMethods = core.methods.ClusterMap
 -- zero, data flags per extent type, offset where qemu-img prints one, then
 -- adjacent records merged the way qemu-img merges them (same flags and
 -- depth, host offsets contiguous or both absent).
+--
+-- qemu-img has no corrupt type. A corrupt extent (metadata that cannot be
+-- followed) becomes a record of its own, never merged, that keeps the
+-- array contiguous: present, zero and data false, plus `corrupt = true`
+-- and the `reason`. An image without damage gives exactly qemu-img's
+-- records. The record qemu-img prints for a 0-byte disk (length 0, every
+-- flag false) comes from the one empty extent such a map holds.
 function MapMethods:records()
   local out, last = {}, nil
   for e in self:extents() do
@@ -90,10 +97,13 @@ function MapMethods:records()
       r.present, r.zero, r.data = true, false, true
     elseif ty == "zero" then
       r.present, r.zero, r.data, r.offset = true, true, false, e.offset
-    else -- unallocated
-      r.present, r.zero, r.data, r.offset = false, true, false, e.offset
+    elseif ty == "corrupt" then
+      r.present, r.zero, r.data, r.corrupt, r.reason = false, false, false, true, e.reason
+    else -- unallocated; the empty record of a 0-byte disk has no flag set
+      r.present, r.zero, r.data, r.offset = false, e.length > 0, false, e.offset
     end
-    if last and last.depth == r.depth and last.present == r.present
+    if last and not last.corrupt and not r.corrupt
+        and last.depth == r.depth and last.present == r.present
         and last.zero == r.zero and last.data == r.data
         and last.start + last.length == r.start
         and ((last.offset == nil and r.offset == nil)
