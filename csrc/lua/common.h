@@ -121,6 +121,8 @@ extern const luaL_Reg ql_snapshot_write_methods[];  /* snapshot_write.c:
     apply, delete */
 extern const luaL_Reg ql_image_amend_methods[];     /* amend.c: amend,
     make_empty */
+extern const luaL_Reg ql_image_forensics_methods[]; /* forensics.c:
+    owners, residue */
 
 /* The open handle of an Image that may be written: raises when closed,
  * returns NULL with fail, message, "readonly" pushed (3 values) when the

@@ -713,7 +713,8 @@ void ql_image_register(lua_State *L)
     /* Every Image method, from the files that implement them. */
     static const luaL_Reg *const all[] = {
         methods, ql_image_write_methods, ql_image_check_methods,
-        ql_image_snapshot_methods, ql_image_amend_methods, NULL
+        ql_image_snapshot_methods, ql_image_amend_methods,
+        ql_image_forensics_methods, NULL
     };
     static const luaL_Reg metamethods[] = {
         {"__gc", image_gc},
