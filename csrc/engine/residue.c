@@ -6,7 +6,7 @@
  * zeroes of a sector or more splits a range, and each range starts and
  * ends on a non-zero byte, so planted bytes come out at their offsets.
  * Slack of other tables (the rest of an L1's cluster) is not a kind of
- * the contract and is not reported.
+ * the contract: it is reported only past the last byte in use, as tail.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -209,11 +209,13 @@ static int scan_all(scan *s, const qcow2_owner_range *r, size_t n)
     uint8_t *buf, *out;
     int ret = 0;
 
-    /* the tail starts after the last cluster anything uses */
+    /* the tail starts after the last byte a structure uses (QEMU may end
+     * the file inside a cluster, after the 8 bytes of a new L1 table) */
     for (size_t i = 0; i < n; i++)
         if (r[i].owner != QCOW2_OWNER_FREE &&
-            r[i].owner != QCOW2_OWNER_UNACCOUNTED)
-            tail = align_up(r[i].offset + r[i].length, s->img->cluster_size);
+            r[i].owner != QCOW2_OWNER_UNACCOUNTED &&
+            !(r[i].flags & QCOW2_OWNER_SLACK))
+            tail = r[i].offset + r[i].length;
     buf = malloc((size_t)(2 * s->img->cluster_size + 512));
     out = malloc((size_t)s->img->cluster_size);
     if (!buf || !out) {
@@ -230,9 +232,12 @@ static int scan_all(scan *s, const qcow2_owner_range *r, size_t n)
         } else if (r[i].owner == QCOW2_OWNER_COMPRESSED) {
             ret = scan_stream(s, &r[i], buf, out);
         } else if (r[i].owner == QCOW2_OWNER_FREE ||
-                   r[i].owner == QCOW2_OWNER_UNACCOUNTED) {
+                   r[i].owner == QCOW2_OWNER_UNACCOUNTED ||
+                   (r[i].flags & QCOW2_OWNER_SLACK)) {
+            /* a table's slack counts only past the tail */
             uint64_t cut = min_u64(max_u64(tail, start), end);
-            ret = scan_range(s, start, cut - start, QCOW2_RESIDUE_FREE);
+            if (!(r[i].flags & QCOW2_OWNER_SLACK))
+                ret = scan_range(s, start, cut - start, QCOW2_RESIDUE_FREE);
             if (ret == 0)
                 ret = scan_range(s, cut, end - cut, QCOW2_RESIDUE_TAIL);
         }
