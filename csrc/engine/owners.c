@@ -208,10 +208,12 @@ static int views_text(own_build *b, const own_piece *r, char **out)
              !(r->flags & QCOW2_OWNER_SHADOW)))
             continue;
         src = source_of(b, c);
-        memcpy(all + n, src->views, src->n_views * sizeof *all);
+        if (src->n_views)
+            memcpy(all + n, src->views, src->n_views * sizeof *all);
         n += src->n_views;
     }
-    qsort(all, n, sizeof *all, cmp_u32);
+    if (n)
+        qsort(all, n, sizeof *all, cmp_u32);
     for (size_t i = 0; i < n; i++)
         if (i == 0 || all[i] != all[i - 1])
             sb_printf(&s, "%s%s", s.n ? "\n" : "",
@@ -650,7 +652,9 @@ static int attach_problems(own_build *b)
     own_walk *w = b->w;
     size_t p = 0;
 
-    qsort(w->problems, w->n_problems, sizeof *w->problems, cmp_problem);
+    if (w->n_problems)
+        qsort(w->problems, w->n_problems, sizeof *w->problems,
+              cmp_problem);
     for (size_t r = 0; r < b->n_out; r++) {
         qcow2_owner_range *o = &b->out[r];
         int last = r + 1 == b->n_out;
@@ -737,7 +741,8 @@ int qcow2_owners(qcow2_image *img, qcow2_owner_range **out, size_t *count)
     b.block = malloc((size_t)img->cluster_size);
     ret = b.block ? owners_walk(&w) : QCOW2_E_NOMEM;
     if (ret == 0) {
-        qsort(w.claims, w.n_claims, sizeof *w.claims, cmp_claim);
+        if (w.n_claims)
+            qsort(w.claims, w.n_claims, sizeof *w.claims, cmp_claim);
         cut_compressed(&w);
         ret = sweep(&b);
     }
