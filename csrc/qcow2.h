@@ -461,6 +461,93 @@ typedef struct qcow2_check_result {
 int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out);
 void qcow2_check_result_free(qcow2_check_result *res);
 
+/* --- Forensics: who owns each byte of the file, and what no view reads ---- */
+/*
+ * Every byte of the image file attributed to one owner, in file order,
+ * without gaps or overlaps. Read-only (a read-write handle is flushed
+ * first, so that the file says what the handle knows); a corrupt image is
+ * walked as far as it can be followed, and what cannot be followed is
+ * named in `problems` of the range holding the entry that points at it.
+ * Memory is bounded by the file (claims per referenced range), never by
+ * the virtual size. Not on snapshot views (same file: ask their image);
+ * a raw image is one "data" range.
+ */
+enum qcow2_owner_kind {
+    QCOW2_OWNER_HEADER = 0,
+    QCOW2_OWNER_HEADER_EXTENSION,
+    QCOW2_OWNER_BACKING_NAME,
+    QCOW2_OWNER_L1,
+    QCOW2_OWNER_L2,
+    QCOW2_OWNER_REFCOUNT_TABLE,
+    QCOW2_OWNER_REFCOUNT_BLOCK,
+    QCOW2_OWNER_SNAPSHOT_TABLE,
+    QCOW2_OWNER_SNAPSHOT_L1,
+    QCOW2_OWNER_SNAPSHOT_L2,
+    QCOW2_OWNER_BITMAP_DIRECTORY,
+    QCOW2_OWNER_BITMAP_TABLE,
+    QCOW2_OWNER_BITMAP_DATA,
+    QCOW2_OWNER_CRYPTO_HEADER,
+    QCOW2_OWNER_DATA,
+    QCOW2_OWNER_COMPRESSED,
+    QCOW2_OWNER_LEAKED,         /* refcount above 0, no reference */
+    QCOW2_OWNER_FREE,           /* refcount 0 */
+    QCOW2_OWNER_UNACCOUNTED,    /* no refcount block covers it */
+    QCOW2_OWNER_OVERLAP,        /* claimed twice, incompatibly */
+    QCOW2_OWNER_KINDS
+};
+/* The API's name of an owner kind ("header", "l2", ...). */
+const char *qcow2_owner_name(int kind);
+
+/* The unused rest of a cluster its owner holds only in part (cluster 0
+ * after the header; after the last compressed stream; after a table). */
+#define QCOW2_OWNER_SLACK   1u
+/* data: a host cluster referenced by zero-flagged (or, with extended L2,
+ * unallocated) entries only: no view reads these bytes. */
+#define QCOW2_OWNER_SHADOW  2u
+
+typedef struct qcow2_owner_range {
+    uint64_t offset;            /* host offset in the image file */
+    uint64_t length;
+    int owner;                  /* enum qcow2_owner_kind */
+    unsigned flags;             /* QCOW2_OWNER_* */
+    int has_guest;              /* data, compressed: guest_offset is set */
+    uint64_t guest_offset;      /* guest offset of `offset` (compressed:
+                                   of the cluster the stream holds) */
+    uint64_t refcount;          /* leaked: the refcount on disk */
+    char *detail;               /* one line, or NULL */
+    char *views;                /* names of the views reading it, one per
+                                   line ("active", snapshot names), or NULL */
+    char *problems;             /* what could not be followed, one per
+                                   line, or NULL */
+} qcow2_owner_range;
+
+int qcow2_owners(qcow2_image *img, qcow2_owner_range **out, size_t *count);
+void qcow2_owners_free(qcow2_owner_range *ranges, size_t count);
+
+/* Bytes of the file no view reads, non-zero ranges only (zero runs of a
+ * sector or more split a range; edges trimmed to the byte). Built on
+ * qcow2_owners. */
+enum qcow2_residue_kind {
+    QCOW2_RESIDUE_LEAKED = 0,
+    QCOW2_RESIDUE_FREE,
+    QCOW2_RESIDUE_COMPRESSED_SLACK,
+    QCOW2_RESIDUE_HEADER_SLACK,
+    QCOW2_RESIDUE_ZERO_SHADOW,
+    QCOW2_RESIDUE_TAIL,
+};
+const char *qcow2_residue_name(int kind);
+
+typedef struct qcow2_residue_range {
+    uint64_t offset;
+    uint64_t length;
+    int kind;                   /* enum qcow2_residue_kind */
+    double entropy;             /* Shannon, bits per byte */
+} qcow2_residue_range;
+
+int qcow2_residue(qcow2_image *img, qcow2_residue_range **out,
+                  size_t *count);
+void qcow2_residue_free(qcow2_residue_range *ranges);
+
 /* --- Snapshots (writing) ---------------------------------------------------- */
 /* What qcow2_snapshot_create records besides the disk. */
 typedef struct qcow2_snapshot_create_opts {

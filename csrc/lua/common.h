@@ -125,6 +125,8 @@ extern const luaL_Reg ql_image_diff_methods[];      /* diff.c: diff */
 extern const luaL_Reg ql_image_bitmap_methods[];    /* bitmap.c: bitmaps */
 /* Register the "qcow2.Bitmap" type (bitmap.c). */
 void ql_bitmap_register(lua_State *L);
+extern const luaL_Reg ql_image_forensics_methods[]; /* forensics.c:
+    owners, residue */
 
 /* The open handle of an Image that may be written: raises when closed,
  * returns NULL with fail, message, "readonly" pushed (3 values) when the
