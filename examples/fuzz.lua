@@ -157,11 +157,16 @@ local function repair(path, uncoded)
   return "clean"
 end
 
+-- QCOW2_FUZZ_SELFTEST="crash:ID" or "uncoded:ID" makes the child fail on
+-- purpose at case ID: proof that the runner notices (spec/campaign_spec.lua).
+local SELFTEST_KIND, SELFTEST_ID = (os.getenv("QCOW2_FUZZ_SELFTEST") or ""):match("^(%a+):(%d+)$")
+
 local function child(manifest)
   io.stdout:setvbuf("line")
   for line in io.lines(manifest) do
     local id, path = line:match("^(%d+)\t(.*)$")
     emit("BEGIN", id)
+    if id == SELFTEST_ID and SELFTEST_KIND == "crash" then os.exit(134) end
     local uncoded = {}
     local ok, verdict, detail = pcall(exercise, id, path, uncoded)
     if not ok then
@@ -173,6 +178,7 @@ local function child(manifest)
       emit("FIND", id, "raised", "repair: " .. (tostring(rep):gsub("%s+", " ")))
       rep = "raised"
     end
+    if id == SELFTEST_ID and SELFTEST_KIND == "uncoded" then uncoded[#uncoded + 1] = "selftest: msg nil code nil" end
     for _, u in ipairs(uncoded) do emit("FIND", id, "uncoded", (u:gsub("%s+", " "))) end
     emit("END", id, verdict, rep, (tostring(detail or ""):gsub("%s+", " ")))
   end

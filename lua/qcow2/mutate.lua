@@ -151,10 +151,14 @@ end
 
 -- Targets ---------------------------------------------------------------------
 
-local BACKING_NAMES = {
+-- Names with protocols (never to be followed), then other odd names.
+local PROTOCOL_NAMES = {
   "nbd://127.0.0.1:1/x", "json:{\"file.driver\":\"nbd\",\"file.host\":\"127.0.0.1\"}",
-  "json:{\"driver\":\"raw\"}", "/etc/passwd", "../../../../etc/shadow", "", "base.qcow2",
-  "http://127.0.0.1:1/x", ("A"):rep(1023), "self.qcow2\0tail",
+  "json:{\"driver\":\"raw\"}", "http://127.0.0.1:1/x",
+}
+local BACKING_NAMES = {
+  "/etc/passwd", "../../../../etc/shadow", "", "base.qcow2",
+  ("A"):rep(1023), "self.qcow2\0tail",
 }
 
 local V2_FIELDS = {
@@ -202,7 +206,7 @@ function T.header(ed, r, s)
   if not h then return nil end
   local roll = r:int(1, 10)
   if roll == 1 then
-    local name = r:pick(BACKING_NAMES)
+    local name = r:chance(2) and r:pick(PROTOCOL_NAMES) or r:pick(BACKING_NAMES)
     local old = h.backing_file or ""
     if ed:set_backing_name(name) then
       return { where = "header.backing_file", old = old, new = name }
