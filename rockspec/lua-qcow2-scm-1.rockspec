@@ -100,6 +100,8 @@ build = {
       },
       ["qcow2"] = "lua/qcow2/init.lua",
       ["qcow2.cli"] = "lua/qcow2/cli.lua",
+      ["qcow2.edit"] = "lua/qcow2/edit.lua",
+      ["qcow2.mutate"] = "lua/qcow2/mutate.lua",
    },
    install = {
       bin = { qcow2 = "lua/qcow2-cli" },

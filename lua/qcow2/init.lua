@@ -184,6 +184,10 @@ end
 
 M.empty_array = empty_array
 
+-- Test tooling (API.md, "Test tooling"): pure Lua, no engine validation.
+M.edit = require "qcow2.edit"
+M.mutate = require("qcow2.mutate").mutate
+
 -- CheckResult in Lua (check work) ---------------------------------------------
 
 local CheckMethods = core.methods.CheckResult
