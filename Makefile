@@ -108,9 +108,10 @@ PREFIX      ?= /usr/local
 LUA_LIBDIR  ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 LUA_SHAREDIR?= $(PREFIX)/share/lua/$(LUA_VERSION)
 install: $(MODULE)
-	install -d $(DESTDIR)$(LUA_LIBDIR)/qcow2 $(DESTDIR)$(LUA_SHAREDIR)/qcow2 $(DESTDIR)$(PREFIX)/bin
+	install -d $(DESTDIR)$(LUA_LIBDIR)/qcow2 $(DESTDIR)$(LUA_SHAREDIR)/qcow2/cli $(DESTDIR)$(PREFIX)/bin
 	install -m 0755 $(MODULE) $(DESTDIR)$(LUA_LIBDIR)/qcow2/core.so
 	install -m 0644 lua/qcow2/*.lua $(DESTDIR)$(LUA_SHAREDIR)/qcow2/
+	install -m 0644 lua/qcow2/cli/*.lua $(DESTDIR)$(LUA_SHAREDIR)/qcow2/cli/
 	install -m 0755 lua/qcow2-cli $(DESTDIR)$(PREFIX)/bin/qcow2
 
 clean:

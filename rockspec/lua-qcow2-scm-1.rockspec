@@ -102,6 +102,18 @@ build = {
       ["qcow2.cli"] = "lua/qcow2/cli.lua",
       ["qcow2.edit"] = "lua/qcow2/edit.lua",
       ["qcow2.mutate"] = "lua/qcow2/mutate.lua",
+      -- one module per subcommand of the qcow2 tool (spec/cli_spec.lua
+      -- checks that every lua/qcow2/cli/*.lua is listed)
+      ["qcow2.cli.check"] = "lua/qcow2/cli/check.lua",
+      ["qcow2.cli.create"] = "lua/qcow2/cli/create.lua",
+      ["qcow2.cli.digest"] = "lua/qcow2/cli/digest.lua",
+      ["qcow2.cli.dump"] = "lua/qcow2/cli/dump.lua",
+      ["qcow2.cli.export"] = "lua/qcow2/cli/export.lua",
+      ["qcow2.cli.info"] = "lua/qcow2/cli/info.lua",
+      ["qcow2.cli.map"] = "lua/qcow2/cli/map.lua",
+      ["qcow2.cli.read"] = "lua/qcow2/cli/read.lua",
+      ["qcow2.cli.snapshot"] = "lua/qcow2/cli/snapshot.lua",
+      ["qcow2.cli.util"] = "lua/qcow2/cli/util.lua",
    },
    install = {
       bin = { qcow2 = "lua/qcow2-cli" },
