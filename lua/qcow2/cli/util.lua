@@ -242,12 +242,13 @@ function M.qemu_json(v)
   return table.concat(acc)
 end
 
---- v as compact JSON, integers exact. Every empty table is printed as
--- an array (the reports' empty values are lists): dkjson marks them so;
--- without it, the library's encoder (lua-cjson prints them as {}).
+-- dkjson marks empty arrays (lua-cjson 2.1.0 cannot).
 local dkjson_ok, dkjson = pcall(require, "dkjson")
 local EMPTY_ARRAY = setmetatable({}, { __jsontype = "array" })
 
+--- v as compact JSON, integers exact. Every empty table is printed as
+-- an array (the reports' empty values are lists): dkjson marks them so;
+-- without it, the library's encoder (lua-cjson prints them as {}).
 function M.json(v)
   if not dkjson_ok then return qcow2.json_encode(v) end
   local function copy(x)
