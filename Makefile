@@ -1,5 +1,5 @@
 # lua-qcow2: build the engine + binding as build/qcow2/core.so and run the
-# busted suite under Lua 5.4. Targets: all test demo sanitize valgrind
+# busted suite under Lua 5.4. Targets: all test demo doc sanitize valgrind
 # fuzz sweep bench install clean deps nobarrier layer-check test-progs.
 
 LUA_VERSION ?= 5.4
@@ -30,7 +30,7 @@ TEST_PROGS  := $(BUILD)/test/table_cache_test
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;
 export LUA_CPATH := ./$(BUILD)/?.so;;
 
-.PHONY: all test demo sanitize valgrind fuzz sweep bench install clean deps nobarrier layer-check test-progs
+.PHONY: all test demo doc sanitize valgrind fuzz sweep bench install clean deps nobarrier layer-check test-progs
 
 all: $(MODULE)
 
@@ -73,8 +73,17 @@ test: $(MODULE) $(TEST_PROGS)
 layer-check: $(MODULE)
 	@$(LUA) csrc/layer-check $(LAYER_CHECK) --obj $(BUILD)/obj
 
+# The sample image's library report, then `qcow2 inspect` of it (the
+# demo script runs the tool's inspect module on the image it made).
 demo: $(MODULE)
 	@$(LUA) examples/demo.lua
+
+# The reference of the whole Lua API (config.ld; the C binding is
+# documented in doc/qcow2.luadoc) as HTML in $(BUILD)/doc.
+doc:
+	@rm -rf $(BUILD)/doc
+	@ldoc --fatalwarnings --dir $(BUILD)/doc --date '' . >/dev/null
+	@echo "reference written to $(BUILD)/doc/index.html"
 
 # The whole suite with ASan + UBSan; lua5.4 itself is not instrumented,
 # so the runtime is preloaded.
@@ -119,7 +128,7 @@ clean:
 
 # The Debian packages the build, the tests and the oracle need.
 DEB_PKGS := lua5.4 liblua5.4-dev lua-busted lua-cjson lua-dkjson zlib1g-dev libssl-dev \
-            libzstd-dev pkg-config qemu-utils luarocks gcc make
+            libzstd-dev pkg-config qemu-utils luarocks gcc make lua-ldoc
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \

@@ -70,4 +70,11 @@ local r = img:check()
 print(("Consistency check: %s (%d corruptions, %d leaks; %d/%d clusters allocated, %d compressed)"):format(
   r.ok and "clean" or "PROBLEMS", r.corruptions, r.leaks, r.allocated_clusters,
   r.total_clusters, r.compressed_clusters))
+
+-- The same image through the tool: `qcow2 inspect` (its module, run as
+-- the installed `qcow2` script runs it).
+print("\n$ qcow2 inspect " .. top)
+io.stdout:flush()
+local status = require("qcow2.cli").main({ "inspect", top })
+if status ~= 0 then error("qcow2 inspect failed with status " .. status) end
 print(("\nImages kept in %s"):format(dir))

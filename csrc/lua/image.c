@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/evp.h>
 
@@ -251,25 +252,64 @@ static void push_damage(lua_State *L, damage_list *d)
 }
 
 /* digest's arguments: [algo [, offset, length]] [, opts], the options
- * table last wherever it stands. Returns 1 for on_error = "zero". */
+ * table last wherever it stands. Returns 1 for on_error = "zero"; *progress
+ * is the stack index of opts.progress (a function), or 0. */
 static int digest_args(lua_State *L, uint64_t size, const char **algo,
-                       uint64_t *offset, uint64_t *length)
+                       uint64_t *offset, uint64_t *length, int *progress)
 {
-    static const char *const known[] = { "on_error", NULL };
+    static const char *const known[] = { "on_error", "progress", NULL };
     static const char *const modes[] = { "fail", "zero", NULL };
-    int top = lua_gettop(L), opts = 0, zero = 0;
+    int top = lua_gettop(L), opts, zero = 0;
 
+    *progress = 0;
     if (top >= 2 && lua_type(L, top) == LUA_TTABLE) {
         opts = top;
         ql_check_options(L, opts, "digest", known);
         zero = ql_opt_choice(L, opts, "digest", "on_error", modes) == 1;
-        lua_settop(L, top - 1);     /* the positional arguments remain */
+        lua_getfield(L, opts, "progress");
+        if (!lua_isnil(L, -1) && !lua_isfunction(L, -1))
+            luaL_error(L, "digest option 'progress' must be a function, "
+                       "not a %s", luaL_typename(L, -1));
+        lua_replace(L, opts);       /* opts.progress (or nil) takes its slot */
+        /* The hook moves past the positional slots (2..4), which read as
+         * absent where the caller gave none. */
+        if (top < 5) {
+            lua_settop(L, 5);
+            lua_copy(L, top, 5);
+            lua_pushnil(L);
+            lua_replace(L, top);
+        }
+        if (lua_isfunction(L, top < 5 ? 5 : top))
+            *progress = top < 5 ? 5 : top;
     }
     *algo = luaL_optstring(L, 2, "sha256");
     ql_opt_range(L, 3, size, offset, length);
-    if (opts)
-        lua_settop(L, top);
     return zero;
+}
+
+/* Seconds on a clock that never goes back, for pacing the progress hook. */
+static double digest_now(void)
+{
+    struct timespec ts;
+
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return 0.0;
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Between chunks at most this often (seconds): at least once a second, as
+ * promised, without calling Lua for every 4 MiB of a fast disk. */
+#define QL_DIGEST_PROGRESS_EVERY 0.25
+
+/* Call progress(done, total) protected: nothing may raise while the
+ * OpenSSL context and the damage list are live. 0, or the pcall status
+ * with the error object left on the stack. */
+static int digest_progress(lua_State *L, int fn, uint64_t done, uint64_t total)
+{
+    lua_pushvalue(L, fn);
+    lua_pushinteger(L, (lua_Integer)done);
+    lua_pushinteger(L, (lua_Integer)total);
+    return lua_pcall(L, 2, 0, 0);
 }
 
 /* img:digest([algo [, offset, length]] [, {on_error = "fail" | "zero"}])
@@ -278,7 +318,12 @@ static int digest_args(lua_State *L, uint64_t size, const char **algo,
  * depends on the OpenSSL build, as a file's existence does on the disk.
  * With "zero", ranges whose metadata cannot be followed hash as zeroes
  * and come back as {start=, length=, reason=}; other failures (I/O,
- * encryption) still fail. */
+ * encryption) still fail.
+ * opts.progress(done, total), when given, is called with the bytes hashed
+ * so far: first with 0, then between chunks at least once a second, last
+ * with done == total. An error it raises stops the digest; the context
+ * and the list are freed, then the error propagates (the handle is
+ * whole: the engine is never inside a call when the hook runs). */
 static int image_digest(lua_State *L)
 {
     ql_image *q = ql_check_image(L, 1);
@@ -293,9 +338,11 @@ static int image_digest(lua_State *L)
     damage_list damage = { NULL, 0, 0 };
     size_t chunk;
     void *buf;
-    int rc = 0, evp_ok, zero;
+    int rc = 0, evp_ok, zero, progress, perr = LUA_OK;
+    uint64_t total, done = 0;
+    double last = 0.0;
 
-    zero = digest_args(L, size, &algo, &offset, &length);
+    zero = digest_args(L, size, &algo, &offset, &length, &progress);
     if (!ql_clamp_range(L, qcow2_path(q->img), "digest", offset, length,
                         size, &guest_offset, &bytes))
         return 3;
@@ -309,9 +356,14 @@ static int image_digest(lua_State *L)
      * raises while ctx (or the damage list) is live. */
     buf = lua_newuserdatauv(L, chunk ? chunk : 1, 0);
 
+    total = bytes;
     ctx = EVP_MD_CTX_new();
     evp_ok = ctx != NULL && EVP_DigestInit_ex(ctx, md, NULL);
-    while (evp_ok && bytes > 0) {
+    if (evp_ok && progress) {
+        perr = digest_progress(L, progress, 0, total);
+        last = digest_now();
+    }
+    while (evp_ok && perr == LUA_OK && bytes > 0) {
         size_t n = bytes < chunk ? (size_t)bytes : chunk;
         rc = zero ? qcow2_read_salvage(q->img, guest_offset, buf, n,
                                        collect_damage, &damage)
@@ -321,10 +373,20 @@ static int image_digest(lua_State *L)
         evp_ok = EVP_DigestUpdate(ctx, buf, n);
         guest_offset += n;
         bytes -= n;
+        done += n;
+        if (progress && evp_ok &&
+            (bytes == 0 || digest_now() - last >= QL_DIGEST_PROGRESS_EVERY)) {
+            perr = digest_progress(L, progress, done, total);
+            last = digest_now();
+        }
     }
-    if (rc == 0 && evp_ok)
+    if (rc == 0 && evp_ok && perr == LUA_OK)
         evp_ok = EVP_DigestFinal_ex(ctx, digest, &digest_len);
     EVP_MD_CTX_free(ctx);
+    if (perr != LUA_OK) {
+        damage_free(&damage);
+        return lua_error(L);        /* the hook's error, as it raised it */
+    }
     if (rc < 0) {
         damage_free(&damage);
         return ql_push_engine_error(L, q->img, rc);

@@ -1,19 +1,22 @@
 --- qcow2 digest: a hex digest of the guest disk (or a snapshot's view).
-local qcow2 = require "qcow2"
 local util = require "qcow2.cli.util"
 
 return {
   summary = "hex digest of the guest disk (default sha256)",
   usage = [[
-usage: qcow2 digest [--algo ALGO] [--snapshot NAME] IMG [ALGO]
+usage: qcow2 digest [--algo ALGO] [--snapshot NAME] [--on-error zero|fail] IMG [ALGO]
 
 Prints the digest (any OpenSSL digest name; default sha256) of the guest
 bytes of IMG through its backing chain: the same as hashing the output
 of `qemu-img convert -O raw`. --snapshot digests an internal snapshot's
-view (by id or name). The image is opened read-only.]],
+view (by id or name). The image is opened read-only.
+--on-error fail (default) fails on a range whose metadata is damaged;
+--on-error zero hashes such ranges as zeroes and lists them on stderr,
+one "unreadable START+LENGTH: REASON" line each.]],
   options = {
     ["--algo"] = { arg = true }, ["-a"] = { arg = true, alias = "--algo" },
     ["--snapshot"] = { arg = true }, ["-l"] = { arg = true, alias = "--snapshot" },
+    ["--on-error"] = { arg = true, choices = { "zero", "fail" } },
     ["-U"] = {}, ["--force-share"] = { alias = "-U" },
   },
   run = function(opts, args, ctx)
@@ -23,12 +26,13 @@ view (by id or name). The image is opened read-only.]],
     local img <close> = util.open(args[1], { force_share = opts["-U"] or nil })
     local view = img
     if opts["--snapshot"] then view = util.snapshot_view(img, opts["--snapshot"]) end
-    -- img:digest is one call with no progress hook: on a terminal, a
-    -- status line says what is being hashed until it is done.
-    local finish = util.status(ctx, ("%s: %s of %s ..."):format(args[1], algo,
-                                                           qcow2.human_size(view.size)))
-    local hex = util.check(view:digest(algo))
+    local update, finish = util.progress(ctx, ("%s %s"):format(algo, args[1]), view.size)
+    local hex, damage = util.check(view:digest(algo, {
+      on_error = opts["--on-error"] or "fail", progress = update }))
     finish()
+    for _, d in ipairs(damage or {}) do
+      ctx.err:write(("qcow2: unreadable 0x%x+0x%x: %s\n"):format(d.start, d.length, d.reason))
+    end
     ctx.out:write(hex, "\n")
     return 0
   end,

@@ -38,6 +38,19 @@ function M.snapshot_view(img, name)
   return M.check(s:open())
 end
 
+--- A to-be-closed list of handles: open(h) keeps h and returns it; they
+-- are closed in reverse order (views before the images they borrow from)
+-- when the variable goes out of scope.
+function M.handles()
+  local list = {}
+  return setmetatable(list, {
+    __call = function(_, h) list[#list + 1] = h return h end,
+    __close = function()
+      for i = #list, 1, -1 do list[i]:close() end
+    end,
+  })
+end
+
 -- Options ---------------------------------------------------------------
 
 --- Parse args against spec, getopt_long style: options anywhere, "--"
@@ -227,6 +240,25 @@ function M.qemu_json(v)
   local acc = {}
   to_json(v, 0, acc)
   return table.concat(acc)
+end
+
+-- dkjson marks empty arrays (lua-cjson 2.1.0 cannot).
+local dkjson_ok, dkjson = pcall(require, "dkjson")
+local EMPTY_ARRAY = setmetatable({}, { __jsontype = "array" })
+
+--- v as compact JSON, integers exact. Every empty table is printed as
+-- an array (the reports' empty values are lists): dkjson marks them so;
+-- without it, the library's encoder (lua-cjson prints them as {}).
+function M.json(v)
+  if not dkjson_ok then return qcow2.json_encode(v) end
+  local function copy(x)
+    if type(x) ~= "table" then return x end
+    if next(x) == nil then return EMPTY_ARRAY end
+    local t = {}
+    for k, item in pairs(x) do t[k] = copy(item) end
+    return t
+  end
+  return dkjson.encode(copy(v))
 end
 
 -- Sizes -------------------------------------------------------------------
