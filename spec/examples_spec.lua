@@ -9,9 +9,9 @@ local OFFSET_MASK = 0x00fffffffffffe00
 
 -- stdout and exit status of an example (stderr merged on failure).
 local function example(name, args)
-  local ok, out, code = h.sh("lua5.4 examples/" .. name .. ".lua " .. args)
+  local ok, out, code = h.sh((os.getenv("LUA") or "lua5.4") .. " examples/" .. name .. ".lua " .. args)
   if not ok then
-    local _, all = h.sh("lua5.4 examples/" .. name .. ".lua " .. args, true)
+    local _, all = h.sh((os.getenv("LUA") or "lua5.4") .. " examples/" .. name .. ".lua " .. args, true)
     error(("examples/%s.lua failed (%s):\n%s"):format(name, tostring(code), all))
   end
   return out
