@@ -92,6 +92,12 @@ typedef struct qcow2_open_opts {
                                    stop_after_writes */
     uint64_t volatile_seed;
     int trace_writes;           /* record writes, truncates and flushes */
+    /* The external data file of the top image, opened as given (NULL:
+     * the name the image stores, under the backing-file policy: plain
+     * names next to the image, never json: or protocol names; the
+     * resolver is for backing files only). Refused (QCOW2_E_INVALID) for
+     * an image without the data-file bit. Backing images use their own. */
+    const char *data_file;
 } qcow2_open_opts;
 
 /* Fill opts with the defaults (read-only, backing chain opened). */
@@ -608,6 +614,40 @@ int qcow2_amend(qcow2_image *img, const qcow2_amend_opts *opts);
  * and a truncated file for version 3 images without snapshots, a discard
  * of every cluster otherwise. */
 int qcow2_make_empty(qcow2_image *img);
+
+/* --- Rebase and commit (read-write handles) -------------------------------- */
+/*
+ * qemu-img rebase. backing_file NULL or "" removes the backing file;
+ * otherwise it is stored as given and opened next to the image (plain
+ * names only, as backing files are followed). backing_format NULL: the
+ * file's probed format is stored (safe), or none (unsafe); else "qcow2"
+ * or "raw" (unsafe: any name, stored as given).
+ * Safe (unsafe 0): needs the old chain open; every sector this image does
+ * not allocate itself and whose old-chain bytes differ from the new
+ * chain's gets the old bytes written into this image (ordinary guest
+ * writes: a crash leaves the old backing, under which they read the
+ * same), the image flushed, then the backing name and format switched by
+ * one synced header write. Unsafe: the switch only.
+ * Afterwards the handle's chain is the new one (the old backing handle
+ * and everything borrowed from it are closed); an unsafe rebase to a
+ * file that cannot be opened leaves the chain closed.
+ */
+int qcow2_rebase(qcow2_image *img, const char *backing_file,
+                 const char *backing_format, int unsafe);
+/*
+ * qemu-img commit: the clusters this image allocates itself (data,
+ * compressed and zero clusters; never the backing chain's) written into
+ * its backing file (qcow2 or raw; grown first if smaller than this
+ * image), which is reopened read-write with the writer's locks for it
+ * (QCOW2_E_BUSY if another holds it) and flushed; then this image is
+ * emptied (qcow2_make_empty). A crash before the empty leaves the data in
+ * both files, during it a partly emptied image over a backing file that
+ * holds the data: the guest bytes never change. A fault plan of img's
+ * open (the `io` option) covers the backing file too, with one write
+ * count: a power cut stops both files at the same write. The backing
+ * file is read-only in img's chain again afterwards.
+ */
+int qcow2_commit(qcow2_image *img);
 
 /* --- Persistent bitmaps (read side) ---------------------------------------- */
 #define QCOW2_BITMAP_IN_USE     (1u << 0)

@@ -163,6 +163,15 @@ local misuse = {
     function(c) return c.img:amend() end,
   },
   make_empty = { function(c) return c.img.make_empty(c.snap) end },
+  rebase = {
+    function(c) return c.img:rebase("x.qcow2", { fromat = "qcow2" }) end,
+    function(c) return c.img:rebase("x.qcow2", { format = "vmdk" }) end,
+    function(c) return c.img:rebase("x.qcow2", { unsafe = "yes" }) end,
+    function(c) return c.img:rebase({}) end,
+    function(c) return c.img.rebase(c.snap, "x.qcow2") end,
+    function(c) return c.ro:rebase("x.qcow2", { format = 1 }) end,
+  },
+  commit = { function(c) return c.img.commit(c.snap) end },
   create_snapshot = {
     function(c) return c.img:create_snapshot("t", { vm_clock = -1 }) end,
     function(c) return c.ro:create_snapshot("t", { vm_clock = -1 }) end,
@@ -232,6 +241,8 @@ local returns = {
   { "raw_write on a read-only handle", "readonly", function(c) return c.ro:raw_write(0, "x") end },
   { "amend on a read-only handle", "readonly", function(c) return c.ro:amend({ lazy_refcounts = true }) end },
   { "make_empty on a read-only handle", "readonly", function(c) return c.ro:make_empty() end },
+  { "rebase on a read-only handle", "readonly", function(c) return c.ro:rebase("", { unsafe = true }) end },
+  { "commit on a read-only handle", "readonly", function(c) return c.ro:commit() end },
   { "create_snapshot on a read-only handle", "readonly",
     function(c) return c.ro:create_snapshot("t", { vm_clock = 1 }) end },
   { "save_vmstate on a read-only handle", "readonly", function(c) return c.ro:save_vmstate(0, "x") end },
@@ -247,9 +258,10 @@ local IMAGE_METHODS = {
   "snapshots", "snapshot", "backing", "l1", "l2", "refcount", "raw_read",
   "raw_write", "io_log", "check", "amend", "make_empty", "create_snapshot",
   "save_vmstate", "load_vmstate", "diff", "bitmaps", "owners", "residue",
+  "rebase", "commit",
 }
 -- In the contract, not built yet: absent, never a stub.
-local NOT_BUILT = { "rebase", "commit", "convert" }
+local NOT_BUILT = { "convert" }
 
 describe("the error convention", function()
   local c

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ops.h"
+#include "chain_ops.h"
 
 /* ---- Zero clusters before a downgrade -------------------------------------- */
 
@@ -262,6 +262,17 @@ static int set_backing(qcow2_image *img, const qcow2_amend_opts *opts)
     free(old_name);
     free(old_format);
     return 0;
+}
+
+int qcow2_set_backing(qcow2_image *img, const char *backing_file,
+                      const char *backing_format)
+{
+    qcow2_amend_opts opts;
+
+    qcow2_amend_opts_init(&opts);
+    opts.backing_file = backing_file;
+    opts.backing_format = backing_format;
+    return set_backing(img, &opts);
 }
 
 /* ---- Lazy refcounts ------------------------------------------------------------ */

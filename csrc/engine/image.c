@@ -14,8 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "io_fault.h"
 #include "lock.h"
-#include "ops.h"
+#include "open.h"
 
 #define RESOLVED_PATH_MAX   4096
 #define RESOLVE_WHY_MAX     256
@@ -36,7 +37,7 @@ typedef struct file_chain {
 
 static int open_image(const char *path, const qcow2_open_opts *opts,
                       int depth, file_chain *chain, int format,
-                      qcow2_image **out, qcow2_error *err);
+                      qcow2_io *power, qcow2_image **out, qcow2_error *err);
 
 static unsigned long long ull(uint64_t value)
 {
@@ -246,7 +247,7 @@ static int lock_image(qcow2_image *img, int is_raw)
 
 /* Guest data in a separate file (incompatible bit 2): named by the
  * extension, followed under the backing-file policy, opened read-only. */
-static int open_data_file(qcow2_image *img)
+static int open_data_file(qcow2_image *img, const char *given)
 {
     char text[128];
     char *path;
@@ -254,20 +255,35 @@ static int open_data_file(qcow2_image *img)
 
     img->data_io = img->io;
     img->owns_data_io = 0;
-    if (!(img->hdr.incompatible_features & INCOMPAT_DATA_FILE))
+    if (!(img->hdr.incompatible_features & INCOMPAT_DATA_FILE)) {
+        if (given)
+            return qcow2_fail(img, QCOW2_E_INVALID, "data_file can only "
+                              "be given for images with an external data "
+                              "file");
         return 0;
-    if (!img->data_file_ext)
+    }
+    if (!img->data_file_ext && !given)
         return qcow2_fail(img, QCOW2_E_NOTFOUND,
                           "data-file is required for this image");
-    ret = resolve_plain_name(img, "data file", img->data_file_ext, &path);
-    if (ret < 0)
-        return ret;
+    /* opts.data_file (the caller's path, used as given) wins over the
+     * name in the image, which is followed as a backing name is. */
+    if (given) {
+        path = strdup(given);
+        if (!path)
+            return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory for a path");
+    } else {
+        ret = resolve_plain_name(img, "data file", img->data_file_ext,
+                                 &path);
+        if (ret < 0)
+            return ret;
+        given = img->data_file_ext;
+    }
     ret = qcow2_io_open_file(path, !img->read_only, &img->data_io,
                              &sys_errno);
     free(path);
     if (ret < 0) {
         img->data_io = img->io;
-        return qcow2_fail(img, ret, "data file '%s': %s", img->data_file_ext,
+        return qcow2_fail(img, ret, "data file '%s': %s", given,
                           qcow2_errno_text(sys_errno, text, sizeof text));
     }
     img->owns_data_io = 1;
@@ -307,7 +323,8 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
     img->l1_size = img->hdr.l1_size;
     if ((ret = qcow2_reftable_load(img)) < 0 ||
         (ret = qcow2_snapshots_load(img)) < 0 ||
-        (ret = open_data_file(img)) < 0)
+        (ret = open_data_file(img, img->depth == 0 ? opts->data_file
+                                                   : NULL)) < 0)
         return ret;
     if ((ret = create_l2_cache(img, opts)) < 0)
         return ret;
@@ -366,11 +383,18 @@ static int repair_dirty(qcow2_image *img)
 }
 
 /* Read-write opens only: the test fault plan wraps the image file. */
-static int wrap_faults(qcow2_image *img, const qcow2_open_opts *opts)
+static int wrap_faults(qcow2_image *img, const qcow2_open_opts *opts,
+                       qcow2_io *power)
 {
     qcow2_fault_plan plan;
     int ret;
 
+    /* a file opened for writing by an operation of a handle under a plan
+     * (commit's backing file) shares that plan and its write count */
+    if (power && qcow2_io_is_fault(power)) {
+        ret = qcow2_io_wrap_faults_linked(img->io, power, &img->io);
+        return ret < 0 ? qcow2_fail(img, ret, "out of memory") : 0;
+    }
     if (opts->fail_after_writes < 0 && opts->stop_after_writes < 0 &&
         !opts->trace_writes)
         return 0;
@@ -443,8 +467,9 @@ static int open_backing(qcow2_image *img, const qcow2_open_opts *opts,
     /* Backing files are only ever read. */
     child_opts.read_write = 0;
     child_opts.allow_raw = 1;
+    child_opts.data_file = NULL;    /* names the top image's data file */
     ret = open_image(path, &child_opts, img->depth + 1, chain, format,
-                     &img->backing, &child_err);
+                     NULL, &img->backing, &child_err);
     /* Only the top names the chain link it followed; deeper levels pass
      * the failing file's own message up unchanged, so a long chain cannot
      * push the root cause out of the one-line message. */
@@ -459,7 +484,7 @@ static int open_backing(qcow2_image *img, const qcow2_open_opts *opts,
 
 static int open_image(const char *path, const qcow2_open_opts *opts,
                       int depth, file_chain *chain, int format,
-                      qcow2_image **out, qcow2_error *err)
+                      qcow2_io *power, qcow2_image **out, qcow2_error *err)
 {
     qcow2_image *img = new_image(path);
     int is_qcow2 = 0, is_raw, ret;
@@ -483,7 +508,7 @@ static int open_image(const char *path, const qcow2_open_opts *opts,
     if (ret == 0)
         ret = lock_image(img, is_raw);
     if (ret == 0 && !img->read_only)
-        ret = wrap_faults(img, opts);
+        ret = wrap_faults(img, opts, power);
     if (ret == 0) {
         if (is_raw) {
             set_raw(img);
@@ -526,8 +551,58 @@ int qcow2_open(const char *path, const qcow2_open_opts *opts,
     if (!path)
         return qcow2_error_set(err, QCOW2_E_INVALID, "no path given");
     return open_image(path, opts, 0, &chain,
-                      opts->allow_raw ? FORMAT_PROBE : FORMAT_QCOW2, out,
-                      err);
+                      opts->allow_raw ? FORMAT_PROBE : FORMAT_QCOW2, NULL,
+                      out, err);
+}
+
+/*
+ * A file to become img's backing file (rebase's new backing, commit's
+ * backing reopened): `name` as stored in the header, followed under the
+ * plain-name policy (next to img, or absolute; never json: or protocols),
+ * or `path` as given (NULL: from name). Opened at img's depth + 1 with
+ * its own chain (plain names; a resolver given at img's open is gone),
+ * read-only or, for commit, read-write with the writer's locks and under
+ * img's fault plan (one write count for both files). format NULL probes.
+ */
+int qcow2_open_chain_file(qcow2_image *img, const char *name,
+                          const char *path, const char *format,
+                          int read_write, qcow2_image **out)
+{
+    qcow2_open_opts opts;
+    qcow2_error err = { 0, "" };
+    file_chain chain = { 0, { 0 }, { 0 } };
+    char *resolved = NULL;
+    int kind = FORMAT_PROBE, ret;
+
+    *out = NULL;
+    if (format && strcmp(format, "qcow2") == 0)
+        kind = FORMAT_QCOW2;
+    else if (format && strcmp(format, "raw") == 0)
+        kind = FORMAT_RAW;
+    else if (format)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "backing file '%s': "
+                          "format '%s' is not supported", name, format);
+    if (!path) {
+        ret = resolve_plain_name(img, "backing file", name, &resolved);
+        if (ret < 0)
+            return ret;
+        path = resolved;
+    }
+    if (img->io->dev || img->io->ino) {
+        chain.dev[0] = img->io->dev;
+        chain.ino[0] = img->io->ino;
+        chain.count = 1;
+    }
+    qcow2_open_opts_init(&opts);
+    opts.read_write = read_write;
+    opts.allow_raw = 1;
+    ret = open_image(path, &opts, img->depth + 1, &chain, kind,
+                     read_write ? img->io : NULL, out, &err);
+    if (ret < 0)
+        qcow2_fail(img, ret, "backing file '%s': %s", name,
+                   without_path(&err, path));
+    free(resolved);
+    return ret;
 }
 
 void qcow2_close(qcow2_image *img)

@@ -49,6 +49,10 @@ typedef struct fault_io {
     size_t trace_len, trace_cap;
     undo_rec *undo;             /* since the last completed flush */
     size_t undo_len, undo_cap;
+    /* Another file of the same machine (commit's backing file): its
+     * plan, write count and trace are `power`'s, so one cut stops every
+     * file at once. NULL: this wrapper is its own power. Closed first. */
+    struct fault_io *power;
 } fault_io;
 
 static fault_io *as_fault(qcow2_io *io)
@@ -68,6 +72,8 @@ static int64_t fault_pread(qcow2_io *io, void *buf, size_t len,
 static int record(fault_io *f, uint64_t offset, uint64_t len,
                   const char *what)
 {
+    if (f->power)
+        f = f->power;
     if (!f->plan.trace)
         return 0;
     if (f->trace_len == f->trace_cap) {
@@ -195,8 +201,9 @@ static int apply_cut(fault_io *f)
 /* The N writes of stop_after_writes are done: power is off from here. */
 static int past_cut(const fault_io *f)
 {
+    const fault_io *p = f->power ? f->power : f;
     return f->plan.stop_after_writes >= 0 &&
-           f->writes >= (uint64_t)f->plan.stop_after_writes;
+           p->writes >= (uint64_t)f->plan.stop_after_writes;
 }
 
 /* ---- Operations ---------------------------------------------------------- */
@@ -206,7 +213,7 @@ static int past_cut(const fault_io *f)
 static int plan_verdict(fault_io *f)
 {
     int cut = past_cut(f);
-    uint64_t index = ++f->writes;
+    uint64_t index = ++(f->power ? f->power : f)->writes;
 
     if (f->plan.fail_after_writes >= 0 &&
         index > (uint64_t)f->plan.fail_after_writes) {
@@ -350,6 +357,22 @@ int qcow2_io_wrap_faults(qcow2_io *inner, const qcow2_fault_plan *plan,
     f->plan = *plan;
     f->rng = plan->seed;
     *out = &f->base;
+    return 0;
+}
+
+int qcow2_io_wrap_faults_linked(qcow2_io *inner, qcow2_io *power,
+                                qcow2_io **out)
+{
+    fault_io *p = as_fault(power);
+    int rc = qcow2_io_wrap_faults(inner, &p->plan, out);
+
+    if (rc < 0)
+        return rc;
+    while (p->power)
+        p = p->power;
+    as_fault(*out)->power = p;
+    /* its own coin, drawn from the same seed */
+    as_fault(*out)->rng = p->plan.seed ^ 0x5DEECE66Dull;
     return 0;
 }
 

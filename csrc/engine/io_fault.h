@@ -32,6 +32,11 @@ void qcow2_fault_plan_init(qcow2_fault_plan *plan);
 /* Wrap inner (ownership passes to the wrapper). */
 int qcow2_io_wrap_faults(qcow2_io *inner, const qcow2_fault_plan *plan,
                          qcow2_io **out);
+/* Wrap inner as another file of power's machine (power: a fault wrapper):
+ * the same plan, one write count and one trace, so a cut stops both files
+ * at the same write. Close it before power. */
+int qcow2_io_wrap_faults_linked(qcow2_io *inner, qcow2_io *power,
+                                qcow2_io **out);
 int qcow2_io_is_fault(const qcow2_io *io);
 /* Name the structure the following writes target, for the trace. */
 void qcow2_io_set_label(qcow2_io *io, const char *what);

@@ -127,6 +127,8 @@ extern const luaL_Reg ql_image_bitmap_methods[];    /* bitmap.c: bitmaps */
 void ql_bitmap_register(lua_State *L);
 extern const luaL_Reg ql_image_forensics_methods[]; /* forensics.c:
     owners, residue */
+extern const luaL_Reg ql_image_lifecycle_methods[]; /* lifecycle.c:
+    rebase, commit */
 
 /* The open handle of an Image that may be written: raises when closed,
  * returns NULL with fail, message, "readonly" pushed (3 values) when the

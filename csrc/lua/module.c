@@ -266,7 +266,8 @@ static int module_open(lua_State *L)
     static const char *const keys[] = {
         "mode", "backing", "allow_raw", "key", "repair", "cache_size",
         "l2_cache_size", "refcount_cache_size", "lazy_refcounts",
-        "overlap_check", "discard", "cache", "force_share", "io", NULL
+        "overlap_check", "discard", "cache", "force_share", "io",
+        "data_file", NULL
     };
     static const char *const modes[] = { "r", "rw", NULL };
     const char *path = luaL_checkstring(L, 1);
@@ -345,6 +346,11 @@ static int module_open(lua_State *L)
                                       discard_modes) >= 2;
         }
         ql_opt_io(L, 2, "open", &o);
+        /* the top image's data file, as given (stays referenced by the
+         * options table while qcow2_open runs) */
+        if (ql_opt_field(L, 2, "open", "data_file", LUA_TSTRING) != LUA_TNIL)
+            o.data_file = lua_tostring(L, -1);
+        lua_pop(L, 1);
     }
 
     /* The userdata first: a memory error after qcow2_open would leak h. */

@@ -18,6 +18,7 @@ local M = {}
 local COMMANDS = {
   "info", "map", "check", "snapshot", "create", "digest", "export",
   "dump", "read", "inspect", "owners", "residue", "diff",
+  "rebase", "commit", "resize", "amend",
 }
 
 local function load(name)
@@ -34,7 +35,8 @@ local function usage_text()
   end
   lines[#lines + 1] = ""
   lines[#lines + 1] = "'qcow2 COMMAND --help' describes one command. Images open read-only"
-  lines[#lines + 1] = "unless the command writes (snapshot -c/-a/-d, check -r, create);"
+  lines[#lines + 1] = "unless the command writes (snapshot -c/-a/-d, check -r, create,"
+  lines[#lines + 1] = "rebase, commit, resize, amend);"
   lines[#lines + 1] = "files without the qcow2 magic open as raw."
   lines[#lines + 1] = "Exit status: 0 ok, 1 failure, 2 usage (check: as qemu-img check)."
   return table.concat(lines, "\n")
@@ -62,7 +64,10 @@ function M.main(args, out, err)
   local ok, status = pcall(function()
     local cmd = load(name)
     if not cmd then util.usage(("unknown command '%s'"):format(name)) end
+    -- qemu-img resize's SIZE may be "-1G": taken before option parsing
+    local last = cmd.last_arg_raw and #list > 0 and list[#list]:match("^[-+]?%d") and table.remove(list)
     local opts, rest = util.parse(list, spec_of(cmd))
+    if last then rest[#rest + 1] = last end
     if opts["--help"] then
       out:write(cmd.usage, "\n")
       return 0
