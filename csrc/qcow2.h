@@ -92,6 +92,12 @@ typedef struct qcow2_open_opts {
                                    stop_after_writes */
     uint64_t volatile_seed;
     int trace_writes;           /* record writes, truncates and flushes */
+    /* Passphrase of an encrypted image (AES or LUKS), key_len bytes; not
+     * kept: the engine keeps only derived keys, and cleanses them. The
+     * backing chain gets it too. NULL: none (encrypted images refused
+     * with QCOW2_E_KEY). */
+    const char *key;
+    size_t key_len;
 } qcow2_open_opts;
 
 /* Fill opts with the defaults (read-only, backing chain opened). */

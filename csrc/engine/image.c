@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "crypto.h"
 #include "lock.h"
 #include "ops.h"
 
@@ -308,6 +309,10 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
     if ((ret = qcow2_reftable_load(img)) < 0 ||
         (ret = qcow2_snapshots_load(img)) < 0 ||
         (ret = open_data_file(img)) < 0)
+        return ret;
+    /* Keys before anything reads guest data (a dirty repair does not). */
+    img->owns_crypto = 1;
+    if ((ret = qcow2_crypto_open(img, opts->key, opts->key_len)) < 0)
         return ret;
     if ((ret = create_l2_cache(img, opts)) < 0)
         return ret;
