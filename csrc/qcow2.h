@@ -358,6 +358,19 @@ int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
                         qcow2_image **view);
 
 /* --- Writing (read-write handles; QCOW2_E_READONLY otherwise) ----------- */
+/* qemu-img's encrypt.* options. format NULL: not encrypted. "aes" is
+ * legacy AES-CBC (weak: no key check, predictable IVs; only when asked
+ * by name); "luks" a LUKS1 header inside the image. The strings NULL:
+ * qemu-img's defaults (aes-256, xts, plain64, sha256, sha256). */
+typedef struct qcow2_encrypt_opts {
+    const char *format;
+    const char *key;            /* passphrase, key_len bytes (required) */
+    size_t key_len;
+    const char *cipher_alg, *cipher_mode, *ivgen_alg, *ivgen_hash_alg,
+               *hash_alg;
+    uint64_t iter_time_ms;      /* PBKDF2 time per keyslot; 0: 1000 */
+} qcow2_encrypt_opts;
+
 typedef struct qcow2_create_opts {
     uint64_t size;              /* bytes, required */
     uint32_t version;           /* 2 or 3 (default 3) */
@@ -372,6 +385,7 @@ typedef struct qcow2_create_opts {
     const char *data_file;
     int data_file_raw;
     int overwrite;              /* replace an existing file */
+    qcow2_encrypt_opts encrypt;
 } qcow2_create_opts;
 
 void qcow2_create_opts_init(qcow2_create_opts *opts);

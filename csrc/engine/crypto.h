@@ -89,6 +89,13 @@ int qcow2_luks_pbkdf2(const char *hash, const uint8_t *pass, size_t pass_len,
                       const uint8_t *salt, size_t salt_len, uint32_t iters,
                       uint8_t *out, size_t out_len);
 
+/* ---- A new LUKS region (luks_format.c) ------------------------------------- */
+
+/* The region (header and key material, payload-offset bytes, calloc'd
+ * into *region) for the options (defaults filled in by the caller). */
+int qcow2_luks_format(const qcow2_encrypt_opts *p, uint8_t **region,
+                      uint64_t *region_len, char *why, size_t why_len);
+
 /* ---- A handle's context (crypto.c) --------------------------------------- */
 
 /* Open-time setup: AES keys from the passphrase, LUKS keyslots unlocked.
