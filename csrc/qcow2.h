@@ -371,6 +371,24 @@ typedef struct qcow2_encrypt_opts {
     uint64_t iter_time_ms;      /* PBKDF2 time per keyslot; 0: 1000 */
 } qcow2_encrypt_opts;
 
+/* What qemu-img info shows of an image's encryption, without the key. */
+typedef struct qcow2_encrypt_info {
+    uint32_t method;            /* QCOW2_CRYPT_AES or QCOW2_CRYPT_LUKS */
+    /* LUKS only: */
+    char cipher_alg[16], cipher_mode[8], ivgen_alg[8], ivgen_hash_alg[16];
+    char hash_alg[33], uuid[41];
+    uint64_t payload_offset;    /* bytes */
+    uint32_t master_key_iters;
+    struct {
+        int active;
+        uint32_t iters, stripes;
+        uint64_t key_offset;    /* bytes from the region's start */
+    } slots[8];
+} qcow2_encrypt_info;
+
+/* 0 with *out filled for an encrypted image, else QCOW2_E_INVALID. */
+int qcow2_get_encrypt_info(const qcow2_image *img, qcow2_encrypt_info *out);
+
 typedef struct qcow2_create_opts {
     uint64_t size;              /* bytes, required */
     uint32_t version;           /* 2 or 3 (default 3) */

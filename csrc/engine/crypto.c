@@ -107,6 +107,34 @@ int qcow2_crypto_open(qcow2_image *img, const char *key, size_t key_len)
     return rc;
 }
 
+int qcow2_get_encrypt_info(const qcow2_image *img, qcow2_encrypt_info *out)
+{
+    const qcow2_luks_header *h = qcow2_crypto_luks(img);
+
+    memset(out, 0, sizeof *out);
+    if (!img->crypto)
+        return QCOW2_E_INVALID;
+    out->method = img->crypto->method;
+    if (!h)
+        return 0;
+    strcpy(out->cipher_alg, h->spec.alg);
+    strcpy(out->cipher_mode, h->spec.mode);
+    strcpy(out->ivgen_alg, h->spec.ivgen);
+    strcpy(out->ivgen_hash_alg, h->spec.ivgen_hash);
+    strcpy(out->hash_alg, h->hash);
+    strcpy(out->uuid, h->uuid);
+    out->payload_offset = (uint64_t)h->payload_offset * QCOW2_CRYPTO_SECTOR;
+    out->master_key_iters = h->mk_iters;
+    for (size_t i = 0; i < QCOW2_LUKS_SLOTS; i++) {
+        out->slots[i].active = h->slots[i].active;
+        out->slots[i].iters = h->slots[i].iters;
+        out->slots[i].stripes = h->slots[i].stripes;
+        out->slots[i].key_offset = (uint64_t)h->slots[i].key_offset *
+                                   QCOW2_CRYPTO_SECTOR;
+    }
+    return 0;
+}
+
 const qcow2_luks_header *qcow2_crypto_luks(const qcow2_image *img)
 {
     return img->crypto ? img->crypto->luks : NULL;
