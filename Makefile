@@ -128,7 +128,7 @@ clean:
 
 # The Debian packages the build, the tests and the oracle need.
 DEB_PKGS := lua5.4 liblua5.4-dev lua-busted lua-cjson lua-dkjson zlib1g-dev libssl-dev \
-            libzstd-dev pkg-config qemu-utils luarocks gcc make lua-ldoc
+            libzstd-dev pkg-config qemu-utils luarocks gcc make lua-ldoc cryptsetup-bin
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \

@@ -98,6 +98,12 @@ typedef struct qcow2_open_opts {
      * resolver is for backing files only). Refused (QCOW2_E_INVALID) for
      * an image without the data-file bit. Backing images use their own. */
     const char *data_file;
+    /* Passphrase of an encrypted image (AES or LUKS), key_len bytes; not
+     * kept: the engine keeps only derived keys, and cleanses them. The
+     * backing chain gets it too. NULL: none (encrypted images refused
+     * with QCOW2_E_KEY). */
+    const char *key;
+    size_t key_len;
 } qcow2_open_opts;
 
 /* Fill opts with the defaults (read-only, backing chain opened). */
@@ -358,6 +364,37 @@ int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
                         qcow2_image **view);
 
 /* --- Writing (read-write handles; QCOW2_E_READONLY otherwise) ----------- */
+/* qemu-img's encrypt.* options. format NULL: not encrypted. "aes" is
+ * legacy AES-CBC (weak: no key check, predictable IVs; only when asked
+ * by name); "luks" a LUKS1 header inside the image. The strings NULL:
+ * qemu-img's defaults (aes-256, xts, plain64, sha256, sha256). */
+typedef struct qcow2_encrypt_opts {
+    const char *format;
+    const char *key;            /* passphrase, key_len bytes (required) */
+    size_t key_len;
+    const char *cipher_alg, *cipher_mode, *ivgen_alg, *ivgen_hash_alg,
+               *hash_alg;
+    uint64_t iter_time_ms;      /* PBKDF2 time per keyslot; 0: 1000 */
+} qcow2_encrypt_opts;
+
+/* What qemu-img info shows of an image's encryption, without the key. */
+typedef struct qcow2_encrypt_info {
+    uint32_t method;            /* QCOW2_CRYPT_AES or QCOW2_CRYPT_LUKS */
+    /* LUKS only: */
+    char cipher_alg[16], cipher_mode[8], ivgen_alg[8], ivgen_hash_alg[16];
+    char hash_alg[33], uuid[41];
+    uint64_t payload_offset;    /* bytes */
+    uint32_t master_key_iters;
+    struct {
+        int active;
+        uint32_t iters, stripes;
+        uint64_t key_offset;    /* bytes from the region's start */
+    } slots[8];
+} qcow2_encrypt_info;
+
+/* 0 with *out filled for an encrypted image, else QCOW2_E_INVALID. */
+int qcow2_get_encrypt_info(const qcow2_image *img, qcow2_encrypt_info *out);
+
 typedef struct qcow2_create_opts {
     uint64_t size;              /* bytes, required */
     uint32_t version;           /* 2 or 3 (default 3) */
@@ -372,6 +409,7 @@ typedef struct qcow2_create_opts {
     const char *data_file;
     int data_file_raw;
     int overwrite;              /* replace an existing file */
+    qcow2_encrypt_opts encrypt;
 } qcow2_create_opts;
 
 void qcow2_create_opts_init(qcow2_create_opts *opts);

@@ -60,13 +60,14 @@ end
 -- A LUKS image. qemu-img times PBKDF2 to pick iteration counts and fails
 -- with "Unable to get accurate CPU usage" when the machine is busy and the
 -- timing window is short: try a few times, with a longer window each time.
-function M.create_luks(path, size, secret)
+-- extra: more -o options ("encrypt.cipher-alg=aes-128,..."), or nil.
+function M.create_luks(path, size, secret, extra)
   local out
   for _, iter_ms in ipairs({ 10, 50, 200 }) do
     local ok
     ok, out = M.sh(("qemu-img create -q -f qcow2 --object secret,id=s0,data=%s -o "
-      .. "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=%d %s %s")
-      :format(M.q(secret), iter_ms, M.q(path), tostring(size)), true)
+      .. "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=%d%s %s %s")
+      :format(M.q(secret), iter_ms, extra and ("," .. extra) or "", M.q(path), tostring(size)), true)
     if ok then return end
     if not out:find("accurate CPU usage", 1, true) then break end
   end

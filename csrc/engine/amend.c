@@ -144,6 +144,11 @@ static int check_downgrade(qcow2_image *img, int lazy_after)
     if (img->ext.has_bitmaps && img->ext.nb_bitmaps)
         return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "Cannot downgrade an "
                           "image with persistent bitmaps");
+    /* Expanded zero clusters would be plaintext zeroes, read back as the
+     * decryption of zeroes (garbage). */
+    if (img->hdr.crypt_method != CRYPT_NONE)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "Cannot downgrade an "
+                          "encrypted image");
     if (lazy_after)
         return qcow2_fail(img, QCOW2_E_INVALID, "Lazy refcounts only "
                           "supported with compatibility level 1.1 and above "

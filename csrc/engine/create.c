@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "crypto.h"
 #include "lock.h"
 #include "ops.h"
 
@@ -26,6 +27,8 @@ typedef struct create_plan {
     uint32_t refcount_order;
     int prealloc;
     int compression_type;
+    uint32_t crypt_method;
+    qcow2_encrypt_opts encrypt; /* with qemu-img's defaults filled in */
     const qcow2_create_opts *opts;
 } create_plan;
 
@@ -189,6 +192,39 @@ static int check_size(const qcow2_create_opts *o, create_plan *plan,
     return 0;
 }
 
+/* encrypt.*: "aes" or "luks" with a key; the LUKS defaults qemu-img's,
+ * except iter_time (1 s). Preallocated clusters would read as the
+ * decryption of zeroes: refused. */
+static int check_encrypt(const qcow2_create_opts *o, create_plan *plan,
+                         qcow2_error *err)
+{
+    qcow2_encrypt_opts *e = &plan->encrypt;
+
+    *e = o->encrypt;
+    if (!e->format)
+        return 0;
+    if (strcmp(e->format, "aes") == 0)
+        plan->crypt_method = CRYPT_AES;
+    else if (strcmp(e->format, "luks") == 0)
+        plan->crypt_method = CRYPT_LUKS;
+    else
+        return qcow2_error_set(err, QCOW2_E_INVALID, "unknown encryption "
+                               "format '%s'", e->format);
+    if (!e->key)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "encryption needs a "
+                               "key (qemu-img: encrypt.key-secret)");
+    if (plan->prealloc != PREALLOC_OFF)
+        return qcow2_error_set(err, QCOW2_E_UNSUPPORTED, "preallocation of "
+                               "an encrypted image is not supported");
+    e->cipher_alg = e->cipher_alg ? e->cipher_alg : "aes-256";
+    e->cipher_mode = e->cipher_mode ? e->cipher_mode : "xts";
+    e->ivgen_alg = e->ivgen_alg ? e->ivgen_alg : "plain64";
+    e->ivgen_hash_alg = e->ivgen_hash_alg ? e->ivgen_hash_alg : "sha256";
+    e->hash_alg = e->hash_alg ? e->hash_alg : "sha256";
+    e->iter_time_ms = e->iter_time_ms ? e->iter_time_ms : 1000;
+    return 0;
+}
+
 static int check_opts(const qcow2_create_opts *o, create_plan *plan,
                       qcow2_error *err)
 {
@@ -203,6 +239,8 @@ static int check_opts(const qcow2_create_opts *o, create_plan *plan,
         rc = check_names(o, plan, err);
     if (rc == 0)
         rc = check_size(o, plan, err);
+    if (rc == 0)
+        rc = check_encrypt(o, plan, err);
     return rc;
 }
 
@@ -356,6 +394,7 @@ static void set_header(qcow2_image *img, const create_plan *plan)
     h->refcount_order = plan->refcount_order;
     h->header_length = plan->version >= 3 ? 112 : QCOW2_V2_HEADER_LENGTH;
     h->compression_type = (uint8_t)plan->compression_type;
+    h->crypt_method = plan->crypt_method;
     if (o->lazy_refcounts)
         h->compatible_features |= COMPAT_LAZY_REFCOUNTS;
     if (o->data_file)
@@ -558,6 +597,43 @@ static int preallocate(qcow2_image *img, const char *path,
     return preallocate_data(img, path, plan->prealloc, plan->size);
 }
 
+/* ---- Encryption ------------------------------------------------------------------ */
+
+/* The LUKS region after the L1 table, as QEMU places it: whole clusters,
+ * zero padded, written and synced before the header extension names it. */
+static int write_luks_region(qcow2_image *img, const create_plan *plan)
+{
+    uint64_t cs = img->cluster_size, len, offset;
+    char why[200] = "";
+    uint8_t *region, *padded;
+    int rc = qcow2_luks_format(&plan->encrypt, &region, &len, why,
+                               sizeof why);
+
+    if (rc < 0)
+        return qcow2_fail(img, rc, "%s", why);
+    padded = realloc(region, (size_t)align_up(len, cs));
+    if (!padded) {
+        free(region);
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    }
+    memset(padded + len, 0, (size_t)(align_up(len, cs) - len));
+    rc = qcow2_alloc_clusters(img, div_round_up(len, cs), &offset);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_write_checked(img, 0, "crypto header", offset, padded,
+                                 (size_t)align_up(len, cs));
+    free(padded);
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc < 0)
+        return rc;
+    img->ext.has_crypto_header = 1;
+    img->ext.crypto_header_offset = offset;
+    img->ext.crypto_header_length = len;
+    return qcow2_header_rewrite(img);
+}
+
 /* ---- qcow2_create ---------------------------------------------------------------- */
 
 static int build_image(const char *path, const char *data_path,
@@ -576,6 +652,8 @@ static int build_image(const char *path, const char *data_path,
         rc = qcow2_l1_entries_needed(img, plan->size, &l1_entries) < 0
                  ? qcow2_fail(img, QCOW2_E_INVALID, "size too large")
                  : qcow2_l1_grow(img, l1_entries);
+    if (rc == 0 && plan->crypt_method == CRYPT_LUKS)
+        rc = write_luks_region(img, plan);
     if (rc == 0)
         rc = preallocate(img, path, data_path, plan);
     if (rc == 0)

@@ -27,6 +27,10 @@ int qcow2_create(const char *path, const qcow2_create_opts *opts,
         qcow2_open_opts_init(&rw_opts);
     rw_opts.read_write = 1;
     rw_opts.force_share = 0;    /* a writer shares no writes */
+    if (opts->encrypt.format && !rw_opts.key) {
+        rw_opts.key = opts->encrypt.key;
+        rw_opts.key_len = opts->encrypt.key_len;
+    }
     return qcow2_open(path, &rw_opts, out, err);
 }
 

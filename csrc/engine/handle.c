@@ -5,6 +5,7 @@
  */
 #include <stdlib.h>
 
+#include "crypto.h"
 #include "read_path.h"
 
 void qcow2_handle_free(qcow2_image *img)
@@ -16,6 +17,8 @@ void qcow2_handle_free(qcow2_image *img)
     qcow2_refcount_cache_free(img->refcount_cache);   /* refcount_cache.c */
     if (img->codec)
         qcow2_codec_free(img->codec);
+    if (img->owns_crypto)
+        qcow2_crypto_free(img->crypto);   /* key material cleansed */
     qcow2_snapshots_free(img);
     qcow2_header_free(img);
     qcow2_damage_free(img);     /* damage.c */

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "io_fault.h"
+#include "crypto.h"
 #include "lock.h"
 #include "open.h"
 
@@ -325,6 +326,10 @@ static int load_qcow2(qcow2_image *img, const qcow2_open_opts *opts)
         (ret = qcow2_snapshots_load(img)) < 0 ||
         (ret = open_data_file(img, img->depth == 0 ? opts->data_file
                                                    : NULL)) < 0)
+        return ret;
+    /* Keys before anything reads guest data (a dirty repair does not). */
+    img->owns_crypto = 1;
+    if ((ret = qcow2_crypto_open(img, opts->key, opts->key_len)) < 0)
         return ret;
     if ((ret = create_l2_cache(img, opts)) < 0)
         return ret;

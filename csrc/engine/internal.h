@@ -147,6 +147,7 @@ typedef struct qcow2_snapshot {
 
 typedef struct qcow2_l2_cache qcow2_l2_cache;   /* l2_cache.c */
 typedef struct qcow2_codec qcow2_codec;         /* compress.c */
+typedef struct qcow2_crypto qcow2_crypto;       /* crypto.c */
 typedef struct qcow2_refcount_cache qcow2_refcount_cache; /* refcount_cache.c */
 typedef struct qcow2_refcount_codec qcow2_refcount_codec; /* refcount_codec.h */
 
@@ -207,6 +208,8 @@ struct qcow2_image {
     qcow2_l2_cache *l2_cache;
     uint64_t l2_cache_bytes;
     qcow2_codec *codec;         /* created on the first compressed read */
+    qcow2_crypto *crypto;       /* encrypted images: keys (crypto.c) */
+    int owns_crypto;            /* 0 for snapshot views */
     struct qcow2_write_state *ws;  /* read-write handles only (overlap.h) */
     int open_for_repair;        /* rw + repair: tolerate what check -r all
                                    fixes (QEMU's BDRV_O_CHECK) */

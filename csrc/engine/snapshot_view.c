@@ -99,6 +99,7 @@ static qcow2_image *new_view(qcow2_image *parent, const qcow2_snapshot *sn)
     view->size = qcow2_snapshot_disk_size(parent, sn);
     view->compression_type = parent->compression_type;
     view->backing = parent->backing;
+    view->crypto = parent->crypto;      /* shared: the parent's keys */
     return view;
 }
 

@@ -15,11 +15,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "crypto.h"
 #include "write_path.h"
 
 /* Larger runs are written in up to three pieces rather than copied whole
  * into one bounce buffer. */
 #define BOUNCE_MAX  (4u << 20)
+/* Encrypted data is encrypted in a copy of at most this many bytes. */
+#define CRYPT_CHUNK (1u << 20)
 
 /* ---- Small geometry helpers --------------------------------------------- */
 
@@ -436,6 +439,32 @@ static int run_continues(const qcow2_image *img, const cluster_plan *prev,
     return !next->keep || next->host == prev->host + img->cluster_size;
 }
 
+/* Guest bytes [guest, guest + len) to host offset `host`; an encrypted
+ * image gets them encrypted (in whole sectors: qcow2_write aligns every
+ * write of an encrypted image to 512) through a bounded copy. */
+static int write_guest(qcow2_image *img, uint64_t host, uint64_t guest,
+                       const uint8_t *buf, size_t len)
+{
+    uint8_t *copy;
+    int rc = 0;
+
+    if (!img->crypto)
+        return qcow2_write_data(img, host, buf, len);
+    copy = malloc(min_u64(len, CRYPT_CHUNK));
+    if (!copy)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    for (size_t at = 0; rc == 0 && at < len; at += CRYPT_CHUNK) {
+        size_t n = (size_t)min_u64(len - at, CRYPT_CHUNK);
+
+        memcpy(copy, buf + at, n);
+        rc = qcow2_crypt_data(img, guest + at, host + at, copy, n, 1);
+        if (rc == 0)
+            rc = qcow2_write_data(img, host + at, copy, n);
+    }
+    free(copy);
+    return rc;
+}
+
 /* Guest range [from, to) of a run to host offset `host`: the caller's
  * bytes, the rest read as the guest sees it now (COW). One pwrite, or
  * three for a long run (first cluster, middle straight from the caller's
@@ -451,8 +480,8 @@ static int write_range(write_job *job, uint64_t host, uint64_t from,
     int rc;
 
     if (data_from == from && data_to == to)
-        return qcow2_write_data(img, host, job->buf + (from - job->offset),
-                                (size_t)(to - from));
+        return write_guest(img, host, from, job->buf + (from - job->offset),
+                           (size_t)(to - from));
     if (to - from > BOUNCE_MAX) {
         uint64_t head_end = align_up(from + 1, cs);
         uint64_t tail_start = align_up(to, cs) - cs;
@@ -475,7 +504,7 @@ static int write_range(write_job *job, uint64_t host, uint64_t from,
         memcpy(bounce + (data_from - from),
                job->buf + (data_from - job->offset),
                (size_t)(data_to - data_from));
-        rc = qcow2_write_data(img, host, bounce, (size_t)(to - from));
+        rc = write_guest(img, host, from, bounce, (size_t)(to - from));
     }
     free(bounce);
     return rc;
@@ -594,28 +623,13 @@ static int write_raw_image(qcow2_image *img, uint64_t offset,
     return 0;
 }
 
-int qcow2_write(qcow2_image *img, uint64_t offset, const void *buf,
-                size_t length)
+static int write_qcow2(qcow2_image *img, uint64_t offset, const void *buf,
+                       size_t length)
 {
     uint64_t coverage, end;
     write_job job;
-    int rc = qcow2_check_writable(img);
+    int rc = qcow2_begin_update(img);
 
-    if (rc < 0)
-        return rc;
-    if (!range_inside(offset, length, img->size))
-        return qcow2_fail(img, QCOW2_E_INVALID, "write of %zu bytes at "
-                          "0x%llx is outside the disk (size 0x%llx)",
-                          length, (unsigned long long)offset,
-                          (unsigned long long)img->size);
-    if (length == 0)
-        return 0;
-    if (img->is_raw)
-        return write_raw_image(img, offset, buf, length);
-    if (img->hdr.crypt_method != CRYPT_NONE)
-        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "writing encrypted "
-                          "images is not supported");
-    rc = qcow2_begin_update(img);
     if (rc < 0)
         return rc;
     memset(&job, 0, sizeof job);
@@ -629,4 +643,62 @@ int qcow2_write(qcow2_image *img, uint64_t offset, const void *buf,
         rc = write_chunk(&job, at, end);
     }
     return rc;
+}
+
+/* One partial sector of an encrypted image: read, patched, written whole
+ * (QEMU too makes encrypted requests sector aligned). */
+static int write_partial_sector(qcow2_image *img, uint64_t offset,
+                                const uint8_t *buf, size_t length)
+{
+    uint8_t sector[QCOW2_CRYPTO_SECTOR];
+    uint64_t start = offset - offset % QCOW2_CRYPTO_SECTOR;
+    int rc = qcow2_read_current(img, start, sector, sizeof sector);
+
+    if (rc < 0)
+        return rc;
+    memcpy(sector + (offset - start), buf, length);
+    return write_qcow2(img, start, sector, sizeof sector);
+}
+
+/* An encrypted image: a partial head and tail sector, whole sectors
+ * between. */
+static int write_encrypted(qcow2_image *img, uint64_t offset,
+                           const uint8_t *buf, size_t length)
+{
+    uint64_t end = offset + length;
+    uint64_t head_end = min_u64(align_up(offset, QCOW2_CRYPTO_SECTOR), end);
+    uint64_t tail = max_u64(end - end % QCOW2_CRYPTO_SECTOR, head_end);
+    int rc = 0;
+
+    if (head_end > offset)
+        rc = write_partial_sector(img, offset, buf, (size_t)(head_end -
+                                                             offset));
+    if (rc == 0 && tail > head_end)
+        rc = write_qcow2(img, head_end, buf + (head_end - offset),
+                         (size_t)(tail - head_end));
+    if (rc == 0 && end > tail)
+        rc = write_partial_sector(img, tail, buf + (tail - offset),
+                                  (size_t)(end - tail));
+    return rc;
+}
+
+int qcow2_write(qcow2_image *img, uint64_t offset, const void *buf,
+                size_t length)
+{
+    int rc = qcow2_check_writable(img);
+
+    if (rc < 0)
+        return rc;
+    if (!range_inside(offset, length, img->size))
+        return qcow2_fail(img, QCOW2_E_INVALID, "write of %zu bytes at "
+                          "0x%llx is outside the disk (size 0x%llx)",
+                          length, (unsigned long long)offset,
+                          (unsigned long long)img->size);
+    if (length == 0)
+        return 0;
+    if (img->is_raw)
+        return write_raw_image(img, offset, buf, length);
+    if (img->crypto)
+        return write_encrypted(img, offset, buf, length);
+    return write_qcow2(img, offset, buf, length);
 }

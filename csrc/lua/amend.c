@@ -150,6 +150,10 @@ static int image_amend(lua_State *L)
         lua_getfield(L, 2, "encrypt");
         same = creation_only_same(L, q, "encrypt");
         lua_pop(L, 1);
+        if (!same && encrypt_type == LUA_TTABLE)
+            return ql_push_fail(L, QCOW2_E_UNSUPPORTED, "%s: re-encryption "
+                                "and key changes with amend are not "
+                                "supported", qcow2_path(q->img));
         if (!same)
             return ql_push_fail(L, QCOW2_E_UNSUPPORTED, "%s: Cannot change "
                                 "encrypt with amend (only supported for "

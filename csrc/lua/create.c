@@ -99,18 +99,42 @@ static uint64_t opt_unsigned(lua_State *L, int opts, const char *name,
     return (uint64_t)v;
 }
 
-/* opts.encrypt: a table of known keys, its format "aes" or "luks". */
-static int read_encrypt(lua_State *L, int opts)
+/* opts.encrypt: a table of known keys, its format "aes" or "luks" (a
+ * format must be named: legacy AES is weak and never a default). The
+ * strings stay referenced by opts, on the stack for the whole call. */
+static void read_encrypt(lua_State *L, int opts, qcow2_encrypt_opts *e)
 {
     static const char *const formats[] = { "aes", "luks", NULL };
-    int given = ql_opt_field(L, opts, FN, "encrypt", LUA_TTABLE) != LUA_TNIL;
+    static const char *const names[] = {
+        "cipher_alg", "cipher_mode", "ivgen_alg", "ivgen_hash_alg",
+        "hash_alg"
+    };
+    const char **fields[] = {
+        &e->cipher_alg, &e->cipher_mode, &e->ivgen_alg, &e->ivgen_hash_alg,
+        &e->hash_alg
+    };
+    lua_Integer ms;
+    int t, format;
 
-    if (given) {
-        ql_check_options(L, -1, FN, encrypt_keys);
-        ql_opt_choice(L, lua_gettop(L), FN, "format", formats);
+    if (ql_opt_field(L, opts, FN, "encrypt", LUA_TTABLE) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
     }
+    t = lua_gettop(L);
+    ql_check_options(L, t, FN, encrypt_keys);
+    format = ql_opt_choice(L, t, FN, "format", formats);
+    if (format < 0)
+        luaL_error(L, "bad option 'encrypt' to '" FN "' (format \"aes\" or "
+                   "\"luks\" expected)");
+    e->format = formats[format];
+    if (ql_opt_field(L, t, FN, "key", LUA_TSTRING) != LUA_TNIL)
+        e->key = lua_tolstring(L, -1, &e->key_len);
     lua_pop(L, 1);
-    return given;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        *fields[i] = opt_string(L, t, names[i]);
+    if (ql_opt_integer(L, t, FN, "iter_time", 1, &ms))
+        e->iter_time_ms = ms > 0 ? (uint64_t)ms : 1;
+    lua_pop(L, 1);
 }
 
 /* qcow2.create(path, opts) -> Image (open read-write) | nil, message, code */
@@ -167,12 +191,7 @@ int ql_module_create(lua_State *L)
     /* The handle create returns may carry a fault plan (tests). */
     ql_opt_io(L, 2, FN, &open_opts);
 
-    if (read_encrypt(L, 2)) {
-        /* TODO(encryption): the engine writes no encrypted images yet.
-         * Refused before any file is made. */
-        return push_create_error(L, path, QCOW2_E_UNSUPPORTED, "creating "
-                                 "encrypted images is not supported yet");
-    }
+    read_encrypt(L, 2, &o.encrypt);
 
     /* The userdata first: a memory error after qcow2_create would leak h. */
     q = ql_image_alloc(L, QL_OWNED, 0);

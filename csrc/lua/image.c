@@ -461,6 +461,44 @@ static void push_bitmaps(lua_State *L, qcow2_image *h)
     lua_setfield(L, -2, "bitmaps");
 }
 
+/* "encrypt" as qemu-img info shows it (never the key). AES adds
+ * "verified": false: nothing in the image checks its key. */
+static void push_encrypt(lua_State *L, qcow2_image *h,
+                         const qcow2_header *hdr)
+{
+    qcow2_encrypt_info e;
+    int luks = hdr->crypt_method == QCOW2_CRYPT_LUKS;
+
+    lua_createtable(L, 0, 10);
+    ql_set_str(L, "format", luks ? "luks" : "aes");
+    if (!luks)
+        ql_set_bool(L, "verified", 0);
+    if (!luks || qcow2_get_encrypt_info(h, &e) < 0 || !e.cipher_alg[0])
+        return;
+    ql_set_str(L, "cipher-alg", e.cipher_alg);
+    ql_set_str(L, "cipher-mode", e.cipher_mode);
+    if (e.ivgen_alg[0])
+        ql_set_str(L, "ivgen-alg", e.ivgen_alg);
+    if (e.ivgen_hash_alg[0])
+        ql_set_str(L, "ivgen-hash-alg", e.ivgen_hash_alg);
+    ql_set_str(L, "hash-alg", e.hash_alg);
+    ql_set_str(L, "uuid", e.uuid);
+    ql_set_int(L, "payload-offset", e.payload_offset);
+    ql_set_int(L, "master-key-iters", e.master_key_iters);
+    lua_createtable(L, 8, 0);
+    for (int i = 0; i < 8; i++) {
+        lua_createtable(L, 0, 4);
+        ql_set_bool(L, "active", e.slots[i].active);
+        ql_set_int(L, "key-offset", e.slots[i].key_offset);
+        if (e.slots[i].active) {
+            ql_set_int(L, "iters", e.slots[i].iters);
+            ql_set_int(L, "stripes", e.slots[i].stripes);
+        }
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "slots");
+}
+
 /* "format-specific" of qemu-img info for a qcow2 image (QEMU 7.2's
  * qcow2_get_specific_info). */
 static void push_format_specific(lua_State *L, qcow2_image *h,
@@ -499,11 +537,7 @@ static void push_format_specific(lua_State *L, qcow2_image *h,
         push_bitmaps(L, h);
     }
     if (hdr->crypt_method != QCOW2_CRYPT_NONE) {
-        /* TODO(engine): LUKS details (cipher-alg, slots, ...) need the
-         * parsed crypto header; only the format is known here. */
-        lua_createtable(L, 0, 1);
-        ql_set_str(L, "format", hdr->crypt_method == QCOW2_CRYPT_AES ? "aes"
-                                                           : "luks");
+        push_encrypt(L, h, hdr);
         lua_setfield(L, -2, "encrypt");
     }
     lua_setfield(L, -2, "data");

@@ -319,9 +319,10 @@ static int module_open(lua_State *L)
 
         /* key: a string. An image that is not encrypted ignores it, as
          * QEMU 7.2 ignores encrypt.key-secret there (qemu-io reads such an
-         * image); an encrypted one still answers "unsupported" on reads.
-         * TODO(encryption): pass `key` once qcow2_open_opts has a key. */
-        ql_opt_field(L, 2, "open", "key", LUA_TSTRING);
+         * image). The string stays referenced by opts (on the stack) for
+         * the whole open; the engine keeps only derived keys. */
+        if (ql_opt_field(L, 2, "open", "key", LUA_TSTRING) != LUA_TNIL)
+            o.key = lua_tolstring(L, -1, &o.key_len);
         lua_pop(L, 1);
         /* cache: metadata is written through today, which keeps each
          * mode's promise ("writeback" and "unsafe" promise less). */

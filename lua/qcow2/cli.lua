@@ -37,14 +37,19 @@ local function usage_text()
   lines[#lines + 1] = "'qcow2 COMMAND --help' describes one command. Images open read-only"
   lines[#lines + 1] = "unless the command writes (snapshot -c/-a/-d, check -r, create,"
   lines[#lines + 1] = "rebase, commit, resize, amend);"
-  lines[#lines + 1] = "files without the qcow2 magic open as raw."
+  lines[#lines + 1] = "files without the qcow2 magic open as raw. Encrypted images need"
+  lines[#lines + 1] = "--key-file FILE (the passphrase: the file's bytes, one trailing"
+  lines[#lines + 1] = "newline dropped)."
   lines[#lines + 1] = "Exit status: 0 ok, 1 failure, 2 usage (check: as qemu-img check)."
   return table.concat(lines, "\n")
 end
 
 -- The command's option spec with --help/-h added (not modifying it).
 local function spec_of(cmd)
-  local spec = { ["--help"] = {}, ["-h"] = { alias = "--help" } }
+  -- --key-file: the passphrase of an encrypted image, never on the
+  -- command line itself (it would show in ps and shell history).
+  local spec = { ["--help"] = {}, ["-h"] = { alias = "--help" },
+                 ["--key-file"] = { arg = true } }
   for k, v in pairs(cmd.options or {}) do spec[k] = v end
   return spec
 end
@@ -72,6 +77,7 @@ function M.main(args, out, err)
       out:write(cmd.usage, "\n")
       return 0
     end
+    if opts["--key-file"] then opts.key = util.read_key_file(opts["--key-file"]) end
     return cmd.run(opts, rest, ctx)
   end)
   if ok then return status end

@@ -25,7 +25,7 @@ completed (internal errors, or the image does not open), 2 corruptions,
     if #args ~= 1 then util.usage("check takes one image") end
     local repair = opts["-r"]
     if repair and opts["-U"] then util.usage("-U cannot be used with -r") end
-    local img <close> = util.open(args[1], {
+    local img <close> = util.open(args[1], { key = opts.key,
       mode = repair and "rw" or "r", repair = repair and true or nil,
       backing = false, allow_raw = false, force_share = opts["-U"] or nil,
     })

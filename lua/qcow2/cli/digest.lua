@@ -23,7 +23,7 @@ one "unreadable START+LENGTH: REASON" line each.]],
     if #args < 1 or #args > 2 then util.usage("digest takes IMG [ALGO]") end
     if args[2] and opts["--algo"] then util.usage("give the algorithm once") end
     local algo = opts["--algo"] or args[2] or "sha256"
-    local img <close> = util.open(args[1], { force_share = opts["-U"] or nil })
+    local img <close> = util.open(args[1], { key = opts.key, force_share = opts["-U"] or nil })
     local view = img
     if opts["--snapshot"] then view = util.snapshot_view(img, opts["--snapshot"]) end
     local update, finish = util.progress(ctx, ("%s %s"):format(algo, args[1]), view.size)

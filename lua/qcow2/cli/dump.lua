@@ -273,7 +273,7 @@ gives every section, every allocated L2 table and refcount block.
     for _, s in ipairs(SECTIONS) do any = any or opts[s] ~= nil end
     local all = opts["--all"]
     if not any and not all then opts["--header"] = true end
-    local img <close> = util.open(args[1], { backing = false, allow_raw = false,
+    local img <close> = util.open(args[1], { key = opts.key, backing = false, allow_raw = false,
                                              force_share = opts["-U"] or nil })
     local d = ctx_of(img)
     local doc, text = {}, {}

@@ -83,7 +83,7 @@ stderr, one "unreadable START+LENGTH: REASON" line each.]],
   run = function(opts, args, ctx)
     local zero, damage = opts["--on-error"] == "zero", {}
     if #args ~= 2 then util.usage("export takes IMG OUT.raw") end
-    local img <close> = util.open(args[1], { force_share = opts["-U"] or nil })
+    local img <close> = util.open(args[1], { key = opts.key, force_share = opts["-U"] or nil })
     local view = img
     if opts["--snapshot"] then view = util.snapshot_view(img, opts["--snapshot"]) end
     local size = view.size

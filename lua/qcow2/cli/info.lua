@@ -81,7 +81,7 @@ describes every layer of the chain (JSON: an array).]],
   text = info_text,
   run = function(opts, args, ctx)
     if #args ~= 1 then util.usage("info takes one image") end
-    local img <close> = util.open(args[1], { force_share = opts["-U"] or nil })
+    local img <close> = util.open(args[1], { key = opts.key, force_share = opts["-U"] or nil })
     local layers = { img }
     if opts["--backing-chain"] then
       local b = img:backing()

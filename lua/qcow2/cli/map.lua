@@ -57,7 +57,7 @@ every extent with its flags. --snapshot maps an internal snapshot's view.]],
   },
   run = function(opts, args, ctx)
     if #args ~= 1 then util.usage("map takes one image") end
-    local img <close> = util.open(args[1], { force_share = opts["-U"] or nil })
+    local img <close> = util.open(args[1], { key = opts.key, force_share = opts["-U"] or nil })
     local view = img
     if opts["--snapshot"] then view = util.snapshot_view(img, opts["--snapshot"]) end
     local m = util.check(view:map())

@@ -17,7 +17,7 @@ T suffix (powers of 1024) or 0x hex.]],
     if #args ~= 3 then util.usage("read takes IMG OFFSET LENGTH") end
     local offset = util.parse_size(args[2], "offset")
     local length = util.parse_size(args[3], "length")
-    local img <close> = util.open(args[1], { force_share = opts["-U"] or nil })
+    local img <close> = util.open(args[1], { key = opts.key, force_share = opts["-U"] or nil })
     local view = img
     if opts["--snapshot"] then view = util.snapshot_view(img, opts["--snapshot"]) end
     -- in 4 MiB pieces: a whole disk goes out in bounded memory

@@ -31,14 +31,14 @@ three open the image read-write). NAME is an id or a name for -a and -d.]],
     if not action then util.usage("snapshot needs -l, -c NAME, -a NAME or -d NAME") end
     if #args ~= 1 then util.usage("snapshot takes one image") end
     if action == "-l" then
-      local img <close> = util.open(args[1], { backing = false, force_share = opts["-U"] or nil })
+      local img <close> = util.open(args[1], { key = opts.key, backing = false, force_share = opts["-U"] or nil })
       local list = util.check(img:snapshots())
       if #list > 0 then ctx.out:write(qcow2.snapshot_list(list), "\n") end
       return 0
     end
     if opts["-U"] then util.usage("-U is only allowed with -l") end
     local name = opts[action]
-    local img <close> = util.open(args[1], { mode = "rw", backing = false, allow_raw = false })
+    local img <close> = util.open(args[1], { key = opts.key, mode = "rw", backing = false, allow_raw = false })
     if action == "-c" then
       local ok, msg = img:create_snapshot(name, { date = os.time() })
       if not ok then util.fail(("Could not create snapshot '%s': %s"):format(name, msg)) end

@@ -31,6 +31,16 @@ function M.open(path, opts)
   return M.check(qcow2.open(path, opts))
 end
 
+--- The passphrase in a key file: its bytes, one trailing newline (as
+-- `echo pass > f` leaves) dropped.
+function M.read_key_file(path)
+  local f, msg = io.open(path, "rb")
+  if not f then M.fail(("cannot read the key file: %s"):format(msg)) end
+  local key = f:read("a")
+  f:close()
+  return (key:gsub("\r?\n$", ""))
+end
+
 --- A snapshot's read-only view of img (by id or name), or a failure.
 function M.snapshot_view(img, name)
   local s = M.check(img:snapshot(name) or nil,
