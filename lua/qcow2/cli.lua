@@ -17,7 +17,7 @@ local M = {}
 -- In the order --help lists them.
 local COMMANDS = {
   "info", "map", "check", "snapshot", "create", "digest", "export",
-  "dump", "read",
+  "dump", "read", "convert", "compare", "measure",
 }
 
 local function load(name)
