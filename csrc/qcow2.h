@@ -273,8 +273,10 @@ void qcow2_convert_free(qcow2_convert *cv);
  * of opts needs (size, cluster_size, refcount_bits, extended_l2,
  * preallocation, version, backing_file are read), for the data of `from`
  * when given (an image with its chain, or a snapshot view; opts->size
- * is then ignored). bitmaps: the persistent bitmaps of `bitmaps_of`
- * (NULL: from), counted when has_bitmaps (a v3 output and a v3 qcow2
+ * is then ignored). bitmaps_of (NULL: from) is the image itself when
+ * from is its snapshot view: its virtual size is the one measured, as
+ * qemu-img measure -l does. bitmaps: the persistent bitmaps of it,
+ * counted when has_bitmaps (a v3 output and a v3 qcow2
  * input, as qemu-img prints them).
  */
 typedef struct qcow2_measure_result {

@@ -179,10 +179,16 @@ int qcow2_measure(const struct qcow2_create_opts *o, qcow2_image *from,
     if (rc < 0)
         return rc;
     virtual_size = align_up(o->size, cs);
+    if (!bitmaps_of)
+        bitmaps_of = from;
     if (from) {
         uint64_t length = from->is_raw ? align_up(from->size, 512)
                                        : from->size;
-        virtual_size = align_up(length, cs);
+        /* qemu-img measure -l keeps the image's current virtual size
+         * (bdrv_snapshot_load_tmp does not change it). */
+        virtual_size = align_up(bitmaps_of->is_raw
+                                ? align_up(bitmaps_of->size, 512)
+                                : bitmaps_of->size, cs);
         if (o->backing_file) {
             /* The new backing file may share nothing with the input. */
             required = virtual_size;
@@ -197,8 +203,6 @@ int qcow2_measure(const struct qcow2_create_opts *o, qcow2_image *from,
     out->fully_allocated = prealloc_size(virtual_size, cs, refcount_order,
                                          o->extended_l2);
     out->required = out->fully_allocated - virtual_size + required;
-    if (!bitmaps_of)
-        bitmaps_of = from;
     /* Shown when both sides could hold bitmaps: a v3 output, a v3 qcow2
      * input. */
     out->has_bitmaps = o->version >= 3 && bitmaps_of &&
