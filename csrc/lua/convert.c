@@ -190,9 +190,13 @@ static qcow2_image *create_raw(lua_State *L, const char *path, int opts,
               (overwrite ? 0 : O_EXCL), 0644);
     if (fd < 0) {
         int e = errno;
+        /* The common causes by name (strerror is not thread safe). */
         ql_push_fail(L, e == EEXIST ? QCOW2_E_EXISTS : e == ENOSPC
                      ? QCOW2_E_NOSPC : e == ENOENT ? QCOW2_E_NOTFOUND
-                     : QCOW2_E_IO, "%s: %s", path, strerror(e));
+                     : QCOW2_E_IO, "%s: %s", path, e == EEXIST ? "File "
+                     "exists" : e == ENOENT ? "No such file or directory"
+                     : e == ENOSPC ? "No space left on device" : e == EACCES
+                     ? "Permission denied" : "could not create the file");
         return NULL;
     }
     rc = ftruncate(fd, (off_t)size);
