@@ -82,6 +82,25 @@ do
     end))
 end
 
+-- Lifecycle: convert to raw, convert compressed, compare (a plain image
+-- against a copy with other clusters, so every byte is compared).
+do
+  local img <close> = assert(qcow2.open(plain))
+  local out = dir .. "/conv.out"
+  row("convert qcow2 -> raw (plain)",
+    timed(function() assert(img:convert(out, { format = "raw", overwrite = true })) end),
+    timed(function() sh(("qemu-img convert -O raw %s %s"):format(plain, out)) end))
+  row("convert -> qcow2 compressed (plain)",
+    timed(function() assert(img:convert(out, { compress = true, overwrite = true })) end),
+    timed(function() sh(("qemu-img convert -c -O qcow2 %s %s"):format(plain, out)) end))
+  local copy = dir .. "/copy.qcow2"
+  sh(("qemu-img convert -O qcow2 -o cluster_size=4096 %s %s"):format(plain, copy))
+  row("compare (plain vs a 4K-cluster copy)",
+    timed(function() assert(qcow2.compare(img, copy) == true) end),
+    timed(function() sh(("qemu-img compare %s %s"):format(plain, copy)) end))
+  os.remove(out)
+end
+
 -- Memory: peak resident size of this process (the library's side of every
 -- workload above) against qemu-img map and qemu-io read of the plain image.
 local function peak_kib(status_file)

@@ -237,6 +237,71 @@ typedef int (*qcow2_range_fn)(void *ctx, uint64_t start, uint64_t length);
 int qcow2_diff(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn, void *ctx,
                qcow2_diff_stats *stats);
 
+/* --- Compare, convert, measure (qemu-img's lifecycle commands) ---------- */
+/*
+ * qemu-img compare: QCOW2_COMPARE_EQUAL, or why not with *offset set to
+ * the first differing 512-byte sector's guest offset (content), the
+ * chunk start where the block status differs (strict: status), or the
+ * smaller size (strict: size). Not strict, sizes may differ: the shorter
+ * side reads as zeroes past its end. Failures are reported on a.
+ */
+enum qcow2_compare_result {
+    QCOW2_COMPARE_EQUAL = 0,
+    QCOW2_COMPARE_CONTENT = 1,
+    QCOW2_COMPARE_SIZE = 2,
+    QCOW2_COMPARE_STATUS = 3,
+};
+int qcow2_compare(qcow2_image *a, qcow2_image *b, int strict,
+                  uint64_t *offset);
+
+/*
+ * qemu-img convert, in steps: src's guest bytes (an image with its chain,
+ * or a snapshot view) into dst, a fresh read-write image (qcow2 or raw)
+ * at least as large. Sparse: unallocated and zero ranges are not
+ * written. qcow2_convert_step does one bounded piece of work (a chunk of
+ * at most a few MiB, or one look at the map) and returns 1 while there is
+ * more, 0 once everything is written and dst flushed, or a negative
+ * status (qcow2_convert_errmsg). The caller removes a failed output.
+ * A converter uses src, dst and dst's backing chain: one thread at a
+ * time for all of them (compression workers touch no handle).
+ */
+typedef struct qcow2_convert_opts {
+    int compress;               /* qcow2 dst: compressed clusters */
+    int threads;                /* compression threads; 0: online CPUs */
+    int only_differences;       /* write only what differs from dst's
+                                   backing image (qemu-img convert -B) */
+} qcow2_convert_opts;
+typedef struct qcow2_convert qcow2_convert;
+int qcow2_convert_begin(qcow2_image *src, qcow2_image *dst,
+                        const qcow2_convert_opts *opts, qcow2_convert **out);
+int qcow2_convert_step(qcow2_convert *cv);
+void qcow2_convert_progress(const qcow2_convert *cv, uint64_t *done,
+                            uint64_t *total);
+const char *qcow2_convert_errmsg(const qcow2_convert *cv);
+void qcow2_convert_free(qcow2_convert *cv);
+
+/*
+ * qemu-img measure (QEMU 7.2's qcow2_measure): the file size a new image
+ * of opts needs (size, cluster_size, refcount_bits, extended_l2,
+ * preallocation, version, backing_file are read), for the data of `from`
+ * when given (an image with its chain, or a snapshot view; opts->size
+ * is then ignored). bitmaps_of (NULL: from) is the image itself when
+ * from is its snapshot view: its virtual size is the one measured, as
+ * qemu-img measure -l does. bitmaps: the persistent bitmaps of it,
+ * counted when has_bitmaps (a v3 output and a v3 qcow2
+ * input, as qemu-img prints them).
+ */
+typedef struct qcow2_measure_result {
+    uint64_t required;
+    uint64_t fully_allocated;
+    int has_bitmaps;
+    uint64_t bitmaps;
+} qcow2_measure_result;
+struct qcow2_create_opts;
+int qcow2_measure(const struct qcow2_create_opts *opts, qcow2_image *from,
+                  qcow2_image *bitmaps_of, qcow2_measure_result *out,
+                  qcow2_error *err);
+
 /* --- Raw structures, for inspection ---------------------------------------- */
 typedef struct qcow2_header {
     uint32_t magic;

@@ -122,6 +122,9 @@ extern const luaL_Reg ql_snapshot_write_methods[];  /* snapshot_write.c:
 extern const luaL_Reg ql_image_amend_methods[];     /* amend.c: amend,
     make_empty */
 extern const luaL_Reg ql_image_diff_methods[];      /* diff.c: diff */
+extern const luaL_Reg ql_image_convert_methods[];   /* convert.c: convert */
+/* Module functions of compare.c (compare, measure), added to qcow2.core. */
+extern const luaL_Reg ql_module_compare_functions[];
 extern const luaL_Reg ql_image_bitmap_methods[];    /* bitmap.c: bitmaps */
 /* Register the "qcow2.Bitmap" type (bitmap.c). */
 void ql_bitmap_register(lua_State *L);

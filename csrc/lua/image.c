@@ -970,7 +970,8 @@ void ql_image_register(lua_State *L)
         methods, ql_image_write_methods, ql_image_check_methods,
         ql_image_snapshot_methods, ql_image_amend_methods,
         ql_image_diff_methods, ql_image_bitmap_methods,
-        ql_image_forensics_methods, ql_image_lifecycle_methods, NULL
+        ql_image_convert_methods, ql_image_forensics_methods,
+        ql_image_lifecycle_methods, NULL
     };
     static const luaL_Reg metamethods[] = {
         {"__gc", image_gc},

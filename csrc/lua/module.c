@@ -406,6 +406,7 @@ int luaopen_qcow2_core(lua_State *L)
     ql_bitmap_register(L);
 
     luaL_newlib(L, functions);
+    luaL_setfuncs(L, ql_module_compare_functions, 0);
     lua_pushliteral(L, QCOW2_LIB_VERSION);
     lua_setfield(L, -2, "version");
 

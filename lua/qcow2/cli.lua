@@ -18,7 +18,7 @@ local M = {}
 local COMMANDS = {
   "info", "map", "check", "snapshot", "create", "digest", "export",
   "dump", "read", "inspect", "owners", "residue", "diff",
-  "rebase", "commit", "resize", "amend",
+  "convert", "compare", "measure", "rebase", "commit", "resize", "amend",
 }
 
 local function load(name)

@@ -110,7 +110,29 @@ local function backing_size(image, backing, fmt)
   return size
 end
 
+-- -o texts (qemu-img's syntax and names) into qcow2.create options, for
+-- the subcommands that take create options too (convert, measure). The
+-- second value is true when one of them asks for help.
+local function create_options(texts)
+  local given, out = {}, {}
+  for _, text in ipairs(texts or {}) do split_options(text, given) end
+  for _, kv in ipairs(given) do
+    local name, value = kv[1], kv[2]
+    if name == "help" or name == "?" then return out, true end
+    if name:match("^encrypt") then
+      util.fail("encryption needs a secret object: use qemu-img")
+    end
+    local o = BY_NAME[name]
+    if not o then util.fail(("Invalid parameter '%s'"):format(name)) end
+    if value == nil then util.fail(("Parameter '%s' needs a value"):format(name)) end
+    out[o[2]] = (convert(o, value))
+  end
+  return out, false
+end
+
 return {
+  create_options = create_options,
+  options_help = HELP_O,
   summary = "create a qcow2 image, as qemu-img create",
   usage = [[
 usage: qcow2 create [-f qcow2] [-o OPT=VAL,...] [-b BACKING -F FMT] [-u] [-q] IMG [SIZE]
