@@ -25,7 +25,7 @@ OBJ         := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(SRC))
 HEADERS     := csrc/qcow2.h $(wildcard csrc/engine/*.h) $(wildcard csrc/lua/*.h)
 MODULE      := $(BUILD)/qcow2/core.so
 # C unit tests of engine parts (spec/*_spec.lua run them); never installed.
-TEST_PROGS  := $(BUILD)/test/table_cache_test
+TEST_PROGS  := $(BUILD)/test/table_cache_test $(BUILD)/test/open_memory_test
 
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;
 export LUA_CPATH := ./$(BUILD)/?.so;;
@@ -57,6 +57,10 @@ test-progs: $(TEST_PROGS)
 $(BUILD)/test/table_cache_test: csrc/test/table_cache_test.c $(BUILD)/obj/engine/table_cache.o $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/engine/table_cache.o
+
+$(BUILD)/test/open_memory_test: csrc/test/open_memory_test.c $(filter $(BUILD)/obj/engine/%,$(OBJ)) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(filter $(BUILD)/obj/engine/%,$(OBJ)) $(PKG_LIBS) $(EXTRA_LIBS)
 
 # Every spec file under Lua 5.4; ends with "N passed, N failed". The layer
 # check runs first (report mode: it fails only when csrc/README.md's map
