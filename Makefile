@@ -1,6 +1,6 @@
 # lua-qcow2: build the engine + binding as build/qcow2/core.so and run the
 # busted suite under Lua 5.4. Targets: all test demo sanitize valgrind
-# fuzz sweep bench install clean deps nobarrier layer-check test-progs.
+# fuzz (fuzz-build) sweep bench install clean deps nobarrier layer-check test-progs.
 
 LUA_VERSION ?= 5.4
 LUA         ?= lua$(LUA_VERSION)
@@ -106,7 +106,11 @@ FUZZ_BINS    := $(addprefix $(FUZZ_DIR)/fuzz_,$(FUZZ_NAMES))
 FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 FUZZ_CFLAGS   = -std=c11 -Wall -Wextra -D_GNU_SOURCE -g -O1 $(FUZZ_SAN) $(PKG_CFLAGS)
 FUZZ_OBJ     := $(patsubst csrc/%.c,$(FUZZ_DIR)/obj/%.o,$(ENGINE_SRC))
-FUZZ_FLAGS    = -dict=csrc/fuzz/qcow2.dict -max_len=$(FUZZ_MAX_LEN) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
+# -timeout: one input's wall-clock seconds; a hang is caught, a busy shared
+# machine is not (check of a 1 MiB image can walk ~10^8 L2 entries, as
+# qemu-img does, a few seconds under ASan).
+FUZZ_TIMEOUT ?= 30
+FUZZ_FLAGS    = -dict=csrc/fuzz/qcow2.dict -max_len=$(FUZZ_MAX_LEN) -rss_limit_mb=2048 -timeout=$(FUZZ_TIMEOUT) -print_final_stats=1
 
 .PHONY: fuzz-build fuzz-lua fuzz-corpus $(addprefix fuzz-run-,$(FUZZ_NAMES))
 
