@@ -1,6 +1,6 @@
 # lua-qcow2: build the engine + binding as build/qcow2/core.so and run the
 # busted suite under Lua 5.4. Targets: all test demo doc sanitize valgrind
-# fuzz sweep bench install clean deps nobarrier layer-check test-progs.
+# fuzz (fuzz-build) sweep bench install clean deps nobarrier layer-check test-progs.
 
 LUA_VERSION ?= 5.4
 LUA         ?= lua$(LUA_VERSION)
@@ -25,7 +25,7 @@ OBJ         := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(SRC))
 HEADERS     := csrc/qcow2.h $(wildcard csrc/engine/*.h) $(wildcard csrc/lua/*.h)
 MODULE      := $(BUILD)/qcow2/core.so
 # C unit tests of engine parts (spec/*_spec.lua run them); never installed.
-TEST_PROGS  := $(BUILD)/test/table_cache_test
+TEST_PROGS  := $(BUILD)/test/table_cache_test $(BUILD)/test/open_memory_test
 
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;
 export LUA_CPATH := ./$(BUILD)/?.so;;
@@ -58,6 +58,10 @@ $(BUILD)/test/table_cache_test: csrc/test/table_cache_test.c $(BUILD)/obj/engine
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/obj/engine/table_cache.o
 
+$(BUILD)/test/open_memory_test: csrc/test/open_memory_test.c $(filter $(BUILD)/obj/engine/%,$(OBJ)) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(filter $(BUILD)/obj/engine/%,$(OBJ)) $(PKG_LIBS) $(EXTRA_LIBS)
+
 # Every spec file under Lua 5.4; ends with "N passed, N failed". The layer
 # check runs first and is strict: any upward call, include of a higher
 # layer's header, binding use of a non-public symbol, stale exception or
@@ -65,6 +69,8 @@ $(BUILD)/test/table_cache_test: csrc/test/table_cache_test.c $(BUILD)/obj/engine
 LAYER_CHECK ?= --strict
 test: $(MODULE) $(TEST_PROGS)
 	@$(LUA) csrc/layer-check $(LAYER_CHECK) --summary --obj $(BUILD)/obj
+	@command -v luacheck >/dev/null || { echo "luacheck not found (make deps: lua-check)"; exit 1; }
+	@luacheck -q --formatter plain lua spec examples
 	@BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs $(SPECS)
 
 # The engine's layers (csrc/README.md): calls only downwards, the binding
@@ -97,8 +103,59 @@ sanitize:
 valgrind: $(MODULE)
 	@BUILD=$(BUILD) LUA="valgrind -q --error-exitcode=99 --leak-check=no $(LUA)" sh spec/run-specs $(SPECS)
 
-fuzz: $(MODULE)
+# make fuzz: the Lua fuzz specs, then every libFuzzer harness (csrc/fuzz/)
+# for FUZZ_SECONDS each on its corpus (seeded from qemu-img images); with
+# -j the harnesses run side by side. Logs, corpora and any crashing input
+# (crash-<harness>-*) stay in build/fuzz/. `make fuzz-build` only builds.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 600
+FUZZ_MAX_LEN ?= 1048576
+FUZZ_DIR     := $(BUILD)/fuzz
+FUZZ_NAMES   := open read map check repair snapshot write
+FUZZ_BINS    := $(addprefix $(FUZZ_DIR)/fuzz_,$(FUZZ_NAMES))
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_CFLAGS   = -std=c11 -Wall -Wextra -D_GNU_SOURCE -g -O1 $(FUZZ_SAN) $(PKG_CFLAGS)
+FUZZ_OBJ     := $(patsubst csrc/%.c,$(FUZZ_DIR)/obj/%.o,$(ENGINE_SRC))
+# -timeout: one input's wall-clock seconds; a hang is caught, a busy shared
+# machine is not (check of a 1 MiB image can walk ~10^8 L2 entries, as
+# qemu-img does, a few seconds under ASan).
+FUZZ_TIMEOUT ?= 30
+FUZZ_FLAGS    = -dict=csrc/fuzz/qcow2.dict -max_len=$(FUZZ_MAX_LEN) -rss_limit_mb=2048 -timeout=$(FUZZ_TIMEOUT) -print_final_stats=1
+
+.PHONY: fuzz-build fuzz-lua fuzz-corpus $(addprefix fuzz-run-,$(FUZZ_NAMES))
+
+fuzz: fuzz-lua $(addprefix fuzz-run-,$(FUZZ_NAMES))
+
+fuzz-lua: $(MODULE)
 	@QCOW2_FUZZ_ITERATIONS=$${QCOW2_FUZZ_ITERATIONS:-2000} BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs spec/fuzz_spec.lua spec/repair_fuzz_spec.lua
+
+fuzz-build: $(FUZZ_BINS) $(FUZZ_DIR)/seeds/.done
+
+.SECONDARY: $(FUZZ_OBJ)
+
+$(FUZZ_DIR)/obj/%.o: csrc/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_DIR)/fuzz_%: csrc/fuzz/fuzz_%.c csrc/fuzz/fuzz_common.h $(FUZZ_OBJ) $(HEADERS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_OBJ) $(PKG_LIBS)
+
+# Seeds (shared, read-only to the runs): regenerated when the builder
+# changes; each harness grows its own corpus folder, corpus/<harness>.
+$(FUZZ_DIR)/seeds/.done: csrc/fuzz/make-corpus.lua $(MODULE)
+	@rm -rf $(FUZZ_DIR)/seeds
+	@FUZZ_MAX_LEN=$(FUZZ_MAX_LEN) $(LUA) csrc/fuzz/make-corpus.lua $(FUZZ_DIR)/seeds
+	@touch $@
+fuzz-corpus: $(FUZZ_DIR)/seeds/.done
+
+$(addprefix fuzz-run-,$(FUZZ_NAMES)): fuzz-run-%: $(FUZZ_DIR)/fuzz_% $(FUZZ_DIR)/seeds/.done
+	@echo "fuzz_$*: $(FUZZ_SECONDS) s (log: $(FUZZ_DIR)/fuzz_$*.log)"
+	@mkdir -p $(FUZZ_DIR)/corpus/$*
+	@$(FUZZ_DIR)/fuzz_$* $(FUZZ_FLAGS) -max_total_time=$(FUZZ_SECONDS) \
+	   -artifact_prefix=$(FUZZ_DIR)/crash-$*- $(FUZZ_DIR)/corpus/$* $(FUZZ_DIR)/seeds \
+	   > $(FUZZ_DIR)/fuzz_$*.log 2>&1; \
+	 rc=$$?; grep -E '^(stat::|Done|#[0-9]+ *DONE)' $(FUZZ_DIR)/fuzz_$*.log | sed 's/^/  fuzz_$*: /'; \
+	 [ $$rc -eq 0 ] || { tail -n 40 $(FUZZ_DIR)/fuzz_$*.log; exit $$rc; }
 
 sweep: $(MODULE)
 	@QCOW2_SWEEP=full BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs $(SPECS)
@@ -128,7 +185,8 @@ clean:
 
 # The Debian packages the build, the tests and the oracle need.
 DEB_PKGS := lua5.4 liblua5.4-dev lua-busted lua-cjson lua-dkjson zlib1g-dev libssl-dev \
-            libzstd-dev pkg-config qemu-utils luarocks gcc make lua-ldoc cryptsetup-bin
+            libzstd-dev pkg-config qemu-utils luarocks gcc make lua-ldoc cryptsetup-bin \
+            clang libclang-rt-14-dev lua-check
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \

@@ -117,6 +117,17 @@ void qcow2_open_opts_init(qcow2_open_opts *opts);
 int qcow2_open(const char *path, const qcow2_open_opts *opts,
                qcow2_image **out, qcow2_error *err);
 
+/*
+ * Open an image held in memory: a private copy of data[0, len) (read-write
+ * handles grow and write the copy, never data). The backing chain and an
+ * external data file are never followed (there is no folder to find them
+ * in): opts->no_backing is implied; an image needing a data file fails
+ * with QCOW2_E_UNSUPPORTED. Fuzzing harnesses and tests use it.
+ */
+int qcow2_open_memory(const void *data, size_t len,
+                      const qcow2_open_opts *opts, qcow2_image **out,
+                      qcow2_error *err);
+
 /* Idempotent release of the handle and everything it owns (backing chain,
  * caches). Views opened from it must be closed first. */
 void qcow2_close(qcow2_image *img);

@@ -6,7 +6,7 @@
 local h = require "helpers"
 local qcow2 = require "qcow2"
 
-local TOOL = (os.getenv("LUA") or "lua5.4") .. " lua/qcow2-cli"   -- LUA: sanitizer preload under make sanitize
+local TOOL = h.TOOL
 local KiB, MiB = 1024, 1024 * 1024
 local CLUSTER = 64 * KiB
 local COPIED = 1 << 63

@@ -4,7 +4,7 @@
 -- checks.
 local h = require "helpers"
 
-local TOOL = "lua5.4 lua/qcow2-cli"
+local TOOL = h.TOOL
 local MiB = 1024 * 1024
 
 local function run(args)

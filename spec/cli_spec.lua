@@ -4,8 +4,8 @@
 local h = require "helpers"
 local qcow2 = require "qcow2"
 
--- LUA: under make sanitize it preloads the sanitizer runtimes for the child
-local TOOL = (os.getenv("LUA") or "lua5.4") .. " lua/qcow2-cli"
+
+local TOOL = h.TOOL
 
 -- Run the tool: stdout, stderr, exit status. `env` is a prefix such as
 -- "QCOW2_PROGRESS_DELAY=0".

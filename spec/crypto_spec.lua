@@ -342,7 +342,7 @@ describe("the qcow2 tool with --key-file", function()
   teardown(h.cleanup)
 
   local function tool(args)
-    return h.sh("unset LD_PRELOAD; lua5.4 lua/qcow2-cli " .. args, true)
+    return h.sh(h.TOOL .. " " .. args, true)
   end
 
   it("reads an encrypted image with the key from a file only", function()

@@ -10,6 +10,12 @@ function M.q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
+-- The interpreter for child Lua processes that load the module: under
+-- make sanitize it is `env LD_PRELOAD=<sanitizer runtimes> lua5.4`.
+M.LUA = os.getenv("LUA") or "lua5.4"
+-- The qcow2 tool from the checkout, run by that interpreter.
+M.TOOL = M.LUA .. " lua/qcow2-cli"
+
 -- Run a shell command; returns ok, stdout (stderr merged when merge is true).
 -- LD_PRELOAD is dropped: under make sanitize the sanitizer runtimes are
 -- preloaded for lua5.4 only, not for every qemu-img the specs start.

@@ -21,6 +21,7 @@
 
 #define RESOLVED_PATH_MAX   4096
 #define RESOLVE_WHY_MAX     256
+#define MEMORY_IMAGE_NAME   "<memory>"   /* path of qcow2_open_memory's */
 
 /* How the file at a path is to be read. */
 enum image_format {
@@ -38,7 +39,8 @@ typedef struct file_chain {
 
 static int open_image(const char *path, const qcow2_open_opts *opts,
                       int depth, file_chain *chain, int format,
-                      qcow2_io *power, qcow2_image **out, qcow2_error *err);
+                      qcow2_io *memory, qcow2_io *power,
+                      qcow2_image **out, qcow2_error *err);
 
 static unsigned long long ull(uint64_t value)
 {
@@ -189,6 +191,15 @@ static int open_file(qcow2_image *img, file_chain *chain)
     return 0;
 }
 
+/* The caller's bytes as the image file (qcow2_open_memory): the handle
+ * owns io from here on, and follows no file names from the image. */
+static int adopt_memory(qcow2_image *img, qcow2_io *io)
+{
+    img->io = io;
+    img->in_memory = 1;
+    return io->ops->size(io, &img->file_size);
+}
+
 /* Does the file start with the qcow2 magic? */
 static int has_qcow2_magic(qcow2_image *img, int *is_qcow2)
 {
@@ -266,6 +277,9 @@ static int open_data_file(qcow2_image *img, const char *given)
     if (!img->data_file_ext && !given)
         return qcow2_fail(img, QCOW2_E_NOTFOUND,
                           "data-file is required for this image");
+    if (img->in_memory)
+        return qcow2_fail(img, QCOW2_E_UNSUPPORTED, "data file '%s': not "
+                          "followed from a memory image", img->data_file_ext);
     /* opts.data_file (the caller's path, used as given) wins over the
      * name in the image, which is followed as a backing name is. */
     if (given) {
@@ -474,7 +488,7 @@ static int open_backing(qcow2_image *img, const qcow2_open_opts *opts,
     child_opts.allow_raw = 1;
     child_opts.data_file = NULL;    /* names the top image's data file */
     ret = open_image(path, &child_opts, img->depth + 1, chain, format,
-                     NULL, &img->backing, &child_err);
+                     NULL, NULL, &img->backing, &child_err);
     /* Only the top names the chain link it followed; deeper levels pass
      * the failing file's own message up unchanged, so a long chain cannot
      * push the root cause out of the one-line message. */
@@ -489,21 +503,26 @@ static int open_backing(qcow2_image *img, const qcow2_open_opts *opts,
 
 static int open_image(const char *path, const qcow2_open_opts *opts,
                       int depth, file_chain *chain, int format,
-                      qcow2_io *power, qcow2_image **out, qcow2_error *err)
+                      qcow2_io *memory, qcow2_io *power,
+                      qcow2_image **out, qcow2_error *err)
 {
     qcow2_image *img = new_image(path);
     int is_qcow2 = 0, is_raw, ret;
 
     *out = NULL;
-    if (!img)
+    if (!img) {
+        qcow2_io_close(memory);
         return qcow2_error_set(err, QCOW2_E_NOMEM, "%s: out of memory",
                                path);
+    }
     img->depth = depth;
     img->read_only = !opts->read_write;   /* backing files get 0 */
     img->force_share = opts->force_share;
     if (opts->force_share && opts->read_write)
         ret = qcow2_fail(img, QCOW2_E_INVALID, "force_share can only be "
                          "used with read-only opens");
+    else if (memory)
+        ret = adopt_memory(img, memory);
     else
         ret = open_file(img, chain);
     if (ret == 0 && format == FORMAT_PROBE)
@@ -557,7 +576,7 @@ int qcow2_open(const char *path, const qcow2_open_opts *opts,
         return qcow2_error_set(err, QCOW2_E_INVALID, "no path given");
     return open_image(path, opts, 0, &chain,
                       opts->allow_raw ? FORMAT_PROBE : FORMAT_QCOW2, NULL,
-                      out, err);
+                      NULL, out, err);
 }
 
 /*
@@ -601,13 +620,45 @@ int qcow2_open_chain_file(qcow2_image *img, const char *name,
     qcow2_open_opts_init(&opts);
     opts.read_write = read_write;
     opts.allow_raw = 1;
-    ret = open_image(path, &opts, img->depth + 1, &chain, kind,
+    ret = open_image(path, &opts, img->depth + 1, &chain, kind, NULL,
                      read_write ? img->io : NULL, out, &err);
     if (ret < 0)
         qcow2_fail(img, ret, "backing file '%s': %s", name,
                    without_path(&err, path));
     free(resolved);
     return ret;
+}
+
+int qcow2_open_memory(const void *data, size_t len,
+                      const qcow2_open_opts *opts, qcow2_image **out,
+                      qcow2_error *err)
+{
+    qcow2_open_opts mem_opts;
+    qcow2_error scratch;
+    file_chain chain = { 0, { 0 }, { 0 } };
+    qcow2_io *io;
+    int ret;
+
+    if (!err)
+        err = &scratch;
+    err->code = 0;
+    err->msg[0] = '\0';
+    *out = NULL;
+    if (opts)
+        mem_opts = *opts;
+    else
+        qcow2_open_opts_init(&mem_opts);
+    /* No folder to resolve names in: the chain stays closed. */
+    mem_opts.no_backing = 1;
+    if (!data && len)
+        return qcow2_error_set(err, QCOW2_E_INVALID, "no buffer given");
+    ret = qcow2_io_open_memory(data, len, mem_opts.read_write, &io);
+    if (ret < 0)
+        return qcow2_error_set(err, ret, "%s: out of memory for %zu bytes",
+                               MEMORY_IMAGE_NAME, len);
+    return open_image(MEMORY_IMAGE_NAME, &mem_opts, 0, &chain,
+                      mem_opts.allow_raw ? FORMAT_PROBE : FORMAT_QCOW2, io,
+                      NULL, out, err);
 }
 
 void qcow2_close(qcow2_image *img)

@@ -99,7 +99,8 @@ struct qcow2_io {
  * QCOW2_E_NOTFOUND; *sys_errno gets errno on failure. */
 int qcow2_io_open_file(const char *path, int read_write, qcow2_io **out,
                        int *sys_errno);
-/* A growable in-memory file holding a copy of data. */
+/* A growable in-memory file holding a copy of data, at most 256 MiB
+ * (growing past it: QCOW2_E_NOSPC). */
 int qcow2_io_open_memory(const void *data, size_t len, int read_write,
                          qcow2_io **out);
 void qcow2_io_close(qcow2_io *io);
@@ -164,6 +165,7 @@ struct qcow2_image {
     int read_only;
     int force_share;            /* opened with -U: shares all (lock.c) */
     int is_snapshot_view;
+    int in_memory;              /* qcow2_open_memory: no files followed */
     int depth;                  /* 0 = top of the chain */
 
     qcow2_header hdr;           /* as parsed (v2 defaults filled in) */

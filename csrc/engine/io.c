@@ -317,6 +317,8 @@ static int64_t memory_pread(qcow2_io *io, void *buf, size_t len,
     return (int64_t)n;
 }
 
+#define MEMORY_FILE_MAX (256ull << 20)   /* bytes */
+
 /* Make room for `needed` bytes, new bytes zeroed. */
 static int memory_reserve(memory_io *m, uint64_t needed)
 {
@@ -325,11 +327,14 @@ static int memory_reserve(memory_io *m, uint64_t needed)
 
     if (needed <= m->cap)
         return 0;
-    if (needed > SIZE_MAX / 2) {
+    /* A memory file is a test tool: a hostile image must not make it
+     * take the machine's memory (a real file would grow sparse). */
+    if (needed > MEMORY_FILE_MAX || needed > SIZE_MAX / 2) {
         m->base.last_errno = EFBIG;
         return QCOW2_E_NOSPC;
     }
     cap = max_u64(needed, m->cap ? (uint64_t)m->cap * 2 : 4096);
+    cap = cap > MEMORY_FILE_MAX ? needed : cap;
     grown = realloc(m->data, (size_t)cap);
     if (!grown) {
         m->base.last_errno = ENOMEM;
