@@ -5,7 +5,7 @@
 local h = require("helpers")
 local qcow2 = require("qcow2")
 
-local KiB, MiB = 1024, 1024 * 1024
+local MiB = 1024 * 1024
 
 local function export_sha(path, fmt)
   local raw = path .. ".export.raw"

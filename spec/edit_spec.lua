@@ -337,7 +337,7 @@ describe("qcow2.edit", function()
     helpers.write_file(short, helpers.read_file(p):sub(1, 50))
     ed = assert(qcow2.edit(short))
     v, msg, code = ed:header()
-    assert.is_nil(v); assert.are.equal("corrupt", code)
+    assert.is_nil(v); assert.are.equal("corrupt", code); assert.is_string(msg)
     ed:close()
   end)
 

@@ -3,7 +3,7 @@
 -- qemu-img and the files themselves say. Also `make doc`.
 local h = require "helpers"
 
-local KiB, MiB = 1024, 1024 * 1024
+local KiB = 1024
 local CLUSTER = 64 * KiB
 local OFFSET_MASK = 0x00fffffffffffe00
 

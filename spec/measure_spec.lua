@@ -20,8 +20,7 @@ local function same(want, got)
 end
 
 describe("qcow2.measure", function()
-  local dir
-  setup(function() dir = h.tmpdir() end)
+  setup(function() h.tmpdir() end)
   teardown(function() h.cleanup() end)
 
   local sizes = FULL and { 0, 1, 1000000, 1 << 30, 3 * (1 << 40) + 12345 } or { 1000000, 3 * (1 << 40) + 12345 }
@@ -53,6 +52,7 @@ describe("qcow2.measure", function()
     assert.is_nil(r)
     assert.equal("invalid", code)
     assert.matches("Cluster size", msg)
+    local _
     r, _, code = qcow2.measure { size = 1 << 20, version = 2, refcount_bits = 8 }
     assert.is_nil(r)
     assert.equal("invalid", code)

@@ -12,7 +12,7 @@ local model = require("model")
 local crash = require("crash")
 local qcow2 = require("qcow2")
 
-local KiB, MiB = 1024, 1024 * 1024
+local MiB = 1024 * 1024
 local SAMPLES = 10
 
 describe("a power cut during", function()

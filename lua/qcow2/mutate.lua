@@ -362,7 +362,7 @@ function T.snapshot(ed, r, s)
     return { where = ("snapshot[%d].l1[%d]"):format(i, j), old = old, new = new }
   end
   if sn[field] == nil then return nil end
-  local old, new = sn[field], nil
+  local old, new = sn[field]
   if field == "l1_table_offset" then
     new = offset_value(r, s, old)
   elseif field == "id_str_size" or field == "name_size" then

@@ -1,5 +1,4 @@
 --- qcow2 convert: qemu-img convert to qcow2 or raw (img:convert).
-local qcow2 = require "qcow2"
 local util = require "qcow2.cli.util"
 local create = require "qcow2.cli.create"
 
@@ -58,8 +57,9 @@ a terminal. A failed convert removes OUT.]==],
     copts.overwrite = true
     copts.compress = opts["-c"] or nil
     if opts["-l"] then copts.snapshot = snapshot_arg(opts["-l"]) end
-    local update, finish = function() end, function() end
+    local finish = function() end
     if opts["-p"] and not opts["-q"] then
+      local update
       update, finish = util.progress(ctx, "convert", src.size)
       copts.progress = function(done) update(done) end
     end
