@@ -50,6 +50,14 @@ local function edit(p, fn)
   ed:close()
 end
 
+-- spec/repair_fuzz_spec.lua's v3_4k_r8 base
+local function v3_4k_r8(p)
+  h.create(p, "2M", "cluster_size=4096,refcount_bits=8")
+  h.qemu_io(p, { "write -P 0x11 0 8k", "write -c -P 0x22 16k 4k", "write -P 0x33 1M 4k" })
+  snapshot(p, "s1")
+  h.qemu_io(p, { "write -P 0x44 4k 4k", "write -P 0x55 1536k 4k" })
+end
+
 -- examples/fuzz.lua's seed images, built with qemu-img
 local function v3_8k_rc4(p)
   h.create(p, "2M", "cluster_size=8192,refcount_bits=4")
@@ -213,6 +221,19 @@ local cases = {
       assert.is_true(seen.qemu_lost_snapshots, "qemu-img's repair drops the snapshot")
       assert.are.equal(1, h.get_be32(p, 60), "ours keeps it")
       assert.are.equal(1, seen.o_after.corruptions, "only the unaligned snapshot L1 is left")
+    end },
+  -- found with seed 42: the snapshot table's 64 KiB of extra data runs
+  -- far past EOF (never counted); the rebuilt refcounts grow the file past
+  -- its end, and freeing the old table once rewritten then dropped the
+  -- refcounts of everything its garbage tail now covered (the new table,
+  -- the L2 table, data): what is freed is judged by the file's size when
+  -- the refcounts were counted
+  { name = "an unaligned refcount block and 64 KiB of snapshot extra data (v3_4k_r8:154)",
+    base = v3_4k_r8, poke = function(p)
+      edit(p, function(ed)
+        assert(ed:reftable(2, 0x2001))
+        assert(ed:snapshot(0, { extra_data_size = 0xffff }))
+      end)
     end },
   { name = "a snapshot L1 of 4096 entries past EOF where the rebuild would go (v3_4k_r8:25)",
     opts = "cluster_size=4096,refcount_bits=8", poke = function(p)

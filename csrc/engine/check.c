@@ -262,9 +262,12 @@ static int snapshot_table_needs_rewrite(const qcow2_image *img)
 static int repair_all(qcow2_image *img, qcow2_check_result *out)
 {
     qcow2_check_result leaks;
-    uint64_t blocked = 0;
+    uint64_t blocked = 0, counted_file_size;
     int ret;
 
+    /* the size the refcounts are counted with (the rebuild grows it) */
+    if ((ret = img->io->ops->size(img->io, &counted_file_size)) < 0)
+        return qcow2_fail(img, ret, "cannot get the size of the file");
     if ((ret = repair_bad_entries(img, out, &blocked)) < 0 ||
         (ret = repair_refcounts(img, out)) < 0)
         return ret;
@@ -285,7 +288,7 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
     /* last, as QEMU fixes the snapshot table once the refcounts are right:
      * the new table is allocated from them */
     if (snapshot_table_needs_rewrite(img)) {
-        if ((ret = repair_snapshot_table(img, out)) < 0)
+        if ((ret = repair_snapshot_table(img, out, counted_file_size)) < 0)
             return ret;
         /* the old table, gone, may have run past the end of the file
          * over the rebuilt refcounts, counted then as referenced at

@@ -136,8 +136,10 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res);
 
 /* Write the snapshot table again with every entry complete (QEMU's
  * qcow2_check_fix_snapshot_table), at fresh clusters; the old table is
- * freed. */
-int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res);
+ * freed where the refcounts, counted with the file counted_file_size
+ * bytes long, include it. */
+int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res,
+                          uint64_t counted_file_size);
 
 static inline unsigned long long ull(uint64_t value)
 {

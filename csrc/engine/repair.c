@@ -566,7 +566,11 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
 
 /* Clusters of [offset, offset + length) that the check counted: a table
  * reaching one cluster or more past the end of the file was not counted
- * at all (check_inc's rule), so it has no refcount of its own to drop. */
+ * at all (check_inc's rule), so it has no refcount of its own to drop.
+ * file_size is the file's size when the refcounts were counted: the
+ * rebuild grows the file, and a table that now fits was still never
+ * counted (freeing it would drop the refcounts of whatever its garbage
+ * tail covers, the new table's cluster included). */
 static int free_old_table(qcow2_image *img, uint64_t offset, uint64_t length,
                           uint64_t file_size)
 {
@@ -587,7 +591,8 @@ static int free_old_table(qcow2_image *img, uint64_t offset, uint64_t length,
     return rc;
 }
 
-int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
+int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res,
+                          uint64_t counted_file_size)
 {
     uint32_t count = img->nb_snapshots;
     uint64_t old_offset = img->hdr.snapshots_offset, old_length = 0;
@@ -602,10 +607,7 @@ int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
         const qcow2_snapshot *last = &img->snapshots[count - 1];
         old_length = last->entry_offset + last->entry_length - old_offset;
     }
-    rc = img->io->ops->size(img->io, &file_size);
-    if (rc < 0)
-        return qcow2_fail(img, rc, "cannot get the size of the file");
-    list = malloc(((size_t)count + 1) * sizeof *list);
+    list = calloc((size_t)count + 1, sizeof *list);
     if (!list)
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     for (uint32_t i = 0; i < count; i++)
@@ -633,7 +635,7 @@ int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
     check_note(&notes, QCOW2_FINDING_REPAIRED, offset, "Repairing snapshot "
                "table: %u complete entries written at 0x%llx", count,
                ull(offset));
-    rc = free_old_table(img, old_offset, old_length, file_size);
+    rc = free_old_table(img, old_offset, old_length, counted_file_size);
     if (rc == 0)
         rc = qcow2_barrier(img);
     if (rc < 0)
