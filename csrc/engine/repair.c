@@ -342,6 +342,7 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
     uint64_t start = max_u64(div_round_up(st->file_size, cs),
                              st->nb_clusters);
     uint64_t blocks = 0, table_clusters = 1, table_entries;
+    uint64_t sn_first = 1, sn_last = 0, sn_end;
     uint64_t *reftable = NULL;
     uint8_t *buf = NULL;
     check_state notes;
@@ -349,6 +350,19 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
 
     note_state(&notes, img, res);
     start = max_u64(start, repair_fresh_start(img, st->file_size));
+    /* A snapshot table running a cluster or more past the end of the file
+     * was not counted (check_inc's rule); the new structures go past its
+     * tail, so the file will cover it and every later check count it:
+     * its clusters are counted here too, or they would read as
+     * referenced at refcount 0 once the file has grown. */
+    if (img->nb_snapshots &&
+        !add_overflows(img->hdr.snapshots_offset,
+                       qcow2_snapshot_table_size(img), &sn_end) &&
+        sn_end >= st->file_size + cs &&
+        div_round_up(sn_end, cs) <= start) {
+        sn_first = img->hdr.snapshots_offset >> img->cluster_bits;
+        sn_last = (sn_end - 1) >> img->cluster_bits;
+    }
     /* fixed point: the new structures count themselves */
     for (;;) {
         uint64_t indices = div_round_up(start + blocks + table_clusters,
@@ -398,6 +412,8 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
                 value = st->counts[cluster];
             if (cluster >= start &&
                 cluster < start + blocks + table_clusters)
+                value++;
+            if (cluster >= sn_first && cluster <= sn_last)
                 value++;
             if (value > st->count_max)
                 value = st->count_max;
