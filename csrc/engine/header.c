@@ -708,8 +708,7 @@ static int check_tables(qcow2_image *img)
 /* ---- Backing file name ---------------------------------------------------------- */
 
 /* Where the extension area ends: at the backing name, else cluster 0's end. */
-static int check_backing_name_place(qcow2_image *img, uint64_t ext_start,
-                                    uint64_t *area_end)
+static int check_backing_name_place(qcow2_image *img, uint64_t *area_end)
 {
     const qcow2_header *h = &img->hdr;
     uint64_t max_length;
@@ -721,11 +720,8 @@ static int check_backing_name_place(qcow2_image *img, uint64_t ext_start,
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "backing_file_offset 0x%llx is beyond cluster 0",
                           ull(h->backing_file_offset));
-    if (h->backing_file_offset < ext_start)
-        return qcow2_fail(img, QCOW2_E_CORRUPT,
-                          "backing_file_offset 0x%llx overlaps the header "
-                          "(%llu bytes)", ull(h->backing_file_offset),
-                          ull(ext_start));
+    /* QEMU takes a name inside the header too (the extension area is
+     * then empty; with backing_file_size 0 there is no backing file) */
     max_length = min_u64(QCOW2_MAX_BACKING_NAME,
                          img->cluster_size - h->backing_file_offset);
     if (h->backing_file_size > max_length)
@@ -774,7 +770,7 @@ static int parse_cluster0(qcow2_image *img, const uint8_t *cluster0)
     if (h->version == 3 && h->header_length > COMPRESSION_TYPE_OFFSET)
         h->compression_type = cluster0[COMPRESSION_TYPE_OFFSET];
 
-    ret = check_backing_name_place(img, ext_start, &area_end);
+    ret = check_backing_name_place(img, &area_end);
     if (ret < 0)
         return ret;
     /* Unknown incompatible bits win over a broken extension area: the
