@@ -133,6 +133,85 @@ describe("hostile images", function()
     end
   end)
 
+  -- qemu-img 7.2 opens an image whose known header extensions repeat,
+  -- each copy overwriting the one before; a copy it would refuse on its
+  -- own is refused even when a later one is fine (the hostile cases)
+  describe("repeated known header extensions", function()
+    local function repeat_ext(p, magic, data)
+      local ed = assert(qcow2.edit(p))
+      if not data then
+        for _, e in ipairs(assert(ed:extensions())) do
+          if e.magic == magic then data = e.data end
+        end
+      end
+      assert(ed:add_extension(magic, assert(data, "no extension to repeat")))
+      ed:close()
+    end
+    local function both(p, opts)
+      local theirs = helpers.info_json(p)
+      local img, msg, code = qcow2.open(p, opts)
+      assert(img, ("open: %s (%s)"):format(tostring(msg), tostring(code)))
+      local ours = assert(img:info())
+      local bitmaps = assert(img:bitmaps())
+      img:close()
+      return theirs, ours, bitmaps
+    end
+
+    it("the backing format: the last copy counts", function()
+      local dir = helpers.tmpdir()
+      local b, p = dir .. "/base.qcow2", dir .. "/top.qcow2"
+      helpers.create(b, "1M")
+      helpers.create(p, "1M", nil, "base.qcow2", "qcow2")
+      repeat_ext(p, hostile.EXT_BACKING_FORMAT, "raw")
+      local theirs, ours = both(p, { backing = false })
+      assert.are.equal("raw", theirs["backing-filename-format"])
+      assert.are.equal(theirs["backing-filename-format"], ours["backing-filename-format"])
+    end)
+
+    it("the external data file name: the last copy counts", function()
+      local dir = helpers.tmpdir()
+      local p = dir .. "/image.qcow2"
+      helpers.create(p, "1M", "data_file=" .. dir .. "/one.raw")
+      helpers.write_file(dir .. "/two.raw", "")
+      repeat_ext(p, 0x44415441, dir .. "/two.raw")
+      local theirs, ours = both(p, { backing = false })
+      local want = theirs["format-specific"].data["data-file"]
+      assert.are.equal(dir .. "/two.raw", want)
+      assert.are.equal(want, ours["format-specific"].data["data-file"])
+    end)
+
+    it("the feature-name table and the bitmaps extension, copied", function()
+      local dir = helpers.tmpdir()
+      local p = dir .. "/image.qcow2"
+      helpers.create(p, "1M")
+      helpers.qemu_img("bitmap --add " .. helpers.q(p) .. " b0")
+      repeat_ext(p, hostile.EXT_FEATURE_TABLE)
+      repeat_ext(p, hostile.EXT_BITMAPS)
+      local theirs, _, bitmaps = both(p)
+      assert.are.equal(1, #theirs["format-specific"].data.bitmaps)
+      assert.are.equal(1, #bitmaps)
+      assert.are.equal("b0", bitmaps[1].name)
+    end)
+  end)
+
+  -- QEMU 7.2 only bounds backing_file_offset by the cluster: a name
+  -- inside the header leaves no room for extensions, and an empty one
+  -- means no backing file (found by examples/fuzz.lua --seed 5, case 130)
+  it("a backing_file_offset inside the header opens as qemu-img opens it", function()
+    local p = hostile.instance("v3")
+    hostile.set(p, "backing_file_offset", 1)
+    hostile.set(p, "backing_file_size", 0)
+    local theirs = helpers.info_json(p)
+    local img, msg, code = qcow2.open(p)
+    assert(img, ("open: %s (%s)"):format(tostring(msg), tostring(code)))
+    local ours = assert(img:info())
+    local r = assert(img:check())
+    img:close()
+    assert.is_nil(theirs["backing-filename"])
+    assert.is_nil(ours["backing-filename"])
+    assert.are.same(helpers.check_json(p).corruptions or 0, r.corruptions)
+  end)
+
   it("ran every case to its end (no hang, no crash, no case left)", function()
     -- failing cases do not count: this states how many completed cleanly
     assert.are.equal(#hostile.cases, ran,

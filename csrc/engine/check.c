@@ -182,7 +182,7 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
                       "entry has more than %u bytes of extra data",
                       QCOW2_MAX_SNAPSHOT_EXTRA);
     if (ret == 0 && repair == QCOW2_REPAIR_LEAKS &&
-        repair_needs_rebuild(&st)) {
+        repair_needs_rebuild(&st, 0)) {
         /* QEMU's -r leaks: refcounts read through a structure that must be
          * rebuilt are not to be trusted, nor are the blocks a leak fix
          * would write: report, fix nothing */
@@ -262,10 +262,20 @@ static int snapshot_table_needs_rewrite(const qcow2_image *img)
 static int repair_all(qcow2_image *img, qcow2_check_result *out)
 {
     qcow2_check_result leaks;
+    uint64_t blocked = 0, counted_file_size;
     int ret;
 
-    if ((ret = repair_bad_entries(img, out)) < 0 ||
+    /* the size the refcounts are counted with (the rebuild grows it) */
+    if ((ret = img->io->ops->size(img->io, &counted_file_size)) < 0)
+        return qcow2_fail(img, ret, "cannot get the size of the file");
+    if ((ret = repair_bad_entries(img, out, &blocked)) < 0 ||
         (ret = repair_refcounts(img, out)) < 0)
+        return ret;
+    /* a table entry whose clearing the old refcount structure stood in
+     * the way of (an L2 table at the refcount table, say) is cleared now
+     * that the structure may have moved; the leak pass below frees what
+     * it held */
+    if (blocked && (ret = repair_bad_entries(img, out, &blocked)) < 0)
         return ret;
     ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks, NULL);
     if (ret < 0)
@@ -278,7 +288,7 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
     /* last, as QEMU fixes the snapshot table once the refcounts are right:
      * the new table is allocated from them */
     if (snapshot_table_needs_rewrite(img)) {
-        if ((ret = repair_snapshot_table(img, out)) < 0)
+        if ((ret = repair_snapshot_table(img, out, counted_file_size)) < 0)
             return ret;
         /* the old table, gone, may have run past the end of the file
          * over the rebuilt refcounts, counted then as referenced at

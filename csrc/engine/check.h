@@ -116,13 +116,17 @@ int check_count_references(qcow2_image *img, check_state *st,
 
 /* ---- repair.c (qemu-img check -r all) ------------------------------------ */
 /* Clear L1/L2 entries that cannot be followed (reserved bits, unaligned,
- * past the end of the file), in the active and the snapshot tables. */
-int repair_bad_entries(qcow2_image *img, qcow2_check_result *res);
+ * past the end of the file), in the active and the snapshot tables.
+ * *blocked counts the writes not attempted because they would overlap
+ * other metadata (worth a second try once the refcounts are rebuilt). */
+int repair_bad_entries(qcow2_image *img, qcow2_check_result *res,
+                       uint64_t *blocked);
 /* 1 when the refcount structure cannot be trusted as it is (QEMU's
  * "rebuild" flag: a refcount block that is unusable or shared, a
  * referenced cluster at refcount 0), 0 when raising refcounts is enough.
- * st holds the counted references. */
-int repair_needs_rebuild(check_state *st);
+ * st holds the counted references. A refcount block outside the image
+ * counts only with fix_errors (-r all). */
+int repair_needs_rebuild(check_state *st, int fix_errors);
 /* Raise refcounts that are too low, or rebuild the whole refcount
  * structure when it cannot be trusted. */
 int repair_refcounts(qcow2_image *img, qcow2_check_result *res);
@@ -132,8 +136,10 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res);
 
 /* Write the snapshot table again with every entry complete (QEMU's
  * qcow2_check_fix_snapshot_table), at fresh clusters; the old table is
- * freed. */
-int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res);
+ * freed where the refcounts, counted with the file counted_file_size
+ * bytes long, include it. */
+int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res,
+                          uint64_t counted_file_size);
 
 static inline unsigned long long ull(uint64_t value)
 {

@@ -166,21 +166,46 @@ static int add_extension(qcow2_image *img, uint32_t magic, uint32_t length,
     return 0;
 }
 
-static int is_known_extension(uint32_t magic)
+/* The occurrence of `magic` after `prev` (the first with prev NULL). */
+static const qcow2_header_extension *next_extension(const qcow2_image *img,
+                                                    uint32_t magic,
+                                                    const qcow2_header_extension *prev)
 {
-    return magic == EXT_BACKING_FORMAT || magic == EXT_FEATURE_TABLE ||
-           magic == EXT_BITMAPS || magic == EXT_CRYPTO_HEADER ||
-           magic == EXT_DATA_FILE;
-}
-
-static const qcow2_header_extension *find_extension(const qcow2_image *img,
-                                                    uint32_t magic)
-{
-    for (size_t i = 0; i < img->n_exts; i++) {
+    for (size_t i = prev ? (size_t)(prev - img->exts) + 1 : 0;
+         i < img->n_exts; i++) {
         if (img->exts[i].magic == magic)
             return &img->exts[i];
     }
     return NULL;
+}
+
+/* The extension of this magic that counts: the last one, as in QEMU 7.2,
+ * which takes a repeated known extension, each one overwriting the one
+ * before (every one of them is validated: see validate_each). */
+static const qcow2_header_extension *find_extension(const qcow2_image *img,
+                                                    uint32_t magic)
+{
+    const qcow2_header_extension *last = NULL, *e = NULL;
+
+    while ((e = next_extension(img, magic, e)) != NULL)
+        last = e;
+    return last;
+}
+
+/* Every occurrence of `magic` through `check`: QEMU validates each one as
+ * it reads it, so a bad early copy is refused even though a later one
+ * overrides it. */
+static int validate_each(qcow2_image *img, uint32_t magic,
+                         int (*check)(qcow2_image *,
+                                      const qcow2_header_extension *))
+{
+    const qcow2_header_extension *e = NULL;
+    int ret;
+
+    while ((e = next_extension(img, magic, e)) != NULL)
+        if ((ret = check(img, e)) < 0)
+            return ret;
+    return 0;
 }
 
 /*
@@ -218,10 +243,6 @@ static int walk_extensions(qcow2_image *img, const uint8_t *cluster0,
             return qcow2_fail(img, QCOW2_E_CORRUPT,
                               "header extension 0x%08x at 0x%llx runs past "
                               "the end of the file", magic, ull(offset));
-        if (is_known_extension(magic) && find_extension(img, magic))
-            return qcow2_fail(img, QCOW2_E_CORRUPT,
-                              "duplicate header extension 0x%08x at 0x%llx",
-                              magic, ull(offset));
         ret = add_extension(img, magic, length, data_offset,
                             cluster0 + data_offset);
         if (ret < 0)
@@ -349,6 +370,16 @@ static int check_field_values(qcow2_image *img)
 
 /* ---- Special extensions ------------------------------------------------------ */
 
+static int check_backing_format(qcow2_image *img,
+                                const qcow2_header_extension *ext)
+{
+    if (ext->length > QCOW2_MAX_BACKING_FORMAT)
+        return qcow2_fail(img, QCOW2_E_CORRUPT,
+                          "backing format extension length %u too long "
+                          "(max %u)", ext->length, QCOW2_MAX_BACKING_FORMAT);
+    return 0;
+}
+
 static int load_backing_format(qcow2_image *img)
 {
     const qcow2_header_extension *ext = find_extension(img,
@@ -357,10 +388,9 @@ static int load_backing_format(qcow2_image *img)
 
     if (!ext)
         return 0;
-    if (ext->length > QCOW2_MAX_BACKING_FORMAT)
-        return qcow2_fail(img, QCOW2_E_CORRUPT,
-                          "backing format extension length %u too long "
-                          "(max %u)", ext->length, QCOW2_MAX_BACKING_FORMAT);
+    if ((ret = validate_each(img, EXT_BACKING_FORMAT,
+                             check_backing_format)) < 0)
+        return ret;
     ret = extension_string(img, ext, &img->backing_format_ext);
     img->ext.backing_format = img->backing_format_ext;
     return ret;
@@ -378,20 +408,9 @@ static int load_data_file_name(qcow2_image *img)
     return ret;
 }
 
-/* The LUKS header area: required with LUKS, forbidden without it. */
-static int load_crypto_header(qcow2_image *img)
+static int check_crypto_header(qcow2_image *img,
+                               const qcow2_header_extension *ext)
 {
-    const qcow2_header_extension *ext = find_extension(img,
-                                                       EXT_CRYPTO_HEADER);
-    uint64_t offset, length;
-
-    if (!ext) {
-        if (img->hdr.crypt_method == CRYPT_LUKS)
-            return qcow2_fail(img, QCOW2_E_CORRUPT,
-                              "LUKS encryption (crypt_method 2) without a "
-                              "crypto header extension");
-        return 0;
-    }
     if (img->hdr.crypt_method != CRYPT_LUKS)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "crypto header extension with crypt_method %u "
@@ -400,12 +419,33 @@ static int load_crypto_header(qcow2_image *img)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "crypto header extension length %u (expected %u)",
                           ext->length, CRYPTO_EXT_BYTES);
-    offset = be64(ext->data);
-    length = be64(ext->data + 8);
-    if (!is_aligned(offset, img->cluster_size))
+    if (!is_aligned(be64(ext->data), img->cluster_size))
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "crypto header offset 0x%llx is not cluster "
-                          "aligned", ull(offset));
+                          "aligned", ull(be64(ext->data)));
+    return 0;
+}
+
+/* The LUKS header area: required with LUKS, forbidden without it. */
+static int load_crypto_header(qcow2_image *img)
+{
+    const qcow2_header_extension *ext = find_extension(img,
+                                                       EXT_CRYPTO_HEADER);
+    uint64_t offset, length;
+    int ret;
+
+    if (!ext) {
+        if (img->hdr.crypt_method == CRYPT_LUKS)
+            return qcow2_fail(img, QCOW2_E_CORRUPT,
+                              "LUKS encryption (crypt_method 2) without a "
+                              "crypto header extension");
+        return 0;
+    }
+    if ((ret = validate_each(img, EXT_CRYPTO_HEADER,
+                             check_crypto_header)) < 0)
+        return ret;
+    offset = be64(ext->data);
+    length = be64(ext->data + 8);
     img->ext.has_crypto_header = 1;
     img->ext.crypto_header_offset = offset;
     img->ext.crypto_header_length = length;
@@ -414,14 +454,12 @@ static int load_crypto_header(qcow2_image *img)
 
 /* Bitmaps are trusted only with the autoclear bit (a program unaware of
  * bitmaps cleared it while writing); otherwise QEMU ignores them too. */
-static int load_bitmaps_extension(qcow2_image *img)
+static int check_bitmaps_extension(qcow2_image *img,
+                                   const qcow2_header_extension *ext)
 {
-    const qcow2_header_extension *ext = find_extension(img, EXT_BITMAPS);
     uint32_t nb_bitmaps, reserved;
-    uint64_t directory_size, directory_offset;
+    uint64_t directory_size;
 
-    if (!ext)
-        return 0;
     if (ext->length != BITMAPS_EXT_BYTES)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "bitmaps extension length %u (expected %u)",
@@ -431,7 +469,6 @@ static int load_bitmaps_extension(qcow2_image *img)
     nb_bitmaps = be32(ext->data);
     reserved = be32(ext->data + 4);
     directory_size = be64(ext->data + 8);
-    directory_offset = be64(ext->data + 16);
     if (reserved != 0)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "bitmaps extension reserved field is 0x%08x",
@@ -444,6 +481,25 @@ static int load_bitmaps_extension(qcow2_image *img)
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "bitmap directory size %llu too large (max %llu)",
                           ull(directory_size), ull(MAX_BITMAP_DIRECTORY));
+    return 0;
+}
+
+static int load_bitmaps_extension(qcow2_image *img)
+{
+    const qcow2_header_extension *ext = find_extension(img, EXT_BITMAPS);
+    uint32_t nb_bitmaps;
+    uint64_t directory_size, directory_offset;
+    int ret;
+
+    if (!ext)
+        return 0;
+    if ((ret = validate_each(img, EXT_BITMAPS, check_bitmaps_extension)) < 0)
+        return ret;
+    if (!(img->hdr.autoclear_features & AUTOCLEAR_BITMAPS))
+        return 0;
+    nb_bitmaps = be32(ext->data);
+    directory_size = be64(ext->data + 8);
+    directory_offset = be64(ext->data + 16);
     img->ext.has_bitmaps = 1;
     img->ext.nb_bitmaps = nb_bitmaps;
     img->ext.bitmap_directory_size = directory_size;
@@ -652,8 +708,7 @@ static int check_tables(qcow2_image *img)
 /* ---- Backing file name ---------------------------------------------------------- */
 
 /* Where the extension area ends: at the backing name, else cluster 0's end. */
-static int check_backing_name_place(qcow2_image *img, uint64_t ext_start,
-                                    uint64_t *area_end)
+static int check_backing_name_place(qcow2_image *img, uint64_t *area_end)
 {
     const qcow2_header *h = &img->hdr;
     uint64_t max_length;
@@ -665,11 +720,8 @@ static int check_backing_name_place(qcow2_image *img, uint64_t ext_start,
         return qcow2_fail(img, QCOW2_E_CORRUPT,
                           "backing_file_offset 0x%llx is beyond cluster 0",
                           ull(h->backing_file_offset));
-    if (h->backing_file_offset < ext_start)
-        return qcow2_fail(img, QCOW2_E_CORRUPT,
-                          "backing_file_offset 0x%llx overlaps the header "
-                          "(%llu bytes)", ull(h->backing_file_offset),
-                          ull(ext_start));
+    /* QEMU takes a name inside the header too (the extension area is
+     * then empty; with backing_file_size 0 there is no backing file) */
     max_length = min_u64(QCOW2_MAX_BACKING_NAME,
                          img->cluster_size - h->backing_file_offset);
     if (h->backing_file_size > max_length)
@@ -718,7 +770,7 @@ static int parse_cluster0(qcow2_image *img, const uint8_t *cluster0)
     if (h->version == 3 && h->header_length > COMPRESSION_TYPE_OFFSET)
         h->compression_type = cluster0[COMPRESSION_TYPE_OFFSET];
 
-    ret = check_backing_name_place(img, ext_start, &area_end);
+    ret = check_backing_name_place(img, &area_end);
     if (ret < 0)
         return ret;
     /* Unknown incompatible bits win over a broken extension area: the

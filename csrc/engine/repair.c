@@ -83,9 +83,11 @@ static uint64_t mend_l2_entry(const qcow2_image *img, uint64_t entry,
     return entry;
 }
 
-/* One L2 table: bad entries cleared in place (one write of the table). */
+/* One L2 table: bad entries cleared in place (one write of the table).
+ * A write the overlap check would refuse counts in *blocked. */
 static int mend_l2(qcow2_image *img, qcow2_check_result *res,
-                   uint64_t l2_offset, uint64_t file_size, uint8_t *table)
+                   uint64_t l2_offset, uint64_t file_size, uint8_t *table,
+                   uint64_t *blocked)
 {
     uint32_t entry_bytes = img->l2_entry_bytes;
     int has_data_file = qcow2_has_data_file(img), changed = 0, rc;
@@ -96,6 +98,19 @@ static int mend_l2(qcow2_image *img, qcow2_check_result *res,
                          "L2 table");
     if (rc < 0)
         return rc;
+    for (uint64_t i = 0; !changed && i < img->l2_entries; i++) {
+        uint64_t entry = be64(table + i * entry_bytes);
+        changed = mend_l2_entry(img, entry, file_size, has_data_file) !=
+                  entry;
+    }
+    if (!changed)
+        return 0;
+    /* nothing is reported repaired that is not written */
+    if (write_blocked(img, res, OVERLAP_ACTIVE_L2 | OVERLAP_INACTIVE_L2,
+                      l2_offset, img->cluster_size, "L2 table")) {
+        ++*blocked;
+        return 0;
+    }
     for (uint64_t i = 0; i < img->l2_entries; i++) {
         uint64_t entry = be64(table + i * entry_bytes);
         uint64_t mended = mend_l2_entry(img, entry, file_size,
@@ -105,16 +120,11 @@ static int mend_l2(qcow2_image *img, qcow2_check_result *res,
         put_be64(table + i * entry_bytes, mended);
         if (img->extended_l2 && mended == 0)
             put_be64(table + i * entry_bytes + 8, 0);
-        changed = 1;
         check_note(&st, QCOW2_FINDING_REPAIRED, l2_offset + i * entry_bytes,
                    "Repairing L2 entry %llu of the table at 0x%llx: "
                    "%llx -> %llx", ull(i), ull(l2_offset), ull(entry),
                    ull(mended));
     }
-    if (!changed || write_blocked(img, res, OVERLAP_ACTIVE_L2 |
-                                  OVERLAP_INACTIVE_L2, l2_offset,
-                                  img->cluster_size, "L2 table"))
-        return 0;
     rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2 | OVERLAP_INACTIVE_L2,
                              "l2", l2_offset, table, img->cluster_size);
     qcow2_l2_cache_drop(img->l2_cache, l2_offset);
@@ -125,7 +135,7 @@ static int mend_l2(qcow2_image *img, qcow2_check_result *res,
  * table it holds mended. */
 static int mend_l1(qcow2_image *img, qcow2_check_result *res,
                    uint64_t l1_offset, uint32_t l1_size, int active,
-                   uint64_t file_size, uint8_t *table)
+                   uint64_t file_size, uint8_t *table, uint64_t *blocked)
 {
     uint64_t *l1 = NULL;
     check_state st;
@@ -145,12 +155,14 @@ static int mend_l1(qcow2_image *img, qcow2_check_result *res,
             is_aligned(l2_offset, img->cluster_size) &&
             l2_offset >= img->cluster_size &&
             range_inside(l2_offset, img->cluster_size, file_size)) {
-            rc = mend_l2(img, res, l2_offset, file_size, table);
+            rc = mend_l2(img, res, l2_offset, file_size, table, blocked);
             continue;
         }
         if (write_blocked(img, res, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
-                          l1_offset + (uint64_t)i * 8, 8, "L1 entry"))
+                          l1_offset + (uint64_t)i * 8, 8, "L1 entry")) {
+            ++*blocked;
             continue;
+        }
         rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
                                  "l1", l1_offset + (uint64_t)i * 8, zero,
                                  sizeof zero);
@@ -193,24 +205,31 @@ static uint64_t repair_fresh_start(const qcow2_image *img, uint64_t file_size)
  * those writes would be refused and the image left worse. 1 when so. */
 static int refcounts_unwritable(qcow2_image *img, uint64_t file_size)
 {
-    uint64_t cs = img->cluster_size;
+    uint64_t cs = img->cluster_size, end = div_round_up(file_size, cs) * cs;
 
+    /* a block at or past the end of the file is never written: it is
+     * "outside image", and the rebuild that replaces it writes past it */
     for (uint64_t i = 0; i < img->reftable_entries; i++) {
         uint64_t block = img->reftable[i] & REFT_OFFSET_MASK;
-        if (block && is_aligned(block, cs) &&
+        if (block && block < end && is_aligned(block, cs) &&
             qcow2_overlap_find(img, OVERLAP_REFCOUNT_BLOCK, block, cs))
             return 1;
     }
-    return qcow2_overlap_find(img, 0, repair_fresh_start(img, file_size) * cs,
+    /* nor is a refcount block claiming the fresh start an obstacle: it
+     * is outside the image too, and rebuild_refcounts guards the same */
+    return qcow2_overlap_find(img, OVERLAP_REFCOUNT_BLOCK,
+                              repair_fresh_start(img, file_size) * cs,
                               cs) != 0;
 }
 
-int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
+int repair_bad_entries(qcow2_image *img, qcow2_check_result *res,
+                       uint64_t *blocked)
 {
     uint64_t file_size;
     uint8_t *table;
     int rc;
 
+    *blocked = 0;
     rc = img->io->ops->size(img->io, &file_size);
     if (rc < 0)
         return qcow2_fail(img, rc, "cannot get the size of the file");
@@ -220,13 +239,14 @@ int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
         check_note(&st, QCOW2_FINDING_STRICT, 0, "Not clearing table "
                    "entries: the refcount updates that must follow would "
                    "overlap other metadata");
+        ++*blocked;
         return 0;
     }
     table = malloc((size_t)img->cluster_size);
     if (!table)
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     rc = mend_l1(img, res, img->hdr.l1_table_offset, img->hdr.l1_size, 1,
-                 file_size, table);
+                 file_size, table, blocked);
     for (uint32_t s = 0; rc == 0 && s < img->nb_snapshots; s++) {
         const qcow2_snapshot *sn = &img->snapshots[s];
         /* an unusable snapshot L1 stays as it is: reported, not guessed */
@@ -236,7 +256,7 @@ int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
                           file_size))
             continue;
         rc = mend_l1(img, res, sn->l1_table_offset, sn->l1_size, 0,
-                     file_size, table);
+                     file_size, table, blocked);
     }
     free(table);
     if (rc == 0)
@@ -248,7 +268,7 @@ int repair_bad_entries(qcow2_image *img, qcow2_check_result *res)
 
 /* Store one refcount entry of any width (QEMU's packing, docs 4.2). */
 
-int repair_needs_rebuild(check_state *st)
+int repair_needs_rebuild(check_state *st, int fix_errors)
 {
     qcow2_image *img = st->img;
 
@@ -259,8 +279,16 @@ int repair_needs_rebuild(check_state *st)
             return 1;
         if (offset == 0)
             continue;
-        if ((offset >> img->cluster_bits) >= st->nb_clusters ||
-            st->counts[offset >> img->cluster_bits] != 1)
+        /* a block outside the image is rebuilt under -r all (QEMU grows
+         * the file instead); -r leaks leaves it alone, as QEMU does:
+         * nothing a leak fix writes lies there (what it covers reads as
+         * refcount 0, no leak) */
+        if ((offset >> img->cluster_bits) >= st->nb_clusters) {
+            if (fix_errors)
+                return 1;
+            continue;
+        }
+        if (st->counts[offset >> img->cluster_bits] != 1)
             return 1;
     }
     for (uint64_t i = 0; i < st->nb_clusters; i++) {
@@ -314,6 +342,7 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
     uint64_t start = max_u64(div_round_up(st->file_size, cs),
                              st->nb_clusters);
     uint64_t blocks = 0, table_clusters = 1, table_entries;
+    uint64_t sn_first = 1, sn_last = 0, sn_end;
     uint64_t *reftable = NULL;
     uint8_t *buf = NULL;
     check_state notes;
@@ -321,6 +350,19 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
 
     note_state(&notes, img, res);
     start = max_u64(start, repair_fresh_start(img, st->file_size));
+    /* A snapshot table running a cluster or more past the end of the file
+     * was not counted (check_inc's rule); the new structures go past its
+     * tail, so the file will cover it and every later check count it:
+     * its clusters are counted here too, or they would read as
+     * referenced at refcount 0 once the file has grown. */
+    if (img->nb_snapshots &&
+        !add_overflows(img->hdr.snapshots_offset,
+                       qcow2_snapshot_table_size(img), &sn_end) &&
+        sn_end >= st->file_size + cs &&
+        div_round_up(sn_end, cs) <= start) {
+        sn_first = img->hdr.snapshots_offset >> img->cluster_bits;
+        sn_last = (sn_end - 1) >> img->cluster_bits;
+    }
     /* fixed point: the new structures count themselves */
     for (;;) {
         uint64_t indices = div_round_up(start + blocks + table_clusters,
@@ -370,6 +412,8 @@ static int rebuild_refcounts(check_state *st, qcow2_check_result *res)
                 value = st->counts[cluster];
             if (cluster >= start &&
                 cluster < start + blocks + table_clusters)
+                value++;
+            if (cluster >= sn_first && cluster <= sn_last)
                 value++;
             if (value > st->count_max)
                 value = st->count_max;
@@ -424,7 +468,7 @@ int repair_refcounts(qcow2_image *img, qcow2_check_result *res)
     memset(&scratch, 0, sizeof scratch);
     rc = check_count_references(img, &st, &scratch);
     if (rc == 0)
-        rc = repair_needs_rebuild(&st) ? rebuild_refcounts(&st, res)
+        rc = repair_needs_rebuild(&st, 1) ? rebuild_refcounts(&st, res)
                                 : raise_refcounts(&st, res);
     check_state_release(&st);
     qcow2_check_result_free(&scratch);
@@ -538,7 +582,11 @@ int repair_copied(qcow2_image *img, qcow2_check_result *res)
 
 /* Clusters of [offset, offset + length) that the check counted: a table
  * reaching one cluster or more past the end of the file was not counted
- * at all (check_inc's rule), so it has no refcount of its own to drop. */
+ * at all (check_inc's rule), so it has no refcount of its own to drop.
+ * file_size is the file's size when the refcounts were counted: the
+ * rebuild grows the file, and a table that now fits was still never
+ * counted (freeing it would drop the refcounts of whatever its garbage
+ * tail covers, the new table's cluster included). */
 static int free_old_table(qcow2_image *img, uint64_t offset, uint64_t length,
                           uint64_t file_size)
 {
@@ -559,7 +607,8 @@ static int free_old_table(qcow2_image *img, uint64_t offset, uint64_t length,
     return rc;
 }
 
-int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
+int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res,
+                          uint64_t counted_file_size)
 {
     uint32_t count = img->nb_snapshots;
     uint64_t old_offset = img->hdr.snapshots_offset, old_length = 0;
@@ -574,10 +623,7 @@ int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
         const qcow2_snapshot *last = &img->snapshots[count - 1];
         old_length = last->entry_offset + last->entry_length - old_offset;
     }
-    rc = img->io->ops->size(img->io, &file_size);
-    if (rc < 0)
-        return qcow2_fail(img, rc, "cannot get the size of the file");
-    list = malloc(((size_t)count + 1) * sizeof *list);
+    list = calloc((size_t)count + 1, sizeof *list);
     if (!list)
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     for (uint32_t i = 0; i < count; i++)
@@ -605,7 +651,7 @@ int repair_snapshot_table(qcow2_image *img, qcow2_check_result *res)
     check_note(&notes, QCOW2_FINDING_REPAIRED, offset, "Repairing snapshot "
                "table: %u complete entries written at 0x%llx", count,
                ull(offset));
-    rc = free_old_table(img, old_offset, old_length, file_size);
+    rc = free_old_table(img, old_offset, old_length, counted_file_size);
     if (rc == 0)
         rc = qcow2_barrier(img);
     if (rc < 0)
