@@ -358,4 +358,23 @@ describe("the qcow2 tool with --key-file", function()
     assert.is_false(ok)
     assert.matches("unknown option", out, 1, true)
   end)
+
+  -- script(1) gives the tool a terminal; what is piped in is typed there,
+  -- a moment later (typed before the prompt, a terminal echoes it)
+  local function on_terminal(typed, args)
+    return h.sh(("(sleep 1.5; printf '%%s\\n' %s) | script -qec %s /dev/null")
+      :format(h.q(typed), h.q(h.TOOL .. " " .. args)), true)
+  end
+
+  it("asks for the passphrase on the terminal with echo off when there is no key file", function()
+    local ok, out = on_terminal(PASS, "read " .. h.q(p) .. " 0 16")
+    assert.is_true(ok, out)
+    assert.matches("Passphrase for ", out, 1, true)
+    assert.matches("KKKK", out, 1, true)
+    assert.is_nil(out:find(PASS, 1, true), "the passphrase was echoed: " .. out)
+    -- a legacy AES key cannot be verified: a wrong one reads other bytes
+    ok, out = on_terminal("wrong", "read " .. h.q(p) .. " 0 16")
+    assert.is_boolean(ok)
+    assert.is_nil(out:find("KKKK", 1, true), out)
+  end)
 end)

@@ -28,7 +28,33 @@ end
 function M.open(path, opts)
   opts = opts or {}
   if opts.allow_raw == nil then opts.allow_raw = true end
-  return M.check(qcow2.open(path, opts))
+  local img, msg, code = qcow2.open(path, opts)
+  -- An encrypted image and no --key-file: ask on the terminal, echo off
+  -- (never from the command line, where ps and the history would show it).
+  if img == nil and code == "key" and opts.key == nil then
+    local key = M.ask_passphrase(path)
+    if key then
+      opts.key = key
+      img, msg, code = qcow2.open(path, opts)
+    end
+  end
+  return M.check(img, msg, code)
+end
+
+--- The passphrase typed on the controlling terminal with echo off, or nil
+-- when standard input is not a terminal (scripts use --key-file).
+function M.ask_passphrase(path)
+  if os.execute("test -t 0") ~= true then return nil end
+  local tty = io.open("/dev/tty", "r+")
+  if not tty then return nil end
+  tty:write(("Passphrase for %s: "):format(path))
+  tty:flush()
+  os.execute("stty -echo < /dev/tty 2>/dev/null")
+  local ok, line = pcall(tty.read, tty, "l")
+  os.execute("stty echo < /dev/tty 2>/dev/null")
+  tty:write("\n")
+  tty:close()
+  return ok and line or nil
 end
 
 --- The passphrase in a key file: its bytes, one trailing newline (as
