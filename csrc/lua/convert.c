@@ -277,6 +277,7 @@ static int image_convert(lua_State *L)
 
     lua_settop(L, 3);
     memset(&co, 0, sizeof co);
+    co.unsafe = 1;
     if (opts) {
         raw = ql_opt_choice(L, opts, FN, "format", formats) == 1;
         if (raw)
