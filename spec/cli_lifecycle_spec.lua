@@ -4,7 +4,8 @@
 -- checks.
 local h = require "helpers"
 
-local TOOL = "lua5.4 lua/qcow2-cli"
+-- The suite's interpreter (under make sanitize: with the sanitizer preload).
+local TOOL = (os.getenv("LUA") or "lua5.4") .. " lua/qcow2-cli"
 local MiB = 1024 * 1024
 
 local function run(args)
@@ -62,6 +63,22 @@ describe("qcow2 tool lifecycle commands", function()
     assert.equal("Image committed.\n", h.must("qemu-img commit " .. h.q(dir .. "/q/top.qcow2")))
     same(dir .. "/base.qcow2", dir .. "/q/base.qcow2")
     same(dir .. "/top.qcow2", dir .. "/q/top.qcow2")
+  end)
+
+  it("convert -t CACHE -O FMT, as qemu-img convert -t", function()
+    local top = dir .. "/top.qcow2"
+    for _, t in ipairs({ "unsafe", "writeback", "writethrough" }) do
+      for _, fmt in ipairs({ "qcow2", "raw" }) do
+        local out = dir .. "/conv-" .. t .. "." .. fmt
+        local _, err, code = run(("convert -t %s -O %s %s %s"):format(t, fmt, h.q(top), h.q(out)))
+        assert.equal(0, code, err)
+        local ok, cmp = h.sh(("qemu-img compare %s %s %s"):format(fmt == "raw" and "-F raw" or "",
+          h.q(top), h.q(out)), true)
+        assert(ok, cmp)
+      end
+    end
+    local _, _, code = run(("convert -t sometimes %s %s"):format(h.q(top), h.q(dir .. "/x.qcow2")))
+    assert.is_not.equal(0, code)
   end)
 
   it("resize SIZE, +SIZE, -SIZE with --shrink, as qemu-img resize", function()

@@ -14,7 +14,7 @@ local function qemu_compare(a, b, strict)
 end
 
 local function tool(args)
-  local ok, out, code = h.sh("lua5.4 lua/qcow2-cli compare " .. args)
+  local ok, out, code = h.sh((os.getenv("LUA") or "lua5.4") .. " lua/qcow2-cli compare " .. args)
   return ok and 0 or code, out
 end
 
