@@ -281,6 +281,10 @@ typedef struct qcow2_convert_opts {
     int threads;                /* compression threads; 0: online CPUs */
     int only_differences;       /* write only what differs from dst's
                                    backing image (qemu-img convert -B) */
+    int unsafe;                 /* dst never synced (qemu-img convert's
+                                   default -t unsafe): no flush between
+                                   steps, at the end or at close; 0: dst
+                                   flushed as usual and at the end */
 } qcow2_convert_opts;
 typedef struct qcow2_convert qcow2_convert;
 int qcow2_convert_begin(qcow2_image *src, qcow2_image *dst,

@@ -64,6 +64,22 @@ describe("qcow2 tool lifecycle commands", function()
     same(dir .. "/top.qcow2", dir .. "/q/top.qcow2")
   end)
 
+  it("convert -t CACHE -O FMT, as qemu-img convert -t", function()
+    local top = dir .. "/top.qcow2"
+    for _, t in ipairs({ "unsafe", "writeback", "writethrough" }) do
+      for _, fmt in ipairs({ "qcow2", "raw" }) do
+        local out = dir .. "/conv-" .. t .. "." .. fmt
+        local _, err, code = run(("convert -t %s -O %s %s %s"):format(t, fmt, h.q(top), h.q(out)))
+        assert.equal(0, code, err)
+        local ok, cmp = h.sh(("qemu-img compare %s %s %s"):format(fmt == "raw" and "-F raw" or "",
+          h.q(top), h.q(out)), true)
+        assert(ok, cmp)
+      end
+    end
+    local _, _, code = run(("convert -t sometimes %s %s"):format(h.q(top), h.q(dir .. "/x.qcow2")))
+    assert.is_not.equal(0, code)
+  end)
+
   it("resize SIZE, +SIZE, -SIZE with --shrink, as qemu-img resize", function()
     h.copy(dir .. "/base.qcow2", dir .. "/b.qcow2")
     for _, args in ipairs({ { "", "3M" }, { "", "+1M" }, { "--shrink ", "-1536k" } }) do

@@ -110,6 +110,57 @@ describe("img:convert", function()
     end
   end)
 
+  -- Chunks are read one step ahead of their writes (compression pool,
+  -- writer thread): a source of several chunks with every kind of
+  -- cluster on them, a whole chunk of zeroes, a partial last cluster.
+  describe("over many chunks, written a step behind their reads", function()
+    local src
+    setup(function()
+      local raw = dir .. "/many.raw"
+      local parts = {
+        string.rep("\x11", 1 * MiB + 4 * KiB),      -- across a cluster
+        h.random_bytes(192 * KiB, 7),               -- does not shrink
+        string.rep("\0", 3 * MiB),                  -- a zero chunk
+        string.rep("abcdefgh", 256 * KiB),          -- 2 MiB, compressible
+        string.rep("\0", 64 * KiB),
+        h.random_bytes(64 * KiB, 8) .. string.rep("\x5a", 2 * MiB),
+      }
+      local data = table.concat(parts)
+      -- End inside a cluster: the last one is zero padded when compressed.
+      data = data .. string.rep("\x77", 9 * MiB - 3 * KiB - #data)
+      h.write_file(raw, data)
+      src = dir .. "/many.qcow2"
+      h.qemu_img("convert -f raw -O qcow2 " .. h.q(raw) .. " " .. h.q(src))
+      h.qemu_io(src, { "write -z 7M 512k" })
+    end)
+
+    for _, threads in ipairs({ 1, 2, 7 }) do
+      it(("compressed with %d thread(s): the source's bytes, clean"):format(threads), function()
+        local img = assert(qcow2.open(src))
+        local out = dir .. "/many-c" .. threads .. ".qcow2"
+        assert.is_true(img:convert(out, { compress = true, threads = threads }))
+        img:close()
+        assert.equal(0, qemu_compare(src, out))
+        local check = h.check_json(out)
+        assert.equal(0, check.corruptions or 0)
+        assert.equal(0, check.leaks or 0)
+        assert.is_true((check["compressed-clusters"] or 0) > 0)
+        assert.is_true(size_of(out) < size_of(src))
+      end)
+    end
+
+    it("plain qcow2 (4 KiB clusters) and raw (synced by cache = 'writeback'): the source's bytes", function()
+      local img = assert(qcow2.open(src))
+      local q, r = dir .. "/many.qcow2.out", dir .. "/many.raw.out"
+      assert.is_true(img:convert(q, { cluster_size = 4096 }))
+      assert.is_true(img:convert(r, { format = "raw", cache = "writeback" }))
+      img:close()
+      assert.equal(0, qemu_compare(src, q))
+      assert.equal(0, qemu_compare(src, r, "-F raw"))
+      assert.equal(0, h.check_json(q).corruptions or 0)
+    end)
+  end)
+
   it("uses no more disk blocks than qemu-img's own convert of a sparse image", function()
     local src = dir .. "/sparse.qcow2"
     h.create(src, 64 * MiB)
@@ -148,6 +199,17 @@ describe("img:convert", function()
       end)
     end
 
+    it("after a failing write with compression under way (qcow2, compressed)", function()
+      local img = assert(qcow2.open(src))
+      local out = dir .. "/int-fail-c.qcow2"
+      local ok, msg, code = img:convert(out, { compress = true, threads = 3, io = { fail_after_writes = 40 } })
+      img:close()
+      assert.is_nil(ok)
+      assert.equal("io", code)
+      assert.is_string(msg)
+      assert.is_false(exists(out))
+    end)
+
     it("when the progress function raises, the error propagates", function()
       local img = assert(qcow2.open(src))
       local out = dir .. "/int-raise.qcow2"
@@ -162,6 +224,31 @@ describe("img:convert", function()
       assert.is_false(exists(out))
       assert.is_true(calls >= 1)
     end)
+  end)
+
+  -- qemu-img convert's default cache mode for the output is "unsafe":
+  -- never synced. The syscalls say which mode ran (strace).
+  it("leaves the output unsynced by default (qemu-img's -t unsafe); cache = 'writeback' syncs it", function()
+    if not h.sh("command -v strace") then pending("strace is not installed") return end
+    local src = dir .. "/sync.qcow2"
+    h.create(src, 4 * MiB)
+    h.qemu_io(src, { "write -P 0x11 0 3M" })
+    local function syncs(cache)
+      local out, log = dir .. "/sync-" .. (cache or "default") .. ".raw", dir .. "/sync.strace"
+      local script = ("local q = require 'qcow2'; local img = assert(q.open(%q)); "
+        .. "assert(img:convert(%q, { format = 'raw', cache = %s }))")
+        :format(src, out, cache and ("%q"):format(cache) or "nil")
+      h.must(("strace -f -qq -e trace=fsync,fdatasync -o %s %s -e %s")
+        :format(h.q(log), os.getenv("LUA") or "lua5.4", h.q(script)))
+      assert.equal(0, qemu_compare(src, out, "-F raw"))
+      local n = 0
+      for line in io.lines(log) do if line:match("f%a*sync%(") then n = n + 1 end end
+      return n
+    end
+    assert.equal(0, syncs(nil))
+    assert.equal(0, syncs("unsafe"))
+    assert.is_true(syncs("writeback") >= 1)
+    assert.is_true(syncs("writethrough") >= 1)
   end)
 
   it("calls progress with increasing bytes done, ending at the total", function()
@@ -208,6 +295,20 @@ describe("img:convert", function()
       local want = { [1] = true, [16] = true, [17] = true, [80] = true, [81] = true }
       assert.same(want, allocated)
     end)
+
+    it("compressed: the differing clusters, zero ones hiding the backing's bytes", function()
+      local top = dir .. "/b-top.qcow2"
+      local img = assert(qcow2.open(top))
+      local ours = dir .. "/b-ours-c.qcow2"
+      assert.is_true(img:convert(ours, { backing_file = "b-base.qcow2", backing_format = "qcow2",
+        compress = true }))
+      img:close()
+      assert.equal(0, qemu_compare(ours, top))
+      local check = h.check_json(ours)
+      assert.equal(0, check.corruptions or 0)
+      assert.equal(0, check.leaks or 0)
+      assert.is_true((check["compressed-clusters"] or 0) > 0)
+    end)
   end)
 
   it("refuses misuse: unknown options, create options for raw, compress for raw", function()
@@ -219,6 +320,8 @@ describe("img:convert", function()
     assert.has_error(function() img:convert(dir .. "/m3", { format = "vmdk" }) end)
     assert.has_error(function() img:convert(dir .. "/m4", { format = "raw", compress = true }) end)
     assert.has_error(function() img:convert(dir .. "/m5", { size = 5 }) end)
+    assert.has_error(function() img:convert(dir .. "/m7", { format = "raw", cache = "none" }) end)
+    assert.has_error(function() img:convert(dir .. "/m8", { cache = "fast" }) end)
     -- an existing output is refused unless overwrite, as create refuses
     h.write_file(dir .. "/m6", "keep")
     local ok, _, code = img:convert(dir .. "/m6", {})

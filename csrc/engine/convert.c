@@ -15,34 +15,59 @@
  * and backing differ, and only the units holding them are written (zero
  * units as zero clusters, so that they hide the backing's bytes).
  *
- * Compressed output: a chunk's non-zero clusters are compressed on worker
- * threads (convert_pool.c), then written here in guest order, one L2
- * update per table touched; a cluster that does not shrink is written
- * plainly, as QEMU does.
+ * Compressed output: a chunk's non-zero clusters are queued to the
+ * compression pool (convert_pool.c) and written here in guest order one
+ * step later, one L2 update per table touched, while the pool works on
+ * the next chunk; a cluster that does not shrink is written plainly, as
+ * QEMU does. Plain output is written by a writer thread while the next
+ * chunk is read. So a step reads chunk k + 1 and finishes chunk k, with
+ * two chunk buffers in turn; the last step finishes the last chunk.
+ *
+ * Durability: with opts->unsafe (what img:convert asks for unless told
+ * otherwise, as qemu-img convert's default cache mode is "unsafe") the
+ * output is never synced; a crash leaves an output to be made again, as
+ * an interrupted convert does.
  */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "convert.h"
 
-#define CONVERT_CHUNK       ((uint64_t)8 << 20)     /* bytes per step */
+/* Bytes per step: the two chunk buffers stay in a core's cache between
+ * the read and the write (8 MiB ones made every copy a memory round
+ * trip). */
+#define CONVERT_CHUNK       ((uint64_t)2 << 20)
+#define CONVERT_HUGE_PAGE   ((size_t)2 << 20)
 #define CONVERT_RAW_UNIT    4096u                   /* raw: hole grain */
 #define CONVERT_MAP_WINDOW  ((uint64_t)16 << 30)    /* map looked at per step */
+
+/* One chunk in flight: read, then written (one step later). */
+typedef struct slot {
+    qcow2_convert *cv;
+    uint8_t *buf;               /* chunk bytes */
+    uint8_t *zbuf;              /* compressed streams, one cluster each */
+    qcow2_cjob *jobs;
+    uint64_t *offsets;          /* guest offset of each job's cluster */
+    size_t count;               /* jobs queued */
+    uint64_t start, n;          /* the chunk's guest range */
+    int pending;                /* read, not all written yet */
+} slot;
 
 struct qcow2_convert {
     qcow2_image *src, *dst, *base;
     int compress, threads;
     uint64_t size;              /* guest bytes to convert (the source's) */
-    uint64_t pos;               /* everything before is done */
+    uint64_t pos;               /* everything before is read */
     uint64_t unit;              /* zero-detection and write grain */
     uint64_t chunk;             /* bytes per step (a multiple of unit) */
-    uint8_t *buf;               /* chunk bytes */
-    uint8_t *zbuf;              /* compressed streams, one cluster each */
-    qcow2_cjob *jobs;
-    uint64_t *offsets;          /* guest offset of each job's cluster */
+    slot slots[2];
+    int cur;                    /* the slot the next chunk goes to */
+    qcow2_cpool *pool;          /* compressed output */
+    qcow2_writer *writer;       /* plain output */
     uint64_t (*ranges)[2];      /* -B: unit-aligned ranges to write */
     size_t n_ranges, cap_ranges, at_range;
     int diffed, done, out_of_memory;
@@ -69,11 +94,40 @@ static int online_cpus(void)
     return n < 1 ? 1 : n > 64 ? 64 : (int)n;
 }
 
+/* A chunk buffer in huge pages where the kernel offers them (fewer TLB
+ * misses in the kernel's copies in and out of it). */
+static uint8_t *chunk_alloc(uint64_t size)
+{
+    void *p = NULL;
+
+    if (posix_memalign(&p, CONVERT_HUGE_PAGE, (size_t)size) != 0)
+        return NULL;
+    (void)madvise(p, (size_t)size, MADV_HUGEPAGE);
+    return p;
+}
+
+/* The buffers of one slot; 0, or -1 when out of memory. */
+static int slot_init(qcow2_convert *cv, slot *s)
+{
+    size_t clusters = (size_t)(cv->chunk / cv->unit);
+
+    s->cv = cv;
+    s->buf = chunk_alloc(cv->chunk);
+    if (!s->buf)
+        return -1;
+    if (!cv->compress)
+        return 0;
+    s->zbuf = malloc(cv->chunk);
+    s->jobs = calloc(clusters, sizeof *s->jobs);
+    s->offsets = calloc(clusters, sizeof *s->offsets);
+    return s->zbuf && s->jobs && s->offsets ? 0 : -1;
+}
+
 int qcow2_convert_begin(qcow2_image *src, qcow2_image *dst,
                         const qcow2_convert_opts *opts, qcow2_convert **out)
 {
     qcow2_convert *cv;
-    size_t clusters;
+    int rc = 0;
 
     *out = NULL;
     if (dst->read_only)
@@ -96,21 +150,27 @@ int qcow2_convert_begin(qcow2_image *src, qcow2_image *dst,
         return qcow2_fail(dst, QCOW2_E_NOMEM, "out of memory");
     cv->src = src;
     cv->dst = dst;
+    if (opts->unsafe && dst->ws)
+        dst->ws->no_sync = 1;
     cv->base = opts->only_differences ? dst->backing : NULL;
     cv->compress = opts->compress;
-    cv->threads = opts->threads > 0 ? opts->threads : online_cpus();
+    /* Default: a worker per core, and the caller, which compresses
+     * while it waits for a result (between its reads and writes). */
+    cv->threads = opts->threads > 0 ? opts->threads : online_cpus() + 1;
     cv->size = src->size;
     cv->unit = dst->is_raw ? CONVERT_RAW_UNIT : dst->cluster_size;
     cv->chunk = align_up(CONVERT_CHUNK, cv->unit);
-    cv->buf = malloc(cv->chunk);
-    clusters = (size_t)(cv->chunk / cv->unit);
-    if (cv->buf && cv->compress) {
-        cv->zbuf = malloc(cv->chunk);
-        cv->jobs = calloc(clusters, sizeof *cv->jobs);
-        cv->offsets = calloc(clusters, sizeof *cv->offsets);
-    }
-    if (!cv->buf ||
-        (cv->compress && (!cv->zbuf || !cv->jobs || !cv->offsets))) {
+    if (slot_init(cv, &cv->slots[0]) < 0 || slot_init(cv, &cv->slots[1]) < 0)
+        rc = QCOW2_E_NOMEM;
+    /* At most two chunks' clusters are queued: the one being written
+     * and the one just read. */
+    else if (cv->compress)
+        rc = qcow2_cpool_new(dst->compression_type, (size_t)cv->unit,
+                             2 * (size_t)(cv->chunk / cv->unit), cv->threads,
+                             &cv->pool);
+    else
+        rc = qcow2_writer_new(&cv->writer);
+    if (rc < 0) {
         qcow2_convert_free(cv);
         return qcow2_fail(dst, QCOW2_E_NOMEM, "out of memory");
     }
@@ -122,10 +182,15 @@ void qcow2_convert_free(qcow2_convert *cv)
 {
     if (!cv)
         return;
-    free(cv->buf);
-    free(cv->zbuf);
-    free(cv->jobs);
-    free(cv->offsets);
+    /* Threads first: they may still use the slots' buffers and dst. */
+    qcow2_cpool_free(cv->pool);
+    qcow2_writer_free(cv->writer);
+    for (int i = 0; i < 2; i++) {
+        free(cv->slots[i].buf);
+        free(cv->slots[i].zbuf);
+        free(cv->slots[i].jobs);
+        free(cv->slots[i].offsets);
+    }
     free(cv->ranges);
     free(cv);
 }
@@ -133,8 +198,14 @@ void qcow2_convert_free(qcow2_convert *cv)
 void qcow2_convert_progress(const qcow2_convert *cv, uint64_t *done,
                             uint64_t *total)
 {
+    uint64_t d = cv->pos;
+
+    /* Done: everything before the oldest chunk not written yet. */
+    for (int i = 0; i < 2; i++)
+        if (cv->slots[i].pending && cv->slots[i].start < d)
+            d = cv->slots[i].start;
     *total = cv->size;
-    *done = cv->done ? cv->size : cv->pos;
+    *done = cv->done ? cv->size : d;
 }
 
 const char *qcow2_convert_errmsg(const qcow2_convert *cv)
@@ -158,11 +229,11 @@ static uint64_t compressed_entry(const qcow2_image *img, uint64_t coffset,
            (extra << (70 - img->cluster_bits)) | coffset;
 }
 
-/* Compressed streams jobs[first, last) for the clusters at guest
- * offsets[...], all under one L1 entry: each stream allocated and written,
- * then the entries in one L2 update (after a barrier, in commit). */
-static int store_streams(qcow2_convert *cv, const uint64_t *offsets,
-                         size_t first, size_t last)
+/* Compressed streams jobs[first, last) of slot s, all under one L1 entry:
+ * each stream allocated and written, then the entries in one L2 update
+ * (after a barrier, in commit). */
+static int store_streams(qcow2_convert *cv, const slot *s, size_t first,
+                         size_t last)
 {
     qcow2_image *img = cv->dst;
     qcow2_l2_work work;
@@ -171,25 +242,26 @@ static int store_streams(qcow2_convert *cv, const uint64_t *offsets,
     if (rc < 0)
         return rc;
     memset(&work, 0, sizeof work);
-    rc = qcow2_l2_work_begin(img, qcow2_l1_index(img, offsets[first]),
+    rc = qcow2_l2_work_begin(img, qcow2_l1_index(img, s->offsets[first]),
                              &work);
     for (size_t i = first; i < last && rc == 0; i++) {
-        uint64_t l2i = qcow2_l2_index(img, offsets[i]), coffset;
+        uint64_t l2i = qcow2_l2_index(img, s->offsets[i]), coffset;
         qcow2_l2_desc old;
 
         rc = qcow2_l2_work_get(img, &work, l2i, &old);
         if (rc == 0 && (old.compressed || (old.entry & L2E_OFFSET_MASK)))
             rc = qcow2_fail(img, QCOW2_E_INVALID, "convert: cluster at "
-                            "0x%" PRIx64 " is already allocated", offsets[i]);
+                            "0x%" PRIx64 " is already allocated",
+                            s->offsets[i]);
         if (rc == 0)
-            rc = qcow2_alloc_bytes(img, cv->jobs[i].len, &coffset);
+            rc = qcow2_alloc_bytes(img, s->jobs[i].len, &coffset);
         if (rc == 0)
-            rc = qcow2_write_data(img, coffset, cv->jobs[i].dst,
-                                  cv->jobs[i].len);
+            rc = qcow2_write_data(img, coffset, s->jobs[i].dst,
+                                  s->jobs[i].len);
         if (rc == 0)
             qcow2_l2_work_set(img, &work, l2i,
                               compressed_entry(img, coffset,
-                                               cv->jobs[i].len), 0);
+                                               s->jobs[i].len), 0);
     }
     if (rc == 0)
         rc = qcow2_l2_work_commit(img, &work);
@@ -197,21 +269,21 @@ static int store_streams(qcow2_convert *cv, const uint64_t *offsets,
     return rc;
 }
 
-/* Non-zero units of the chunk at g (n bytes in cv->buf) compressed in
- * parallel, then written in order. */
-static int write_compressed(qcow2_convert *cv, uint64_t g, uint64_t n)
+/* Non-zero units of slot s queued to the pool (zero ones skipped, or
+ * written as zeroes over a backing image). */
+static int queue_compressed(qcow2_convert *cv, slot *s)
 {
-    uint64_t cs = cv->unit, *offsets = cv->offsets;
-    size_t count = 0, i = 0;
+    uint64_t cs = cv->unit;
     int rc;
 
-    for (uint64_t u = 0; u < n; u += cs) {
-        size_t len = (size_t)min_u64(cs, n - u);
-        qcow2_cjob *j = &cv->jobs[count];
+    s->count = 0;
+    for (uint64_t u = 0; u < s->n; u += cs) {
+        size_t len = (size_t)min_u64(cs, s->n - u);
+        qcow2_cjob *j = &s->jobs[s->count];
 
-        if (all_zero(cv->buf + u, len)) {
+        if (all_zero(s->buf + u, len)) {
             if (cv->base) {
-                rc = qcow2_write_zeroes(cv->dst, g + u, len, 0);
+                rc = qcow2_write_zeroes(cv->dst, s->start + u, len, 0);
                 if (rc < 0)
                     return rc;
             }
@@ -219,61 +291,82 @@ static int write_compressed(qcow2_convert *cv, uint64_t g, uint64_t n)
         }
         /* The disk's last cluster is zero padded. */
         if (len < cs)
-            memset(cv->buf + u + len, 0, (size_t)(cs - len));
-        j->src = cv->buf + u;
-        j->dst = cv->zbuf + u;
+            memset(s->buf + u + len, 0, (size_t)(cs - len));
+        j->src = s->buf + u;
+        j->dst = s->zbuf + u;
         j->cap = (size_t)cs - 1;   /* QEMU: a byte saved at least */
-        offsets[count++] = g + u;
+        s->offsets[s->count++] = s->start + u;
     }
-    qcow2_compress_jobs(cv->dst->compression_type, (size_t)cs, cv->jobs,
-                        count, cv->threads);
-    while (i < count) {
-        qcow2_cjob *j = &cv->jobs[i];
+    qcow2_cpool_submit(cv->pool, s->jobs, s->count);
+    return 0;
+}
+
+/* Slot s's compressed clusters written in guest order, each as soon as
+ * the pool has it. */
+static int store_compressed(qcow2_convert *cv, slot *s)
+{
+    uint64_t cs = cv->unit;
+    size_t i = 0;
+    int rc;
+
+    while (i < s->count) {
+        qcow2_cjob *j = &s->jobs[i];
         size_t end = i + 1;
 
+        qcow2_cpool_wait(cv->pool, j);
         if (j->rc < 0)
             return qcow2_fail(cv->dst, j->rc, "convert: compressing the "
-                              "cluster at 0x%" PRIx64 " failed", offsets[i]);
+                              "cluster at 0x%" PRIx64 " failed",
+                              s->offsets[i]);
         if (j->rc == QCOW2_DOES_NOT_SHRINK) {
-            uint64_t len = min_u64(cs, cv->size - offsets[i]);
-            rc = qcow2_write(cv->dst, offsets[i], j->src, (size_t)len);
+            uint64_t len = min_u64(cs, cv->size - s->offsets[i]);
+            rc = qcow2_write(cv->dst, s->offsets[i], j->src, (size_t)len);
         } else {
             /* The run of streams under one L2 table, in one update. */
-            while (end < count && cv->jobs[end].rc == 0 &&
-                   qcow2_l1_index(cv->dst, offsets[end]) ==
-                   qcow2_l1_index(cv->dst, offsets[i]))
+            while (end < s->count &&
+                   qcow2_l1_index(cv->dst, s->offsets[end]) ==
+                   qcow2_l1_index(cv->dst, s->offsets[i])) {
+                qcow2_cpool_wait(cv->pool, &s->jobs[end]);
+                if (s->jobs[end].rc != 0)
+                    break;
                 end++;
-            rc = store_streams(cv, offsets, i, end);
+            }
+            rc = store_streams(cv, s, i, end);
         }
         if (rc < 0)
             return rc;
         i = end;
     }
+    s->pending = 0;
     return 0;
 }
 
-/* Non-zero units written in runs; zero units skipped, or written as
- * zeroes over a backing image. */
-static int write_plain(qcow2_convert *cv, uint64_t g, uint64_t n)
+/* Non-zero units of slot s written in runs; zero units skipped, or
+ * written as zeroes over a backing image. On the writer thread: it
+ * touches dst only. */
+static int write_plain(void *ctx)
 {
-    uint64_t u = 0;
+    slot *s = ctx;
+    qcow2_convert *cv = s->cv;
+    uint64_t u = 0, n = s->n;
     int rc;
 
     while (u < n) {
         uint64_t len = min_u64(cv->unit, n - u), end = u + len;
-        int zero = all_zero(cv->buf + u, (size_t)len);
+        int zero = all_zero(s->buf + u, (size_t)len);
 
         /* Extend the run over units of the same kind. */
         while (end < n) {
             uint64_t l2 = min_u64(cv->unit, n - end);
-            if (all_zero(cv->buf + end, (size_t)l2) != zero)
+            if (all_zero(s->buf + end, (size_t)l2) != zero)
                 break;
             end += l2;
         }
         if (!zero)
-            rc = qcow2_write(cv->dst, g + u, cv->buf + u, (size_t)(end - u));
+            rc = qcow2_write(cv->dst, s->start + u, s->buf + u,
+                             (size_t)(end - u));
         else if (cv->base)
-            rc = qcow2_write_zeroes(cv->dst, g + u, end - u, 0);
+            rc = qcow2_write_zeroes(cv->dst, s->start + u, end - u, 0);
         else
             rc = 0;
         if (rc < 0)
@@ -283,18 +376,52 @@ static int write_plain(qcow2_convert *cv, uint64_t g, uint64_t n)
     return 0;
 }
 
-/* Guest [g, g + n) of the source (unit aligned, n <= chunk) into the
- * output. */
+/* Guest [g, g + n) of the source (unit aligned, n <= chunk) read into the
+ * next slot and started on its way out; the chunk before it finished. */
 static int convert_range(qcow2_convert *cv, uint64_t g, uint64_t n)
 {
-    int rc = qcow2_read(cv->src, g, cv->buf, (size_t)n);
+    slot *s = &cv->slots[cv->cur], *prev = &cv->slots[cv->cur ^ 1];
+    int rc = qcow2_read(cv->src, g, s->buf, (size_t)n);
 
     if (rc < 0)
         return failed(cv, cv->src, rc);
-    rc = cv->compress ? write_compressed(cv, g, n) : write_plain(cv, g, n);
+    s->start = g;
+    s->n = n;
+    if (cv->compress) {
+        rc = queue_compressed(cv, s);
+        s->pending = rc == 0;
+        if (rc == 0 && prev->pending)
+            rc = store_compressed(cv, prev);
+    } else {
+        /* Waits for the previous chunk's writes first. */
+        rc = qcow2_writer_run(cv->writer, write_plain, s);
+        prev->pending = 0;
+        s->pending = rc == 0;
+    }
     if (rc < 0)
         return failed(cv, cv->dst, rc);
+    cv->cur ^= 1;
     return 0;
+}
+
+/* The chunk still on its way out, finished (the last step). */
+static int finish_pending(qcow2_convert *cv)
+{
+    int rc = 0;
+
+    for (int i = 0; i < 2 && rc == 0; i++) {
+        slot *s = &cv->slots[cv->cur ^ 1 ^ i];
+
+        if (!s->pending)
+            continue;
+        if (cv->compress) {
+            rc = store_compressed(cv, s);
+        } else {
+            rc = qcow2_writer_wait(cv->writer);
+            s->pending = 0;
+        }
+    }
+    return rc < 0 ? failed(cv, cv->dst, rc) : 0;
 }
 
 /* ---- Finding the work ------------------------------------------------------ */
@@ -414,6 +541,9 @@ int qcow2_convert_step(qcow2_convert *cv)
         rc = cv->base ? step_differences(cv) : step_sparse(cv);
         return rc < 0 ? rc : 1;
     }
+    rc = finish_pending(cv);
+    if (rc < 0)
+        return rc;
     rc = qcow2_flush(cv->dst);
     if (rc < 0)
         return failed(cv, cv->dst, rc);

@@ -289,6 +289,10 @@ int qcow2_sync(qcow2_image *img)
 {
     int rc;
 
+    /* Unsafe cache mode: the caller gave up durability (a scratch output
+     * that a crash makes useless anyway). */
+    if (img->ws && img->ws->no_sync)
+        return 0;
     /* Data first: an L2 entry made durable by the image flush must not
      * point at data the data file has not made durable yet. */
     if (img->data_io && img->data_io != img->io) {

@@ -43,6 +43,9 @@ typedef struct qcow2_write_state {
     int dirty_on_disk;           /* the dirty bit is set in the file */
     int overlap_checks;          /* OVERLAP_* mask (default CACHED) */
     int discard_passthrough;     /* runtime "discard" option */
+    int no_sync;                 /* cache "unsafe" (convert's output, as
+                                    qemu-img convert's default -t unsafe):
+                                    syncs and barriers do nothing */
     int poisoned;                /* a metadata write failed midway: every
                                     later call fails with `poison` */
     qcow2_error poison;
@@ -62,7 +65,7 @@ int qcow2_overlap_find(qcow2_image *img, int ignore, uint64_t offset,
 int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
                         uint64_t offset, const void *buf, size_t length);
 /* fsync of the data file, then of the image file: what img:flush() and
- * close promise. */
+ * close promise (nothing when ws->no_sync). */
 int qcow2_sync(qcow2_image *img);
 /* qcow2_sync as a barrier between dependent steps (a no-op only in the
  * test build with QCOW2_TEST_NO_BARRIER). */

@@ -5,7 +5,9 @@
  *
  * The output is made here: qcow2 through qcow2.create with the caller's
  * create options (and the source's size), raw as an empty sparse file of
- * the source's size. The engine then converts in bounded steps; between
+ * the source's size. opts.cache is the output's cache mode, "unsafe" by
+ * default as in qemu-img convert: not synced at all (not even at close);
+ * "writeback" or "writethrough": synced before convert returns. The engine then converts in bounded steps; between
  * steps the binding calls opts.progress(done, total) (at the start, at
  * least every half second, and at the end). A failed step, or a progress
  * function that raises, closes and removes the output: the failure is
@@ -34,7 +36,7 @@ static const char *const convert_keys[] = {
 };
 /* What a raw output takes of the create options. */
 static const char *const raw_keys[] = {
-    "format", "snapshot", "progress", "overwrite", "io", NULL
+    "format", "snapshot", "progress", "overwrite", "cache", "io", NULL
 };
 
 /* The converter and what it holds, freed on every path (a userdata whose
@@ -277,7 +279,13 @@ static int image_convert(lua_State *L)
 
     lua_settop(L, 3);
     memset(&co, 0, sizeof co);
+    /* qemu-img convert's default cache mode for the output is "unsafe":
+     * never synced (a crash means converting again). "writeback" or
+     * "writethrough" make the output durable when convert returns. */
+    co.unsafe = 1;
     if (opts) {
+        int cache = ql_opt_choice(L, opts, FN, "cache", ql_cache_modes);
+        co.unsafe = cache < 0 || strcmp(ql_cache_modes[cache], "unsafe") == 0;
         raw = ql_opt_choice(L, opts, FN, "format", formats) == 1;
         if (raw)
             check_raw_keys(L, opts);

@@ -14,7 +14,7 @@ return {
   summary = "copy an image (or a snapshot) to a new qcow2 or raw image, as qemu-img convert",
   usage = [==[
 usage: qcow2 convert [-O qcow2|raw] [-o OPT=VAL,...] [-c] [-B BACKING [-F FMT]]
-                     [-l snapshot.name=NAME] [-p] [-q] [-U] IN OUT
+                     [-l snapshot.name=NAME] [-t CACHE] [-p] [-q] [-U] IN OUT
 
 Writes IN's guest disk (with its backing chain; or the snapshot -l names)
 to OUT, as `qemu-img convert` does: sparse (unallocated and zero ranges
@@ -22,12 +22,15 @@ are not written; raw output gets holes), OUT replaced if it exists.
 -O is the output format (default qcow2 here; qemu-img's is raw), -o its
 create options (-o help lists them), -c writes compressed clusters (on
 all cores). -B makes OUT an overlay of BACKING holding only what differs
-from it (-F: BACKING's format, probed when absent). -p shows progress on
-a terminal. A failed convert removes OUT.]==],
+from it (-F: BACKING's format, probed when absent). -t is OUT's cache
+mode: unsafe (the default, as qemu-img's: OUT is not synced), writeback
+or writethrough (OUT synced before the command ends). -p shows progress
+on a terminal. A failed convert removes OUT.]==],
   options = {
     ["-f"] = { arg = true }, ["-O"] = { arg = true, choices = { "qcow2", "raw" } },
     ["-o"] = { arg = true, multi = true }, ["-c"] = {}, ["-B"] = { arg = true },
     ["-F"] = { arg = true }, ["-l"] = { arg = true }, ["-s"] = { arg = true, alias = "-l" },
+    ["-t"] = { arg = true, choices = { "unsafe", "writeback", "writethrough" } },
     ["-p"] = {}, ["-q"] = {}, ["-U"] = {}, ["-n"] = {},
   },
   run = function(opts, args, ctx)
@@ -56,6 +59,7 @@ a terminal. A failed convert removes OUT.]==],
     copts.format = format
     copts.overwrite = true
     copts.compress = opts["-c"] or nil
+    copts.cache = opts["-t"]
     if opts["-l"] then copts.snapshot = snapshot_arg(opts["-l"]) end
     local finish = function() end
     if opts["-p"] and not opts["-q"] then
