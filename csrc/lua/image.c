@@ -15,9 +15,9 @@
 
 #include "common.h"
 
-/* Guest bytes hashed per engine read by img:digest: large enough that the
- * engine moves whole runs of clusters per call. */
-#define QL_DIGEST_CHUNK ((size_t)4 << 20)
+/* img:digest's bulk read stream, closed by __gc if a Lua error unwinds
+ * past the digest loop (a stream owns worker threads). */
+#define QL_BULK_BOX "qcow2.BulkRead"
 
 /* ---- Handle lifetime ------------------------------------------------------- */
 
@@ -250,6 +250,27 @@ static void push_damage(lua_State *L, damage_list *d)
     }
 }
 
+static int bulk_box_gc(lua_State *L)
+{
+    qcow2_bulk **box = lua_touserdata(L, 1);
+    qcow2_bulk_close(*box);
+    *box = NULL;
+    return 0;
+}
+
+static qcow2_bulk **bulk_box_new(lua_State *L)
+{
+    qcow2_bulk **box = lua_newuserdatauv(L, sizeof *box, 0);
+
+    *box = NULL;
+    if (luaL_newmetatable(L, QL_BULK_BOX)) {
+        lua_pushcfunction(L, bulk_box_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    return box;
+}
+
 /* digest's arguments: [algo [, offset, length]] [, opts], the options
  * table last wherever it stands. Returns 1 for on_error = "zero". */
 static int digest_args(lua_State *L, uint64_t size, const char **algo,
@@ -291,8 +312,7 @@ static int image_digest(lua_State *L)
     unsigned int digest_len = 0;
     char hex[2 * EVP_MAX_MD_SIZE + 1];
     damage_list damage = { NULL, 0, 0 };
-    size_t chunk;
-    void *buf;
+    qcow2_bulk **box;
     int rc = 0, evp_ok, zero;
 
     zero = digest_args(L, size, &algo, &offset, &length);
@@ -304,24 +324,25 @@ static int image_digest(lua_State *L)
         return ql_push_fail(L, QCOW2_E_INVALID,
                             "%s: unknown digest algorithm '%s'",
                             qcow2_path(q->img), algo);
-    chunk = bytes < QL_DIGEST_CHUNK ? (size_t)bytes : QL_DIGEST_CHUNK;
-    /* Allocated by Lua before the OpenSSL context exists, so nothing below
-     * raises while ctx (or the damage list) is live. */
-    buf = lua_newuserdatauv(L, chunk ? chunk : 1, 0);
-
+    /* The stream lives in a box whose __gc closes it (joins its worker
+     * threads) should anything below ever raise; allocated by Lua before
+     * the OpenSSL context exists, so nothing below raises while ctx (or
+     * the damage list) is live. */
+    box = bulk_box_new(L);
+    rc = qcow2_bulk_open(q->img, guest_offset, bytes, 0,
+                         zero ? collect_damage : NULL, &damage, box);
     ctx = EVP_MD_CTX_new();
-    evp_ok = ctx != NULL && EVP_DigestInit_ex(ctx, md, NULL);
-    while (evp_ok && bytes > 0) {
-        size_t n = bytes < chunk ? (size_t)bytes : chunk;
-        rc = zero ? qcow2_read_salvage(q->img, guest_offset, buf, n,
-                                       collect_damage, &damage)
-                  : qcow2_read(q->img, guest_offset, buf, n);
-        if (rc != 0)
+    evp_ok = rc == 0 && ctx != NULL && EVP_DigestInit_ex(ctx, md, NULL);
+    while (evp_ok) {
+        const void *data;
+        size_t n;
+        rc = qcow2_bulk_next(*box, &data, &n);
+        if (rc != 0 || n == 0)
             break;
-        evp_ok = EVP_DigestUpdate(ctx, buf, n);
-        guest_offset += n;
-        bytes -= n;
+        evp_ok = EVP_DigestUpdate(ctx, data, n);
     }
+    qcow2_bulk_close(*box);
+    *box = NULL;
     if (rc == 0 && evp_ok)
         evp_ok = EVP_DigestFinal_ex(ctx, digest, &digest_len);
     EVP_MD_CTX_free(ctx);
