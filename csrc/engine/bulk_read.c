@@ -22,7 +22,10 @@
 
 #include "read_path.h"
 
-#define BULK_CHUNK      ((size_t)4 << 20)
+/* Guest bytes per chunk: 16 clusters of 64 KiB (enough to keep the
+ * workers busy while the caller hashes the chunk before), at least two
+ * clusters, so that big clusters are not inflated once per piece. */
+#define BULK_CHUNK      ((size_t)1 << 20)
 #define BULK_MAX_THREADS 16
 
 typedef struct bulk_job {
@@ -59,6 +62,7 @@ typedef struct bulk_slot {
 struct qcow2_bulk {
     qcow2_image *img;
     uint64_t next, end;
+    size_t chunk;               /* guest bytes per slot */
     qcow2_damage_fn fn;
     void *ctx;
     int parallel;               /* compressed runs become jobs */
@@ -263,7 +267,7 @@ static int walk(struct qcow2_bulk *b, bulk_slot *s)
 static void fill(struct qcow2_bulk *b, bulk_slot *s)
 {
     s->guest = b->next;
-    s->len = (size_t)min_u64(b->end - b->next, BULK_CHUNK);
+    s->len = (size_t)min_u64(b->end - b->next, b->chunk);
     b->next += s->len;
     s->njobs = s->claimed = s->done = 0;
     s->input_len = 0;
@@ -398,7 +402,8 @@ int qcow2_bulk_open(qcow2_image *img, uint64_t offset, uint64_t length,
                     qcow2_bulk **out)
 {
     struct qcow2_bulk *b;
-    size_t chunk = (size_t)min_u64(length, BULK_CHUNK);
+    size_t chunk = (size_t)min_u64(length, max_u64(BULK_CHUNK,
+                                                   2 * img->cluster_size));
 
     *out = NULL;
     if (!range_inside(offset, length, img->size))
@@ -412,6 +417,7 @@ int qcow2_bulk_open(qcow2_image *img, uint64_t offset, uint64_t length,
     b->img = img;
     b->next = offset;
     b->end = offset + length;
+    b->chunk = chunk;
     b->fn = fn;
     b->ctx = ctx;
     b->cluster_size = img->cluster_size;
