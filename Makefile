@@ -112,8 +112,10 @@ sweep: $(MODULE)
 nobarrier:
 	@$(MAKE) -s BUILD=build-nobarrier CFLAGS="-O1 -DQCOW2_TEST_NO_BARRIER" all
 
+# Issue 14's workloads against qemu-img/qemu-io (BENCH_SCALE=0.1 for a
+# quick run); needs time, strace and openssl (make deps).
 bench: $(MODULE)
-	@$(LUA) bench/run.lua
+	@LUA=$(LUA) $(LUA) bench/run.lua
 
 # Install into the Lua module folders (as luarocks would).
 PREFIX      ?= /usr/local
@@ -131,7 +133,8 @@ clean:
 
 # The Debian packages the build, the tests and the oracle need.
 DEB_PKGS := lua5.4 liblua5.4-dev lua-busted lua-cjson lua-dkjson zlib1g-dev libssl-dev \
-            libzstd-dev pkg-config qemu-utils luarocks gcc make
+            libzstd-dev pkg-config qemu-utils luarocks gcc make \
+            time strace openssl
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
