@@ -232,9 +232,12 @@ static int map_to_json(lua_State *L)
                      &m->json, &len);
     if (rc == QCOW2_E_NOMEM)
         return ql_push_fail(L, rc, "out of memory writing the map's JSON");
-    if (rc < 0)
+    if (rc < 0) {
+        char text[128];
+        /* GNU strerror_r (_GNU_SOURCE): thread-safe, returns the text */
         return ql_push_fail(L, rc, "writing the map's JSON failed: %s",
-                            strerror(errno));
+                            strerror_r(errno, text, sizeof text));
+    }
     if (file) {
         lua_pushboolean(L, 1);
         return 1;
