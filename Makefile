@@ -25,12 +25,14 @@ OBJ         := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(SRC))
 HEADERS     := csrc/qcow2.h $(wildcard csrc/engine/*.h) $(wildcard csrc/lua/*.h)
 MODULE      := $(BUILD)/qcow2/core.so
 # C unit tests of engine parts (spec/*_spec.lua run them); never installed.
-TEST_PROGS  := $(BUILD)/test/table_cache_test $(BUILD)/test/open_memory_test
+TEST_PROGS  := $(BUILD)/test/table_cache_test $(BUILD)/test/open_memory_test \
+               $(BUILD)/test/bulk_read_test
+ENGINE_OBJ  := $(patsubst csrc/%.c,$(BUILD)/obj/%.o,$(ENGINE_SRC))
 
 export LUA_PATH  := ./lua/?.lua;./lua/?/init.lua;./spec/?.lua;;
 export LUA_CPATH := ./$(BUILD)/?.so;;
 
-.PHONY: all test demo doc sanitize valgrind fuzz sweep bench install clean deps nobarrier layer-check test-progs
+.PHONY: all test demo doc sanitize tsan valgrind fuzz sweep bench install clean deps nobarrier layer-check test-progs
 
 all: $(MODULE)
 
@@ -61,6 +63,17 @@ $(BUILD)/test/table_cache_test: csrc/test/table_cache_test.c $(BUILD)/obj/engine
 $(BUILD)/test/open_memory_test: csrc/test/open_memory_test.c $(filter $(BUILD)/obj/engine/%,$(OBJ)) $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(filter $(BUILD)/obj/engine/%,$(OBJ)) $(PKG_LIBS) $(EXTRA_LIBS)
+
+$(BUILD)/test/bulk_read_test: csrc/test/bulk_read_test.c $(ENGINE_OBJ) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(ENGINE_OBJ) $(PKG_LIBS) -lpthread
+
+# The bulk reader's worker threads under ThreadSanitizer: its C test
+# program built with -fsanitize=thread, driven by spec/digest_spec.lua.
+tsan:
+	$(MAKE) BUILD=build-tsan CFLAGS="-O1 -g -fsanitize=thread" LDFLAGS="-fsanitize=thread" build-tsan/test/bulk_read_test
+	@$(MAKE) -s all
+	@TSAN_OPTIONS=halt_on_error=1 BULK_READ_TEST=build-tsan/test/bulk_read_test BUILD=$(BUILD) LUA=$(LUA) sh spec/run-specs spec/digest_spec.lua
 
 # Every spec file under Lua 5.4; ends with "N passed, N failed". The layer
 # check runs first and is strict: any upward call, include of a higher
@@ -166,8 +179,10 @@ sweep: $(MODULE)
 nobarrier:
 	@$(MAKE) -s BUILD=build-nobarrier CFLAGS="-O1 -DQCOW2_TEST_NO_BARRIER" all
 
+# Issue 14's workloads against qemu-img/qemu-io (BENCH_SCALE=0.1 for a
+# quick run); needs time, strace and openssl (make deps).
 bench: $(MODULE)
-	@$(LUA) bench/run.lua
+	@LUA=$(LUA) $(LUA) bench/run.lua
 
 # Install into the Lua module folders (as luarocks would).
 PREFIX      ?= /usr/local
@@ -181,12 +196,12 @@ install: $(MODULE)
 	install -m 0755 lua/qcow2-cli $(DESTDIR)$(PREFIX)/bin/qcow2
 
 clean:
-	rm -rf build build-san build-nobarrier
+	rm -rf build build-san build-nobarrier build-tsan
 
 # The Debian packages the build, the tests and the oracle need.
 DEB_PKGS := lua5.4 liblua5.4-dev lua-busted lua-cjson lua-dkjson zlib1g-dev libssl-dev \
             libzstd-dev pkg-config qemu-utils luarocks gcc make lua-ldoc cryptsetup-bin \
-            clang libclang-rt-14-dev lua-check
+            clang libclang-rt-14-dev lua-check time strace openssl
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \

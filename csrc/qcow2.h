@@ -189,6 +189,29 @@ typedef int (*qcow2_damage_fn)(void *ctx, uint64_t start, uint64_t length,
 int qcow2_read_salvage(qcow2_image *img, uint64_t offset, void *buf,
                        size_t length, qcow2_damage_fn fn, void *ctx);
 
+/* --- Bulk reads ------------------------------------------------------------ */
+/*
+ * A sequential read of guest [offset, offset+length) handed out chunk by
+ * chunk, in order, while worker threads decompress the compressed
+ * clusters of the chunk ahead (digests, exports). The workers never touch
+ * the handle or any caller state: the calling thread reads the compressed
+ * streams, the workers only inflate them into the stream's own buffers.
+ * threads: 0 = one per online CPU, > 0 that many, < 0 none (everything on
+ * the calling thread). fn and ctx as qcow2_read_salvage (NULL: damage fails
+ * the read); fn is called on the calling thread, in guest order.
+ * Until qcow2_bulk_close, the handle is used by the stream only.
+ */
+typedef struct qcow2_bulk qcow2_bulk;
+int qcow2_bulk_open(qcow2_image *img, uint64_t offset, uint64_t length,
+                    int threads, qcow2_damage_fn fn, void *ctx,
+                    qcow2_bulk **out);
+/* The next chunk: 0 with *data and *len set (valid until the next call;
+ * *len == 0 at the end), a negative status (message in qcow2_errmsg), or
+ * fn's non-zero stop value. After a failure every call returns it again. */
+int qcow2_bulk_next(qcow2_bulk *b, const void **data, size_t *len);
+/* Stops the workers and frees the stream. NULL: nothing. */
+void qcow2_bulk_close(qcow2_bulk *b);
+
 /* --- Map ------------------------------------------------------------------ */
 enum qcow2_extent_type {
     QCOW2_EXTENT_DATA = 0,

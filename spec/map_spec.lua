@@ -59,11 +59,21 @@ describe("Image:map", function()
   setup(function() dir = h.tmpdir() end)
   teardown(function() h.cleanup() end)
 
+  -- to_json (C, csrc/lua/map_json.c) is qemu-img's text byte for byte,
+  -- and to_json(file) writes that same text.
   local function agrees(path, opts)
-    local want = corpus.qemu_map(path)
+    local raw = h.qemu_img("map --output=json " .. h.q(path))
+    local want = corpus.records(h.json.decode(raw))
     local img = assert(qcow2.open(path, opts))
     local m = assert(img:map())
-    assert.are.same(want, corpus.decode_map(m:to_json()))
+    local json = m:to_json()
+    assert.are.same(want, corpus.decode_map(json))
+    assert.are.equal((raw:gsub("\n$", "")), json)
+    local out = dir .. "/map.json"
+    local f = assert(io.open(out, "w"))
+    assert.is_true(m:to_json(f))
+    f:close()
+    assert.are.equal(json, h.read_file(out))
     img:close()
   end
 
@@ -174,6 +184,71 @@ describe("ClusterMap", function()
     local records = corpus.qemu_map(path, "--start-offset=1001 --max-length=40000")
     local img = assert(qcow2.open(path))
     check_extents(img:map(1001, 40000), records, 1001, 40000)
+    img:close()
+  end)
+end)
+
+describe("ClusterMap:to_json", function()
+  local dir
+  setup(function() dir = h.tmpdir() end)
+  teardown(function() h.cleanup() end)
+
+  -- A bad L2 entry in a file whose name needs JSON escapes: the corrupt
+  -- record stands alone and its reason (which names the file) decodes to
+  -- the extent's reason.
+  it("escapes a corrupt record's reason and keeps it a record of its own", function()
+    local path = dir .. '/q"uo\\te.qcow2'
+    h.create(path, "1M", "cluster_size=4096")
+    h.qemu_io(path, { "write -P 0x11 0 12k" })
+    local l2 = h.get_be64(path, h.get_be64(path, 40)) & 0x00fffffffffffe00
+    h.poke(path, l2 + 8, h.be64(h.get_be64(path, l2 + 8) | 2))
+    local img = assert(qcow2.open(path))
+    local m = img:map()
+    local json = h.json.decode(m:to_json())
+    assert.are.same(m:records(), json)
+    assert.are.equal(4, #json)
+    assert.is_true(json[2].corrupt)
+    assert.are.equal(m[2].reason, json[2].reason)
+    assert.truthy(json[2].reason:find(path, 1, true))
+    -- the records on either side do not merge across it
+    assert.are.same({ 0, 4096, 8192 }, { json[1].start, json[2].start, json[3].start })
+    assert.are.equal(4096, json[3].length)
+    img:close()
+  end)
+
+  it("gives [] for an empty range and qemu-img's one record for a 0-byte disk", function()
+    local path = dir .. "/empty.qcow2"
+    h.create(path, "0")
+    local img = assert(qcow2.open(path))
+    assert.are.equal((h.qemu_img("map --output=json " .. h.q(path)):gsub("\n$", "")),
+      img:map():to_json())
+    img:close()
+    local other = corpus.v3(dir, 4 * KiB)
+    img = assert(qcow2.open(other))
+    assert.are.equal("[]", img:map(4096, 0):to_json())
+    img:close()
+  end)
+
+  it("refuses what is not an open file", function()
+    local img = assert(qcow2.open(corpus.v3(dir, 4 * KiB)))
+    local m = img:map()
+    assert.has_error(function() m:to_json(42) end)
+    assert.has_error(function() m:to_json("path") end)
+    local f = assert(io.open(dir .. "/closed.json", "w"))
+    f:close()
+    assert.has_error(function() m:to_json(f) end)
+    img:close()
+  end)
+
+  it("reports a failing write as nil, message, io", function()
+    local f = io.open("/dev/full", "w")
+    if not f then return pending("no /dev/full") end
+    local img = assert(qcow2.open(corpus.v3(dir, 4 * KiB)))
+    local ok, msg, code = img:map():to_json(f)
+    f:close()
+    assert.is_nil(ok)
+    assert.are.equal("io", code)
+    assert.matches("map's JSON", msg)
     img:close()
   end)
 end)

@@ -101,7 +101,7 @@ static int input_reserve(qcow2_image *img, qcow2_codec *codec, size_t len)
  * entry's length is only sector precise, so the stream may be cut short
  * or not terminated inside the bytes given (QEMU accepts it as well). */
 static int inflate_cluster(qcow2_codec *codec, const uint8_t *in,
-                           size_t in_len)
+                           size_t in_len, uint8_t *out)
 {
     z_stream *strm = &codec->inflater;
     int ret;
@@ -116,7 +116,7 @@ static int inflate_cluster(qcow2_codec *codec, const uint8_t *in,
     }
     strm->next_in = (Bytef *)in;
     strm->avail_in = (uInt)in_len;
-    strm->next_out = codec->cluster;
+    strm->next_out = out;
     strm->avail_out = (uInt)codec->cluster_size;
     ret = inflate(strm, Z_FINISH);
     if ((ret == Z_STREAM_END || ret == Z_BUF_ERROR) && strm->avail_out == 0)
@@ -127,10 +127,11 @@ static int inflate_cluster(qcow2_codec *codec, const uint8_t *in,
 /* Stream until exactly one cluster came out; several concatenated frames
  * are fine, trailing bytes are ignored, an unfinished last frame is not
  * (QEMU's qcow2_zstd_decompress). */
-static int zstd_cluster(qcow2_codec *codec, const uint8_t *in, size_t in_len)
+static int zstd_cluster(qcow2_codec *codec, const uint8_t *in, size_t in_len,
+                        uint8_t *out)
 {
     ZSTD_inBuffer input = { in, in_len, 0 };
-    ZSTD_outBuffer output = { codec->cluster, (size_t)codec->cluster_size, 0 };
+    ZSTD_outBuffer output = { out, (size_t)codec->cluster_size, 0 };
     size_t ret = 0;
 
     if (!codec->zstd_in) {
@@ -184,9 +185,11 @@ int qcow2_decompress_cluster(qcow2_image *img, uint64_t coffset,
     if (rc < 0)
         return rc;
     if (img->compression_type == COMPRESSION_ZSTD)
-        rc = zstd_cluster(codec, codec->input, (size_t)csize);
+        rc = zstd_cluster(codec, codec->input, (size_t)csize,
+                          codec->cluster);
     else
-        rc = inflate_cluster(codec, codec->input, (size_t)csize);
+        rc = inflate_cluster(codec, codec->input, (size_t)csize,
+                             codec->cluster);
     if (rc == QCOW2_E_NOMEM)
         return qcow2_fail(img, rc, "out of memory (decompressor)");
     if (rc < 0)
@@ -199,6 +202,28 @@ int qcow2_decompress_cluster(qcow2_image *img, uint64_t coffset,
     codec->kept_csize = csize;
     *cluster = codec->cluster;
     return 0;
+}
+
+/* ---- Decoders of their own, for worker threads --------------------------- */
+
+/* A codec attached to no image: the decoder state only (no kept cluster,
+ * no input buffer), so that a thread other than the handle's may inflate
+ * streams the handle's thread has read. */
+qcow2_codec *qcow2_decoder_new(uint64_t cluster_size)
+{
+    qcow2_codec *codec = calloc(1, sizeof *codec);
+
+    if (codec)
+        codec->cluster_size = cluster_size;
+    return codec;
+}
+
+int qcow2_decoder_run(qcow2_codec *codec, int compression_type,
+                      const uint8_t *in, size_t in_len, uint8_t *out)
+{
+    if (compression_type == COMPRESSION_ZSTD)
+        return zstd_cluster(codec, in, in_len, out);
+    return inflate_cluster(codec, in, in_len, out);
 }
 
 /* ---- Compression --------------------------------------------------------- */

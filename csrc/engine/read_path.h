@@ -21,6 +21,15 @@ int qcow2_decompress_cluster(qcow2_image *img, uint64_t coffset,
 /* Drop the kept decompressed cluster (a writer reused its host bytes). */
 void qcow2_codec_forget(qcow2_codec *codec);
 
+/* A decoder owned by its caller, touching no image: for worker threads
+ * (bulk_read.c). qcow2_decoder_run inflates one compressed stream of
+ * in_len bytes into cluster_size bytes at out: 0, QCOW2_E_CORRUPT (does
+ * not decompress) or QCOW2_E_NOMEM; it sets no error message. Freed with
+ * qcow2_codec_free. */
+qcow2_codec *qcow2_decoder_new(uint64_t cluster_size);
+int qcow2_decoder_run(qcow2_codec *codec, int compression_type,
+                      const uint8_t *in, size_t in_len, uint8_t *out);
+
 /* qcow2_compress_cluster's "keep it uncompressed" answer (not an error). */
 #define QCOW2_DOES_NOT_SHRINK 1
 /* Compress one cluster (cluster_size bytes at src) with the image's

@@ -8,6 +8,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include <lua.h>
 #include <lauxlib.h>
@@ -89,6 +90,14 @@ int ql_map_fill(ql_map *m, qcow2_image *h, uint64_t offset, uint64_t length,
 int ql_map_push(lua_State *L, qcow2_image *h, uint64_t offset,
                 uint64_t length);
 void ql_map_register(lua_State *L);
+/* The records of `qemu-img map --output=json` for count extents, merged
+ * as qemu-img merges them, in its layout (no final newline); a corrupt
+ * extent is a record of its own with "corrupt": true and its "reason".
+ * file NULL: the text goes to a malloc'd *out (caller frees, *out_len
+ * bytes); otherwise it is written to file in pieces. Calls no Lua.
+ * Returns 0, QCOW2_E_NOMEM, or QCOW2_E_IO (errno set) (map_json.c). */
+int ql_map_json(const qcow2_extent *extents, size_t count, FILE *file,
+                char **out, size_t *out_len);
 
 /* --- Module functions and options (module.c, create.c) ------------------- */
 /* qcow2.create(path, opts) (create.c). */

@@ -16,9 +16,9 @@
 
 #include "common.h"
 
-/* Guest bytes hashed per engine read by img:digest: large enough that the
- * engine moves whole runs of clusters per call. */
-#define QL_DIGEST_CHUNK ((size_t)4 << 20)
+/* img:digest's bulk read stream, closed by __gc if a Lua error unwinds
+ * past the digest loop (a stream owns worker threads). */
+#define QL_BULK_BOX "qcow2.BulkRead"
 
 /* ---- Handle lifetime ------------------------------------------------------- */
 
@@ -251,6 +251,27 @@ static void push_damage(lua_State *L, damage_list *d)
     }
 }
 
+static int bulk_box_gc(lua_State *L)
+{
+    qcow2_bulk **box = lua_touserdata(L, 1);
+    qcow2_bulk_close(*box);
+    *box = NULL;
+    return 0;
+}
+
+static qcow2_bulk **bulk_box_new(lua_State *L)
+{
+    qcow2_bulk **box = lua_newuserdatauv(L, sizeof *box, 0);
+
+    *box = NULL;
+    if (luaL_newmetatable(L, QL_BULK_BOX)) {
+        lua_pushcfunction(L, bulk_box_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    return box;
+}
+
 /* digest's arguments: [algo [, offset, length]] [, opts], the options
  * table last wherever it stands. Returns 1 for on_error = "zero"; *progress
  * is the stack index of opts.progress (a function), or 0. */
@@ -336,8 +357,7 @@ static int image_digest(lua_State *L)
     unsigned int digest_len = 0;
     char hex[2 * EVP_MAX_MD_SIZE + 1];
     damage_list damage = { NULL, 0, 0 };
-    size_t chunk;
-    void *buf;
+    qcow2_bulk **box;
     int rc = 0, evp_ok, zero, progress, perr = LUA_OK;
     uint64_t total, done = 0;
     double last = 0.0;
@@ -351,35 +371,37 @@ static int image_digest(lua_State *L)
         return ql_push_fail(L, QCOW2_E_INVALID,
                             "%s: unknown digest algorithm '%s'",
                             qcow2_path(q->img), algo);
-    chunk = bytes < QL_DIGEST_CHUNK ? (size_t)bytes : QL_DIGEST_CHUNK;
-    /* Allocated by Lua before the OpenSSL context exists, so nothing below
-     * raises while ctx (or the damage list) is live. */
-    buf = lua_newuserdatauv(L, chunk ? chunk : 1, 0);
-
+    /* The stream lives in a box whose __gc closes it (joins its worker
+     * threads) should anything below ever raise; allocated by Lua before
+     * the OpenSSL context exists, so nothing below raises while ctx (or
+     * the damage list) is live. The progress hook runs protected, between
+     * chunks: the workers never touch Lua. */
+    box = bulk_box_new(L);
+    rc = qcow2_bulk_open(q->img, guest_offset, bytes, 0,
+                         zero ? collect_damage : NULL, &damage, box);
     total = bytes;
     ctx = EVP_MD_CTX_new();
-    evp_ok = ctx != NULL && EVP_DigestInit_ex(ctx, md, NULL);
+    evp_ok = rc == 0 && ctx != NULL && EVP_DigestInit_ex(ctx, md, NULL);
     if (evp_ok && progress) {
         perr = digest_progress(L, progress, 0, total);
         last = digest_now();
     }
-    while (evp_ok && perr == LUA_OK && bytes > 0) {
-        size_t n = bytes < chunk ? (size_t)bytes : chunk;
-        rc = zero ? qcow2_read_salvage(q->img, guest_offset, buf, n,
-                                       collect_damage, &damage)
-                  : qcow2_read(q->img, guest_offset, buf, n);
-        if (rc != 0)
+    while (evp_ok && perr == LUA_OK) {
+        const void *data;
+        size_t n;
+        rc = qcow2_bulk_next(*box, &data, &n);
+        if (rc != 0 || n == 0)
             break;
-        evp_ok = EVP_DigestUpdate(ctx, buf, n);
-        guest_offset += n;
-        bytes -= n;
+        evp_ok = EVP_DigestUpdate(ctx, data, n);
         done += n;
         if (progress && evp_ok &&
-            (bytes == 0 || digest_now() - last >= QL_DIGEST_PROGRESS_EVERY)) {
+            (done == total || digest_now() - last >= QL_DIGEST_PROGRESS_EVERY)) {
             perr = digest_progress(L, progress, done, total);
             last = digest_now();
         }
     }
+    qcow2_bulk_close(*box);
+    *box = NULL;
     if (rc == 0 && evp_ok && perr == LUA_OK)
         evp_ok = EVP_DigestFinal_ex(ctx, digest, &digest_len);
     EVP_MD_CTX_free(ctx);

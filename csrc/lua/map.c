@@ -7,7 +7,10 @@
  * engine. m[i] builds the extent's table on demand. A map holds no
  * reference to the Image it came from: it never reads it again, so the
  * Image (and its file descriptor) may be closed or collected first.
+ * m:to_json() turns the array into qemu-img map's JSON in C (map_json.c),
+ * with no Lua table per extent.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +22,8 @@ struct ql_map {
     size_t count;
     size_t capacity;
     int out_of_memory;          /* the collector could not grow the array */
+    char *json;                 /* to_json's text while Lua copies it;
+                                   freed after, or by __gc if that raised */
 };
 
 static const char *const extent_type_names[] = {
@@ -206,9 +211,48 @@ static int map_stats(lua_State *L)
     return 1;
 }
 
+/* m:to_json([file]) -> the JSON text of `qemu-img map --output=json`
+ * (its layout, without the final newline), or with an open io file:
+ * written to it in pieces, true | nil, message, "io". */
+static int map_to_json(lua_State *L)
+{
+    ql_map *m = check_map(L, 1);
+    luaL_Stream *file = NULL;
+    size_t len = 0;
+    int rc;
+
+    if (!lua_isnoneornil(L, 2)) {
+        file = luaL_checkudata(L, 2, LUA_FILEHANDLE);
+        if (file->closef == NULL)
+            return luaL_argerror(L, 2, "attempt to use a closed file");
+    }
+    free(m->json);
+    m->json = NULL;
+    rc = ql_map_json(m->extents, m->count, file ? file->f : NULL,
+                     &m->json, &len);
+    if (rc == QCOW2_E_NOMEM)
+        return ql_push_fail(L, rc, "out of memory writing the map's JSON");
+    if (rc < 0) {
+        char text[128];
+        /* GNU strerror_r (_GNU_SOURCE): thread-safe, returns the text */
+        return ql_push_fail(L, rc, "writing the map's JSON failed: %s",
+                            strerror_r(errno, text, sizeof text));
+    }
+    if (file) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    lua_pushlstring(L, m->json, len);
+    free(m->json);
+    m->json = NULL;
+    return 1;
+}
+
 static int map_gc(lua_State *L)
 {
     ql_map *m = check_map(L, 1);
+    free(m->json);
+    m->json = NULL;
     for (size_t i = 0; i < m->count; i++)
         free((char *)m->extents[i].reason);
     free(m->extents);
@@ -230,6 +274,7 @@ void ql_map_register(lua_State *L)
     static const luaL_Reg methods[] = {
         {"extents", map_extents},
         {"stats", map_stats},
+        {"to_json", map_to_json},
         {NULL, NULL}
     };
     static const luaL_Reg *const all[] = { methods, NULL };

@@ -118,20 +118,8 @@ function MapMethods:records()
   return out
 end
 
---- The same JSON array as `qemu-img map --output=json`.
-function MapMethods:to_json()
-  local records = self:records()
-  if #records == 0 then return "[]" end
-  local biggest = 0
-  for _, r in ipairs(records) do
-    local hi = r.start + r.length
-    if hi > biggest then biggest = hi end
-    if r.offset and r.offset + r.length > biggest then
-      biggest = r.offset + r.length
-    end
-  end
-  return M.json_encode(records, biggest)
-end
+-- MapMethods:to_json([file]) is C (csrc/lua/map_json.c): the same records
+-- in qemu-img's layout, with no Lua table per extent.
 
 -- Image in Lua ----------------------------------------------------------------
 

@@ -1,0 +1,71 @@
+-- The library's side of one bench/run.lua workload, run as its own process
+-- (so that its time and peak RSS are measured as qemu's are: a whole
+-- process under /usr/bin/time). usage: lua5.4 bench/child.lua WORKLOAD ARGS...
+local qcow2 = require "qcow2"
+
+local work, a = arg[1], { table.unpack(arg, 2) }
+
+local function offsets(path)
+  local list = {}
+  for line in io.lines(path) do list[#list + 1] = math.tointeger(tonumber(line)) end
+  return list
+end
+
+local W = {}
+
+-- 1: the whole disk in 4 MiB calls
+function W.seqread(path)
+  local img <close> = assert(qcow2.open(path))
+  local size, chunk = img.size, 4 << 20
+  for off = 0, size - 1, chunk do assert(img:read(off, math.min(chunk, size - off))) end
+end
+
+-- 2
+function W.digest(path)
+  local img <close> = assert(qcow2.open(path))
+  io.write(assert(img:digest("sha256")), "\n")
+end
+
+-- 3: 4 KiB writes at the offsets listed in a file, in a cache mode
+function W.writes(path, list, cache, lazy)
+  local img <close> = assert(qcow2.open(path, { mode = "rw", cache = cache,
+    lazy_refcounts = lazy == "lazy" or nil }))
+  local block = ("\x5a"):rep(4096)
+  for _, off in ipairs(offsets(list)) do assert(img:write(off, block)) end
+  assert(img:flush())
+end
+
+-- 4
+function W.check(path)
+  local img <close> = assert(qcow2.open(path))
+  local r = assert(img:check())
+  assert(r.corruptions == 0 and r.leaks == 0)
+end
+
+-- 5: to a file as qemu-img map prints to its stdout
+function W.map(path)
+  local img <close> = assert(qcow2.open(path))
+  assert(img:map():to_json(io.stdout))
+end
+
+-- 6
+function W.create(path, size)
+  local img = assert(qcow2.create(path, { size = math.tointeger(tonumber(size)),
+    preallocation = "metadata", overwrite = true }))
+  img:close()
+end
+
+-- 7
+function W.snapshot(path)
+  local img <close> = assert(qcow2.open(path, { mode = "rw" }))
+  local s = assert(img:create_snapshot("bench"))
+  assert(s:delete())
+end
+
+-- 8: 4 KiB reads at the offsets listed in a file
+function W.randread(path, list)
+  local img <close> = assert(qcow2.open(path))
+  for _, off in ipairs(offsets(list)) do assert(img:read(off, 4096)) end
+end
+
+assert(W[work], "unknown workload " .. tostring(work))(table.unpack(a))
