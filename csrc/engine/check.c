@@ -306,7 +306,7 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
     return qcow2_flush(img);
 }
 
-int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
+static int check_run(qcow2_image *img, int repair, qcow2_check_result *out)
 {
     qcow2_check_result again;
     uint64_t corruptions_before = 0, leaks_before = 0;
@@ -390,4 +390,18 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
         }
     }
     return 0;
+}
+
+int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
+{
+    int ret;
+
+    /* a repair writes once per bad entry, leak or refcount: each overlap
+     * check then searches sorted offsets rather than scan whole tables */
+    if (repair != QCOW2_REPAIR_NONE)
+        qcow2_overlap_index_hold(img);
+    ret = check_run(img, repair, out);
+    if (repair != QCOW2_REPAIR_NONE)
+        qcow2_overlap_index_release(img);
+    return ret;
 }

@@ -58,6 +58,266 @@ static int l1_hits(const qcow2_image *img, const uint64_t *l1, uint32_t size,
     return 0;
 }
 
+/* ---- Sorted indexes of the tables' offsets (held by check -r all) -------- */
+
+/* The distinct nonzero offsets one in-memory table lists, sorted, with a
+ * Fenwick tree of how many entries list each: entries that change only
+ * move counts (O(log n)); an offset not indexed yet means a rebuild. */
+typedef struct offset_index {
+    const uint64_t *table;       /* the table indexed, as last seen */
+    uint64_t entries, table_offset, mask;
+    uint64_t *shadow;            /* its entries as indexed */
+    uint64_t *keys;              /* distinct offsets, ascending */
+    uint32_t *tree;              /* Fenwick tree over keys, 1-based */
+    uint64_t nkeys;
+    uint64_t dirty_lo, dirty_hi; /* entries written since, [lo, hi) */
+    int stale;                   /* rebuild before the next search */
+} offset_index;
+
+struct qcow2_overlap_index {
+    int holds;
+    offset_index l2, refblocks;
+};
+
+static void index_free(offset_index *x)
+{
+    free(x->shadow);
+    free(x->keys);
+    free(x->tree);
+    x->shadow = x->keys = NULL;
+    x->tree = NULL;
+    x->nkeys = 0;
+    x->stale = 1;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void tree_add(offset_index *x, uint64_t pos, int32_t delta)
+{
+    for (uint64_t i = pos + 1; i <= x->nkeys; i += i & (~i + 1))
+        x->tree[i - 1] += (uint32_t)delta;
+}
+
+/* Live entries listing keys[0 .. n). */
+static uint64_t tree_prefix(const offset_index *x, uint64_t n)
+{
+    uint64_t sum = 0;
+    for (uint64_t i = n; i > 0; i -= i & (~i + 1))
+        sum += x->tree[i - 1];
+    return sum;
+}
+
+/* Position of `key` in keys, or nkeys when absent. */
+static uint64_t key_find(const offset_index *x, uint64_t key)
+{
+    uint64_t lo = 0, hi = x->nkeys;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (x->keys[mid] < key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < x->nkeys && x->keys[lo] == key ? lo : x->nkeys;
+}
+
+static int index_build(offset_index *x, const uint64_t *table,
+                       uint64_t entries, uint64_t table_offset, uint64_t mask)
+{
+    uint64_t n = 0, *sorted;
+
+    index_free(x);
+    x->table = table;
+    x->entries = entries;
+    x->table_offset = table_offset;
+    x->mask = mask;
+    x->dirty_lo = x->dirty_hi = 0;
+    if (entries > SIZE_MAX / 8 || entries >= UINT32_MAX)
+        return -1;
+    x->shadow = malloc((size_t)entries * 8 + 8);
+    sorted = malloc((size_t)entries * 8 + 8);
+    if (!x->shadow || !sorted) {
+        free(sorted);
+        index_free(x);
+        return -1;
+    }
+    memcpy(x->shadow, table, (size_t)entries * 8);
+    for (uint64_t i = 0; i < entries; i++)
+        if (table[i] & mask)
+            sorted[n++] = table[i] & mask;
+    qsort(sorted, (size_t)n, 8, cmp_u64);
+    x->tree = calloc((size_t)n + 1, sizeof *x->tree);
+    if (!x->tree) {
+        free(sorted);
+        index_free(x);
+        return -1;
+    }
+    x->keys = sorted;
+    for (uint64_t i = 0; i < n; i++) {
+        if (x->nkeys && x->keys[x->nkeys - 1] == sorted[i]) {
+            x->tree[x->nkeys - 1]++;
+            continue;
+        }
+        x->keys[x->nkeys] = sorted[i];
+        x->tree[x->nkeys++] = 1;
+    }
+    /* counts into a Fenwick tree in place, O(n) */
+    for (uint64_t i = 1; i <= x->nkeys; i++) {
+        uint64_t parent = i + (i & (~i + 1));
+        if (parent <= x->nkeys)
+            x->tree[parent - 1] += x->tree[i - 1];
+    }
+    x->stale = 0;
+    return 0;
+}
+
+/* Bring the index up to the table: rebuilt when the table moved or was
+ * replaced, entries written since the last search re-read. -1 when it
+ * cannot be had (no memory): the caller scans. */
+static int index_follow(offset_index *x, const uint64_t *table,
+                        uint64_t entries, uint64_t table_offset,
+                        uint64_t mask)
+{
+    if (x->stale || x->table != table || x->entries != entries ||
+        x->table_offset != table_offset)
+        return index_build(x, table, entries, table_offset, mask);
+    for (uint64_t i = x->dirty_lo; i < x->dirty_hi; i++) {
+        uint64_t was = x->shadow[i] & mask, now = table[i] & mask, pos;
+        if (was == now)
+            continue;
+        if (now) {
+            pos = key_find(x, now);
+            if (pos == x->nkeys)        /* an offset new to the index */
+                return index_build(x, table, entries, table_offset, mask);
+            tree_add(x, pos, 1);
+        }
+        if (was)
+            tree_add(x, key_find(x, was), -1);
+        x->shadow[i] = table[i];
+    }
+    x->dirty_lo = x->dirty_hi = 0;
+    return 0;
+}
+
+/* Does any listed offset, as a one-cluster structure, hit the cluster-
+ * aligned [offset, offset+length)? The same verdict as the scan. */
+static int index_hits(const offset_index *x, uint64_t cs, uint64_t offset,
+                      uint64_t length)
+{
+    uint64_t lo = 0, hi = x->nkeys, first, last;
+
+    /* first key whose cluster (saturated, as hits() saturates) ends
+     * past offset */
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2, key = x->keys[mid];
+        if ((key > UINT64_MAX - cs ? UINT64_MAX : key + cs) > offset)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    first = lo;
+    /* first key at or past the end (offset + length cannot wrap here) */
+    hi = x->nkeys;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (x->keys[mid] >= offset + length)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    last = lo;
+    return last > first && tree_prefix(x, last) > tree_prefix(x, first);
+}
+
+/* A write over a table's bytes changes entries the index must re-read;
+ * one over the header may move or replace any table. */
+static void index_note_write(offset_index *x, uint64_t cs, uint64_t offset,
+                             uint64_t length)
+{
+    uint64_t end, lo, hi;
+
+    if (x->stale)
+        return;
+    if (offset < cs || add_overflows(offset, length, &end)) {
+        x->stale = 1;
+        return;
+    }
+    if (!ranges_overlap(offset, length, x->table_offset, x->entries * 8))
+        return;
+    lo = (max_u64(offset, x->table_offset) - x->table_offset) / 8;
+    hi = div_round_up(min_u64(end, x->table_offset + x->entries * 8) -
+                      x->table_offset, 8);
+    if (x->dirty_hi > x->dirty_lo) {
+        lo = min_u64(lo, x->dirty_lo);
+        hi = max_u64(hi, x->dirty_hi);
+    }
+    x->dirty_lo = lo;
+    x->dirty_hi = hi;
+}
+
+void qcow2_overlap_index_hold(qcow2_image *img)
+{
+    struct qcow2_overlap_index *index;
+
+    if (!img->ws)
+        return;
+    if (img->ws->index) {
+        img->ws->index->holds++;
+        return;
+    }
+    index = calloc(1, sizeof *index);
+    if (!index)
+        return;                 /* the check scans instead */
+    index->holds = 1;
+    index->l2.stale = index->refblocks.stale = 1;
+    img->ws->index = index;
+}
+
+void qcow2_overlap_index_release(qcow2_image *img)
+{
+    struct qcow2_overlap_index *index = img->ws ? img->ws->index : NULL;
+
+    if (!index || --index->holds > 0)
+        return;
+    index_free(&index->l2);
+    index_free(&index->refblocks);
+    free(index);
+    img->ws->index = NULL;
+}
+
+static int active_l2_hits(qcow2_image *img, uint64_t offset, uint64_t length)
+{
+    struct qcow2_overlap_index *index = img->ws ? img->ws->index : NULL;
+
+    if (index && index_follow(&index->l2, img->l1, img->l1_size,
+                              img->hdr.l1_table_offset,
+                              L1E_OFFSET_MASK) == 0)
+        return index_hits(&index->l2, img->cluster_size, offset, length);
+    return l1_hits(img, img->l1, img->l1_size, offset, length);
+}
+
+static int refblock_hits(qcow2_image *img, uint64_t offset, uint64_t length)
+{
+    struct qcow2_overlap_index *index = img->ws ? img->ws->index : NULL;
+
+    if (index && index_follow(&index->refblocks, img->reftable,
+                              img->reftable_entries,
+                              img->hdr.refcount_table_offset,
+                              REFT_OFFSET_MASK) == 0)
+        return index_hits(&index->refblocks, img->cluster_size, offset,
+                          length);
+    for (uint64_t i = 0; i < img->reftable_entries; i++) {
+        uint64_t block = img->reftable[i] & REFT_OFFSET_MASK;
+        if (block && hits(offset, length, block, img->cluster_size))
+            return 1;
+    }
+    return 0;
+}
+
 static uint64_t snapshot_table_bytes(const qcow2_image *img)
 {
     uint64_t end = img->hdr.snapshots_offset;
@@ -148,15 +408,11 @@ static int first_overlap(qcow2_image *img, int checks, uint64_t offset,
              img->ext.bitmap_directory_size))
         return OVERLAP_BITMAP_DIR;
     if ((checks & OVERLAP_ACTIVE_L2) && img->l1 &&
-        l1_hits(img, img->l1, img->l1_size, offset, length))
+        active_l2_hits(img, offset, length))
         return OVERLAP_ACTIVE_L2;
-    if ((checks & OVERLAP_REFCOUNT_BLOCK) && img->reftable) {
-        for (uint64_t i = 0; i < img->reftable_entries; i++) {
-            uint64_t block = img->reftable[i] & REFT_OFFSET_MASK;
-            if (block && hits(offset, length, block, cs))
-                return OVERLAP_REFCOUNT_BLOCK;
-        }
-    }
+    if ((checks & OVERLAP_REFCOUNT_BLOCK) && img->reftable &&
+        refblock_hits(img, offset, length))
+        return OVERLAP_REFCOUNT_BLOCK;
     if ((checks & OVERLAP_INACTIVE_L2) && inactive_l2_hits(img, offset, length))
         return OVERLAP_INACTIVE_L2;
     return 0;
@@ -249,6 +505,12 @@ int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
     if (rc < 0)
         return rc;
     rc = write_io(img, img->io, what, offset, buf, length);
+    if (img->ws && img->ws->index) {
+        index_note_write(&img->ws->index->l2, img->cluster_size, offset,
+                         length);
+        index_note_write(&img->ws->index->refblocks, img->cluster_size,
+                         offset, length);
+    }
     /* The refcount-block cache, once it exists, observes every write:
      * cached blocks mirror the disk, whoever writes their bytes. */
     if (img->write_observer)

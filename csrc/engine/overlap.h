@@ -49,6 +49,8 @@ typedef struct qcow2_write_state {
     int poisoned;                /* a metadata write failed midway: every
                                     later call fails with `poison` */
     qcow2_error poison;
+    struct qcow2_overlap_index *index;  /* while held (overlap.c): sorted
+                                           offsets the check searches */
 } qcow2_write_state;
 
 /* 0, or QCOW2_E_CORRUPT when [offset, offset+length) hits a structure in
@@ -64,6 +66,15 @@ int qcow2_overlap_find(qcow2_image *img, int ignore, uint64_t offset,
  * `what`, pwrite; a failure is returned with a message naming `what`. */
 int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
                         uint64_t offset, const void *buf, size_t length);
+/* Hold (or release) sorted indexes of the L2 tables the active L1 lists
+ * and of the refcount blocks, so that each check costs O(log n), not a
+ * scan of both tables: a pass that writes once per entry of a hostile
+ * table (check -r all) would otherwise take time quadratic in its size.
+ * The indexes follow every change made through qcow2_write_checked
+ * (tables are mirrored in memory right after their write); holds nest.
+ * Without memory for them the check simply scans. */
+void qcow2_overlap_index_hold(qcow2_image *img);
+void qcow2_overlap_index_release(qcow2_image *img);
 /* fsync of the data file, then of the image file: what img:flush() and
  * close promise (nothing when ws->no_sync). */
 int qcow2_sync(qcow2_image *img);

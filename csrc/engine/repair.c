@@ -131,51 +131,127 @@ static int mend_l2(qcow2_image *img, qcow2_check_result *res,
     return rc;
 }
 
-/* One L1 table (active when `active`): bad entries cleared, every L2
- * table it holds mended. */
+/* Can an L1 entry be followed to an L2 table inside the file? */
+static int l1_entry_usable(const qcow2_image *img, uint64_t entry,
+                           uint64_t file_size)
+{
+    uint64_t l2_offset = entry & L1E_OFFSET_MASK;
+
+    return !(entry & L1E_RESERVED_MASK) && l2_offset != 0 &&
+           is_aligned(l2_offset, img->cluster_size) &&
+           l2_offset >= img->cluster_size &&
+           range_inside(l2_offset, img->cluster_size, file_size);
+}
+
+/* Entries [first, last] of an L1 table written from l1[] (host order),
+ * or 1 when the overlap check would refuse the write (nothing written). */
+static int write_l1_span(qcow2_image *img, uint64_t l1_offset,
+                         const uint64_t *l1, uint32_t first, uint32_t last,
+                         int quiet, qcow2_check_result *res, uint8_t *buf)
+{
+    uint64_t offset = l1_offset + (uint64_t)first * 8;
+    size_t length = ((size_t)(last - first) + 1) * 8;
+    int ignore = OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1;
+
+    if (quiet ? qcow2_overlap_find(img, ignore, offset, length) != 0
+              : write_blocked(img, res, ignore, offset, length, "L1 entry"))
+        return 1;
+    for (uint32_t j = first; j <= last; j++)
+        put_be64(buf + (size_t)(j - first) * 8, l1[j]);
+    return qcow2_write_checked(img, ignore, "l1", offset, buf, length);
+}
+
+/* One L1 table (active when `active`): every L2 table it holds mended,
+ * then the bad entries cleared, one write per cluster of the table (a
+ * hostile table of millions of entries costs as many writes as it has
+ * clusters); where that write is refused, one entry at a time, as an
+ * entry cleared may be what stood in the way of the next. */
 static int mend_l1(qcow2_image *img, qcow2_check_result *res,
                    uint64_t l1_offset, uint32_t l1_size, int active,
                    uint64_t file_size, uint8_t *table, uint64_t *blocked)
 {
-    uint64_t *l1 = NULL;
+    uint32_t per_cluster = (uint32_t)(img->cluster_size / 8);
+    uint64_t *l1 = NULL, *old;
+    uint8_t *buf;
     check_state st;
     int rc;
 
     note_state(&st, img, res);
     if (l1_size == 0)
         return 0;
+    buf = malloc((size_t)img->cluster_size * 2);
+    if (!buf)
+        return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    old = (uint64_t *)(void *)(buf + img->cluster_size);
     rc = qcow2_l1_load(img, l1_offset, l1_size, "L1 table", &l1);
-    for (uint32_t i = 0; rc == 0 && i < l1_size; i++) {
-        uint64_t entry = l1[i], l2_offset = entry & L1E_OFFSET_MASK;
-        uint8_t zero[8] = { 0 };
+    for (uint32_t c = 0; rc == 0 && c < l1_size; c += per_cluster) {
+        uint32_t end = l1_size - c < per_cluster ? l1_size : c + per_cluster;
+        uint32_t first = end, last = 0;
 
-        if (entry == 0)
-            continue;
-        if (!(entry & L1E_RESERVED_MASK) && l2_offset != 0 &&
-            is_aligned(l2_offset, img->cluster_size) &&
-            l2_offset >= img->cluster_size &&
-            range_inside(l2_offset, img->cluster_size, file_size)) {
-            rc = mend_l2(img, res, l2_offset, file_size, table, blocked);
-            continue;
+        for (uint32_t i = c; rc == 0 && i < end; i++) {
+            if (l1[i] == 0)
+                continue;
+            if (l1_entry_usable(img, l1[i], file_size)) {
+                rc = mend_l2(img, res, l1[i] & L1E_OFFSET_MASK, file_size,
+                             table, blocked);
+                continue;
+            }
+            first = i < first ? i : first;
+            last = i;
         }
-        if (write_blocked(img, res, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
-                          l1_offset + (uint64_t)i * 8, 8, "L1 entry")) {
-            ++*blocked;
+        if (rc < 0 || first == end)
             continue;
+        {
+            uint32_t span = last - first + 1;
+
+            memcpy(old, l1 + first, (size_t)span * 8);
+            for (uint32_t i = first; i <= last; i++)
+                if (l1[i] && !l1_entry_usable(img, l1[i], file_size))
+                    l1[i] = 0;
+            rc = write_l1_span(img, l1_offset, l1, first, last, 1, res, buf);
+            if (rc == 1) {
+                /* refused whole: entry by entry, as before */
+                memcpy(l1 + first, old, (size_t)span * 8);
+                rc = 0;
+                for (uint32_t i = first; rc == 0 && i <= last; i++) {
+                    if (!l1[i] || l1_entry_usable(img, l1[i], file_size))
+                        continue;
+                    old[0] = l1[i];
+                    l1[i] = 0;
+                    rc = write_l1_span(img, l1_offset, l1, i, i, 0, res, buf);
+                    if (rc == 1) {
+                        l1[i] = old[0];
+                        ++*blocked;
+                        rc = 0;
+                        continue;
+                    }
+                    if (rc == 0 && active && i < img->l1_size)
+                        img->l1[i] = 0;
+                    if (rc == 0)
+                        check_note(&st, QCOW2_FINDING_REPAIRED,
+                                   l1_offset + (uint64_t)i * 8,
+                                   "Repairing L1 entry %u of the table at "
+                                   "0x%llx: %llx cleared (the L2 table "
+                                   "cannot be followed)", i, ull(l1_offset),
+                                   ull(old[0]));
+                }
+                continue;
+            }
+            for (uint32_t i = first; rc == 0 && i <= last; i++) {
+                if (old[i - first] == l1[i])
+                    continue;
+                if (active && i < img->l1_size)
+                    img->l1[i] = 0;
+                check_note(&st, QCOW2_FINDING_REPAIRED,
+                           l1_offset + (uint64_t)i * 8, "Repairing L1 "
+                           "entry %u of the table at 0x%llx: %llx cleared "
+                           "(the L2 table cannot be followed)", i,
+                           ull(l1_offset), ull(old[i - first]));
+            }
         }
-        rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1 | OVERLAP_INACTIVE_L1,
-                                 "l1", l1_offset + (uint64_t)i * 8, zero,
-                                 sizeof zero);
-        if (rc < 0)
-            break;
-        if (active && i < img->l1_size)
-            img->l1[i] = 0;
-        check_note(&st, QCOW2_FINDING_REPAIRED, l1_offset + (uint64_t)i * 8,
-                   "Repairing L1 entry %u of the table at 0x%llx: %llx "
-                   "cleared (the L2 table cannot be followed)", i,
-                   ull(l1_offset), ull(entry));
     }
     free(l1);
+    free(buf);
     return rc;
 }
 
