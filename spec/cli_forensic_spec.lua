@@ -164,12 +164,7 @@ describe("qcow2 tool, forensic subcommands", function()
       local out = {}
       for at = 0, math.max(#a, #b) - 1, CLUSTER do
         if a:sub(at + 1, at + CLUSTER) ~= b:sub(at + 1, at + CLUSTER) then
-          local last = out[#out]
-          if last and last.start + last.length == at then
-            last.length = last.length + CLUSTER
-          else
-            out[#out + 1] = { start = at, length = CLUSTER }
-          end
+          h.add_range(out, at, CLUSTER)
         end
       end
       return out

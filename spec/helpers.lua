@@ -188,6 +188,17 @@ function M.assert_clean(path)
   luassert.equal(0, r.leaks or 0, path)
 end
 
+-- Append {start, length} to a list of ranges in order, merged into the
+-- last one when it ends where this one starts.
+function M.add_range(ranges, start, length)
+  local last = ranges[#ranges]
+  if last and last.start + last.length == start then
+    last.length = last.length + length
+  else
+    ranges[#ranges + 1] = { start = start, length = length }
+  end
+end
+
 -- Seeded pseudo-random bytes (deterministic, not cryptographic).
 function M.random_bytes(n, seed)
   local x = seed or 12345
