@@ -14,23 +14,9 @@ local OFFSET_MASK = 0x00fffffffffffe00
 local FAR = 0x10000000
 
 -- stdout, stderr, exit status of the tool; env a prefix ("X=1").
-local function run(args, env)
-  local errf = os.tmpname()
-  local p = assert(io.popen(("unset LD_PRELOAD; %s %s %s 2>%s"):format(env or "", TOOL, args, h.q(errf))))
-  local out = p:read("a")
-  local _, _, code = p:close()
-  local err = h.read_file(errf)
-  os.remove(errf)
-  return out, err, code
-end
+local run = h.run_tool
 
-local function sha256(data)
-  local f = os.tmpname()
-  h.write_file(f, data)
-  local hex = h.sha256_file(f)
-  os.remove(f)
-  return hex
-end
+local sha256 = h.sha256
 
 -- The file offset of the L2 entry mapping guest offset g (64 KiB clusters,
 -- one L2 table maps 512 MiB).
@@ -178,12 +164,7 @@ describe("qcow2 tool, forensic subcommands", function()
       local out = {}
       for at = 0, math.max(#a, #b) - 1, CLUSTER do
         if a:sub(at + 1, at + CLUSTER) ~= b:sub(at + 1, at + CLUSTER) then
-          local last = out[#out]
-          if last and last.start + last.length == at then
-            last.length = last.length + CLUSTER
-          else
-            out[#out + 1] = { start = at, length = CLUSTER }
-          end
+          h.add_range(out, at, CLUSTER)
         end
       end
       return out

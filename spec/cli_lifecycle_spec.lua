@@ -4,18 +4,9 @@
 -- checks.
 local h = require "helpers"
 
-local TOOL = h.TOOL
 local MiB = 1024 * 1024
 
-local function run(args)
-  local errf = os.tmpname()
-  local p = assert(io.popen(("unset LD_PRELOAD; %s %s 2>%s"):format(TOOL, args, h.q(errf))))
-  local out = p:read("a")
-  local _, _, code = p:close()
-  local err = h.read_file(errf)
-  os.remove(errf)
-  return out, err, code
-end
+local run = h.run_tool
 
 local function same(a, b)
   local ok, out = h.sh("qemu-img compare " .. h.q(a) .. " " .. h.q(b), true)

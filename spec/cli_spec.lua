@@ -7,17 +7,8 @@ local qcow2 = require "qcow2"
 
 local TOOL = h.TOOL
 
--- Run the tool: stdout, stderr, exit status. `env` is a prefix such as
--- "QCOW2_PROGRESS_DELAY=0".
-local function run(args, env)
-  local errf = os.tmpname()
-  local p = assert(io.popen(("unset LD_PRELOAD; %s %s %s 2>%s"):format(env or "", TOOL, args, h.q(errf))))
-  local out = p:read("a")
-  local _, _, code = p:close()
-  local err = h.read_file(errf)
-  os.remove(errf)
-  return out, err, code
-end
+-- Run the tool: stdout, stderr, exit status.
+local run = h.run_tool
 
 -- qemu-img with its stdout and exit status (stderr dropped).
 local function qemu(args)

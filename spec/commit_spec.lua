@@ -7,20 +7,8 @@ local qcow2 = require("qcow2")
 
 local MiB = 1024 * 1024
 
-local function export_sha(path, fmt)
-  local raw = path .. ".export.raw"
-  h.must("qemu-img convert " .. (fmt and ("-f " .. fmt .. " ") or "") .. "-O raw "
-         .. h.q(path) .. " " .. h.q(raw))
-  local sha = h.sha256_file(raw)
-  os.remove(raw)
-  return sha
-end
-
-local function clean(path)
-  local r = h.check_json(path)
-  assert.equal(0, r.corruptions or 0, path)
-  assert.equal(0, r.leaks or 0, path)
-end
+local export_sha = h.export_sha256
+local clean = h.assert_clean
 
 describe("img:commit", function()
   local dir

@@ -21,21 +21,13 @@ local function raw_diff(x, y)
     if #b < len then b = b .. string.rep("\0", len - #b) end
     return b
   end
-  local function add(start, len)
-    local last = ranges[#ranges]
-    if last and last.start + last.length == start then
-      last.length = last.length + len
-    else
-      ranges[#ranges + 1] = { start = start, length = len }
-    end
-  end
   local BLOCK = 64 * KiB
   for pos = 0, size - 1, BLOCK do
     local len = math.min(BLOCK, size - pos)
     if byte_block(x, pos, len) ~= byte_block(y, pos, len) then
       for s = pos, pos + len - 1, SECTOR do
         local n = math.min(SECTOR, size - s)
-        if byte_block(x, s, n) ~= byte_block(y, s, n) then add(s, n) end
+        if byte_block(x, s, n) ~= byte_block(y, s, n) then h.add_range(ranges, s, n) end
       end
     end
   end

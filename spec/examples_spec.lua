@@ -17,13 +17,7 @@ local function example(name, args)
   return out
 end
 
-local function sha256(data)
-  local f = os.tmpname()
-  h.write_file(f, data)
-  local hex = h.sha256_file(f)
-  os.remove(f)
-  return hex
-end
+local sha256 = h.sha256
 
 describe("examples", function()
   local dir, snaps, base, top, leak, leak_host

@@ -147,6 +147,58 @@ function M.sha256_file(path)
   return (M.must("sha256sum " .. M.q(path)):match("^(%x+)"))
 end
 
+-- The sha256 hex digest of a string (through a temporary file).
+function M.sha256(data)
+  local f = os.tmpname()
+  M.write_file(f, data)
+  local hex = M.sha256_file(f)
+  os.remove(f)
+  return hex
+end
+
+-- Run the `qcow2` tool as a child process: stdout, stderr, exit status.
+-- `env` is a prefix such as "QCOW2_PROGRESS_DELAY=0".
+function M.run_tool(args, env)
+  local errf = os.tmpname()
+  local p = assert(io.popen(("unset LD_PRELOAD; %s %s %s 2>%s"):format(env or "", M.TOOL, args, M.q(errf))))
+  local out = p:read("a")
+  local _, _, code = p:close()
+  local err = M.read_file(errf)
+  os.remove(errf)
+  return out, err, code
+end
+
+-- The sha256 of the guest disk as qemu-img reads it (a raw export next to
+-- path); fmt, when given, is passed as -f.
+function M.export_sha256(path, fmt)
+  local raw = path .. ".export.raw"
+  M.must("qemu-img convert " .. (fmt and ("-f " .. fmt .. " ") or "") .. "-O raw "
+         .. M.q(path) .. " " .. M.q(raw))
+  local sha = M.sha256_file(raw)
+  os.remove(raw)
+  return sha
+end
+
+-- Assert that qemu-img check finds neither corruptions nor leaks.
+-- (luassert by name: a spec's `assert` global is not this module's)
+function M.assert_clean(path)
+  local luassert = require("luassert")
+  local r = M.check_json(path)
+  luassert.equal(0, r.corruptions or 0, path)
+  luassert.equal(0, r.leaks or 0, path)
+end
+
+-- Append {start, length} to a list of ranges in order, merged into the
+-- last one when it ends where this one starts.
+function M.add_range(ranges, start, length)
+  local last = ranges[#ranges]
+  if last and last.start + last.length == start then
+    last.length = last.length + length
+  else
+    ranges[#ranges + 1] = { start = start, length = length }
+  end
+end
+
 -- Seeded pseudo-random bytes (deterministic, not cryptographic).
 function M.random_bytes(n, seed)
   local x = seed or 12345

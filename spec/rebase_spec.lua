@@ -8,13 +8,7 @@ local qcow2 = require("qcow2")
 local MiB = 1024 * 1024
 
 -- sha256 of the guest disk as qemu-img reads it (raw export)
-local function export_sha(path)
-  local raw = path .. ".export.raw"
-  h.must("qemu-img convert -O raw " .. h.q(path) .. " " .. h.q(raw))
-  local sha = h.sha256_file(raw)
-  os.remove(raw)
-  return sha
-end
+local export_sha = h.export_sha256
 
 local function same_guest(a, b)
   local ok, out = h.sh("qemu-img compare " .. h.q(a) .. " " .. h.q(b), true)
@@ -22,11 +16,7 @@ local function same_guest(a, b)
   assert.equal(export_sha(a), export_sha(b))
 end
 
-local function clean(path)
-  local r = h.check_json(path)
-  assert.equal(0, r.corruptions or 0, path)
-  assert.equal(0, r.leaks or 0, path)
-end
+local clean = h.assert_clean
 
 describe("img:rebase", function()
   local dir

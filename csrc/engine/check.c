@@ -256,12 +256,26 @@ static int snapshot_table_needs_rewrite(const qcow2_image *img)
     return 0;
 }
 
+/* A leak pass (its repairs kept in out), then the COPIED flags set from
+ * the refcounts it leaves. */
+static int free_leaks_then_copied(qcow2_image *img, qcow2_check_result *out)
+{
+    qcow2_check_result leaks;
+    int ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks, NULL);
+
+    if (ret < 0)
+        return ret;
+    check_keep_repairs(&leaks);
+    check_append_findings(out, &leaks);
+    qcow2_check_result_free(&leaks);
+    return repair_copied(img, out);
+}
+
 /* -r all on an image with corruptions: the three steps of repair.c, the
  * leaks they leave freed before the COPIED flags are set (a flag must
  * never claim refcount 1 while a leak still says 2). */
 static int repair_all(qcow2_image *img, qcow2_check_result *out)
 {
-    qcow2_check_result leaks;
     uint64_t blocked = 0, counted_file_size;
     int ret;
 
@@ -277,13 +291,7 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
      * it held */
     if (blocked && (ret = repair_bad_entries(img, out, &blocked)) < 0)
         return ret;
-    ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks, NULL);
-    if (ret < 0)
-        return ret;
-    check_keep_repairs(&leaks);
-    check_append_findings(out, &leaks);
-    qcow2_check_result_free(&leaks);
-    if ((ret = repair_copied(img, out)) < 0)
+    if ((ret = free_leaks_then_copied(img, out)) < 0)
         return ret;
     /* last, as QEMU fixes the snapshot table once the refcounts are right:
      * the new table is allocated from them */
@@ -294,12 +302,7 @@ static int repair_all(qcow2_image *img, qcow2_check_result *out)
          * over the rebuilt refcounts, counted then as referenced at
          * refcount 0 (which stops a leak pass): free now what it held
          * back, and set the COPIED flags those refcounts decide */
-        if ((ret = check_pass(img, QCOW2_REPAIR_LEAKS, &leaks, NULL)) < 0)
-            return ret;
-        check_keep_repairs(&leaks);
-        check_append_findings(out, &leaks);
-        qcow2_check_result_free(&leaks);
-        if ((ret = repair_copied(img, out)) < 0)
+        if ((ret = free_leaks_then_copied(img, out)) < 0)
             return ret;
     }
     qcow2_l2_cache_drop_all(img->l2_cache);

@@ -50,28 +50,29 @@ qcow2_image *qcow2_backing(const qcow2_image *img)
     return img->backing;
 }
 
-int qcow2_file_size(qcow2_image *img, uint64_t *out)
+/* One of the file's sizes through the io layer; a failure names `what`
+ * and the errno text. */
+static int io_size(qcow2_image *img, int (*op)(qcow2_io *, uint64_t *),
+                   const char *what, uint64_t *out)
 {
     char text[128];
-    int ret = img->io->ops->size(img->io, out);
+    int ret = op(img->io, out);
 
     if (ret < 0)
-        return qcow2_fail(img, ret, "cannot get the file size: %s",
+        return qcow2_fail(img, ret, "cannot get the %s: %s", what,
                           qcow2_errno_text(img->io->last_errno, text,
                                            sizeof text));
     return 0;
 }
 
+int qcow2_file_size(qcow2_image *img, uint64_t *out)
+{
+    return io_size(img, img->io->ops->size, "file size", out);
+}
+
 int qcow2_allocated_file_size(qcow2_image *img, uint64_t *out)
 {
-    char text[128];
-    int ret = img->io->ops->allocated(img->io, out);
-
-    if (ret < 0)
-        return qcow2_fail(img, ret, "cannot get the allocated size: %s",
-                          qcow2_errno_text(img->io->last_errno, text,
-                                           sizeof text));
-    return 0;
+    return io_size(img, img->io->ops->allocated, "allocated size", out);
 }
 
 uint32_t qcow2_l1_size(const qcow2_image *img)

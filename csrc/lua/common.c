@@ -61,6 +61,20 @@ void ql_set_bool(lua_State *L, const char *key, int b)
     lua_setfield(L, -2, key);
 }
 
+void *ql_gc_box(lua_State *L, size_t size, const char *tname,
+                lua_CFunction gc)
+{
+    void *box = lua_newuserdatauv(L, size, 0);
+
+    memset(box, 0, size);
+    if (luaL_newmetatable(L, tname)) {
+        lua_pushcfunction(L, gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    return box;
+}
+
 void ql_human_size(char *buf, size_t len, uint64_t bytes)
 {
     /* QEMU's util/cutils.c size_to_str: switch to the next unit once the

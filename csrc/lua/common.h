@@ -73,6 +73,10 @@ void ql_image_register(lua_State *L);
 void ql_snapshot_push(lua_State *L, int image_idx, uint32_t index,
                       const qcow2_snapshot_info *info);
 void ql_snapshot_register(lua_State *L);
+/* The snapshot `want` (an id or a name, ids first as qemu-img does) of
+ * the Image at image_idx opened as a view pushed on the stack: returns its
+ * handle, or NULL with fail, message, code pushed (3 values). */
+qcow2_image *ql_snapshot_view(lua_State *L, int image_idx, const char *want);
 
 /* --- Cluster maps (map.c) -------------------------------------------------- */
 typedef struct ql_map ql_map;
@@ -218,6 +222,12 @@ int ql_clamp_range(lua_State *L, const char *who, const char *what,
  * with fail, message, "invalid" pushed. */
 int ql_check_inside(lua_State *L, const char *who, const char *what,
                     uint64_t offset, uint64_t length, uint64_t limit);
+
+/* Push a zeroed userdata of `size` bytes whose metatable `tname` (made
+ * on first use) has __gc = gc: a box for C memory that must be freed
+ * even when a Lua error jumps past the explicit release. */
+void *ql_gc_box(lua_State *L, size_t size, const char *tname,
+                lua_CFunction gc);
 
 /* QEMU's size_to_str: "0 B", "64 MiB", "1.5 GiB" (3 significant digits). */
 void ql_human_size(char *buf, size_t len, uint64_t bytes);

@@ -135,37 +135,6 @@ static uint32_t read_version(lua_State *L)
     return compat < 0 ? 3 : compat < 2 ? 2 : 3;
 }
 
-/* opts.snapshot of the Image at idx (ids first, then names) opened as a
- * view pushed on the stack; NULL with fail pushed. */
-static qcow2_image *snapshot_view(lua_State *L, int idx, const char *want)
-{
-    ql_image *q = ql_check_image(L, idx);
-    uint32_t n = qcow2_snapshot_count(q->img), found = UINT32_MAX;
-    qcow2_snapshot_info info;
-    qcow2_image *view = NULL;
-    ql_image *ud;
-    int rc;
-
-    for (int pass = 0; pass < 2 && found == UINT32_MAX; pass++)
-        for (uint32_t i = 0; i < n && found == UINT32_MAX; i++)
-            if (qcow2_snapshot_get(q->img, i, &info) == 0 &&
-                strcmp(pass == 0 ? info.id : info.name, want) == 0)
-                found = i;
-    if (found == UINT32_MAX) {
-        ql_push_fail(L, QCOW2_E_NOTFOUND, "%s: no snapshot '%s'",
-                     qcow2_path(q->img), want);
-        return NULL;
-    }
-    ud = ql_image_alloc(L, QL_VIEW, idx);
-    rc = qcow2_snapshot_open(q->img, found, &view);
-    if (rc < 0) {
-        ql_push_engine_error(L, q->img, rc);
-        return NULL;
-    }
-    ql_image_attach(ud, view);
-    return view;
-}
-
 /*
  * qcow2.measure(opts) -> {required =, fully_allocated = [, bitmaps =]} |
  * nil, message, code. opts: the create options (size unless `from`),
@@ -239,7 +208,7 @@ static int module_measure(lua_State *L)
             from_idx = opened;
         bitmaps_of = from;
         if (snapshot) {
-            from = snapshot_view(L, from_idx, snapshot);
+            from = ql_snapshot_view(L, from_idx, snapshot);
             if (!from) {
                 close_opened(L, opened);
                 return 3;

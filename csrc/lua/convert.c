@@ -55,54 +55,6 @@ static int job_gc(lua_State *L)
     return 0;
 }
 
-static job *job_new(lua_State *L)
-{
-    job *j = lua_newuserdatauv(L, sizeof *j, 0);
-
-    j->cv = NULL;
-    if (luaL_newmetatable(L, QL_CONVERT_JOB)) {
-        lua_pushcfunction(L, job_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_setmetatable(L, -2);
-    return j;
-}
-
-/* ---- The source ------------------------------------------------------------- */
-
-/* opts.snapshot (an id or a name, ids first as qemu-img -l does) opened
- * as a view pushed on the stack; returns its handle, or NULL with fail
- * pushed (3 values). */
-static qcow2_image *open_snapshot(lua_State *L, int image_idx, int snap_idx)
-{
-    ql_image *q = ql_check_image(L, image_idx);
-    const char *want = lua_tostring(L, snap_idx);
-    uint32_t n = qcow2_snapshot_count(q->img), found = UINT32_MAX;
-    qcow2_snapshot_info info;
-    qcow2_image *view = NULL;
-    ql_image *ud;
-    int rc;
-
-    for (int pass = 0; pass < 2 && found == UINT32_MAX; pass++)
-        for (uint32_t i = 0; i < n && found == UINT32_MAX; i++)
-            if (qcow2_snapshot_get(q->img, i, &info) == 0 &&
-                strcmp(pass == 0 ? info.id : info.name, want) == 0)
-                found = i;
-    if (found == UINT32_MAX) {
-        ql_push_fail(L, QCOW2_E_NOTFOUND, "%s: no snapshot '%s'",
-                     qcow2_path(q->img), want);
-        return NULL;
-    }
-    ud = ql_image_alloc(L, QL_VIEW, image_idx);
-    rc = qcow2_snapshot_open(q->img, found, &view);
-    if (rc < 0) {
-        ql_push_engine_error(L, q->img, rc);
-        return NULL;
-    }
-    ql_image_attach(ud, view);
-    return view;
-}
-
 /* ---- The output ------------------------------------------------------------- */
 
 /* qcow2.create(path, opts without convert's keys, size = size): the Image
@@ -262,6 +214,20 @@ static int call_progress(lua_State *L, int fn_idx, qcow2_convert *cv)
     return lua_pcall(L, 2, 0, 0) == LUA_OK;
 }
 
+/* The converter freed, the snapshot view (if any) and the output closed;
+ * the output removed when remove_path is given (a failed convert). */
+static void end_job(lua_State *L, job *j, int view_idx, ql_image *out,
+                    const char *remove_path)
+{
+    qcow2_convert_free(j->cv);
+    j->cv = NULL;
+    if (view_idx)
+        ql_image_close(ql_to_image(L, view_idx));
+    ql_image_close(out);
+    if (remove_path)
+        remove(remove_path);
+}
+
 /* img:convert(path [, opts]) -> true | nil, message, code */
 static int image_convert(lua_State *L)
 {
@@ -302,8 +268,8 @@ static int image_convert(lua_State *L)
             break;
         case LUA_TSTRING:
         case LUA_TNUMBER:
-            lua_tostring(L, -1);    /* an id given as a number: "1" */
-            src = open_snapshot(L, 1, lua_gettop(L));
+            /* an id given as a number: "1" */
+            src = ql_snapshot_view(L, 1, lua_tostring(L, -1));
             if (!src)
                 return 3;
             view_idx = lua_gettop(L);
@@ -330,7 +296,7 @@ static int image_convert(lua_State *L)
     }
     out_idx = lua_gettop(L);
     out = ql_to_image(L, out_idx);
-    j = job_new(L);
+    j = ql_gc_box(L, sizeof *j, QL_CONVERT_JOB, job_gc);
     rc = qcow2_convert_begin(src, dst, &co, &j->cv);
     if (rc < 0) {
         lua_pushstring(L, qcow2_errmsg(dst));
@@ -354,32 +320,18 @@ static int image_convert(lua_State *L)
     }
     if (!call_progress(L, progress_idx, j->cv))
         goto raised;
-    qcow2_convert_free(j->cv);
-    j->cv = NULL;
-    if (view_idx)
-        ql_image_close(ql_to_image(L, view_idx));
-    ql_image_close(out);
+    end_job(L, j, view_idx, out, NULL);
     lua_pushboolean(L, 1);
     return 1;
 
 failed:     /* message and code on the stack */
-    qcow2_convert_free(j->cv);
-    j->cv = NULL;
-    if (view_idx)
-        ql_image_close(ql_to_image(L, view_idx));
-    ql_image_close(out);
-    remove(path);
+    end_job(L, j, view_idx, out, path);
     luaL_pushfail(L);
     lua_insert(L, -3);
     return 3;
 
 raised:     /* the progress function's error on the stack */
-    qcow2_convert_free(j->cv);
-    j->cv = NULL;
-    if (view_idx)
-        ql_image_close(ql_to_image(L, view_idx));
-    ql_image_close(out);
-    remove(path);
+    end_job(L, j, view_idx, out, path);
     return lua_error(L);
 }
 

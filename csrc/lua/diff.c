@@ -26,21 +26,6 @@ static int list_gc(lua_State *L)
     return 0;
 }
 
-static range_list *list_new(lua_State *L)
-{
-    range_list *list = lua_newuserdatauv(L, sizeof *list, 0);
-
-    list->r = NULL;
-    list->n = list->cap = 0;
-    list->out_of_memory = 0;
-    if (luaL_newmetatable(L, QL_DIFF_LIST)) {
-        lua_pushcfunction(L, list_gc);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_setmetatable(L, -2);
-    return list;
-}
-
 static int collect(void *ctx, uint64_t start, uint64_t length)
 {
     range_list *list = ctx;
@@ -75,7 +60,8 @@ static int image_diff(lua_State *L)
 {
     ql_image *qa = ql_check_image(L, 1);
     ql_image *qb = ql_check_image(L, 2);
-    range_list *list = list_new(L);
+    range_list *list = ql_gc_box(L, sizeof *list, QL_DIFF_LIST,
+                                  list_gc);
     qcow2_diff_stats stats;
     int rc;
 

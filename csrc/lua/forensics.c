@@ -69,6 +69,18 @@ static int push_owners(lua_State *L)
     return 1;
 }
 
+/* push(ranges, count) run protected, so the caller frees the engine's
+ * array whatever happens: the pcall status, with the table (or the error)
+ * on the stack. */
+static int push_protected(lua_State *L, lua_CFunction push, void *ranges,
+                          size_t count)
+{
+    lua_pushcfunction(L, push);
+    lua_pushlightuserdata(L, ranges);
+    lua_pushinteger(L, (lua_Integer)count);
+    return lua_pcall(L, 2, 1, 0);
+}
+
 /* img:owners(): every byte of the image file and what owns it. */
 static int image_owners(lua_State *L)
 {
@@ -79,14 +91,9 @@ static int image_owners(lua_State *L)
 
     if (rc < 0)
         return ql_push_engine_error(L, h, rc);
-    lua_pushcfunction(L, push_owners);
-    lua_pushlightuserdata(L, ranges);
-    lua_pushinteger(L, (lua_Integer)count);
-    rc = lua_pcall(L, 2, 1, 0);
+    rc = push_protected(L, push_owners, ranges, count);
     qcow2_owners_free(ranges, count);
-    if (rc != LUA_OK)
-        return lua_error(L);
-    return 1;
+    return rc == LUA_OK ? 1 : lua_error(L);
 }
 
 static int push_residue(lua_State *L)
@@ -117,14 +124,9 @@ static int image_residue(lua_State *L)
 
     if (rc < 0)
         return ql_push_engine_error(L, h, rc);
-    lua_pushcfunction(L, push_residue);
-    lua_pushlightuserdata(L, ranges);
-    lua_pushinteger(L, (lua_Integer)count);
-    rc = lua_pcall(L, 2, 1, 0);
+    rc = push_protected(L, push_residue, ranges, count);
     qcow2_residue_free(ranges);
-    if (rc != LUA_OK)
-        return lua_error(L);
-    return 1;
+    return rc == LUA_OK ? 1 : lua_error(L);
 }
 
 const luaL_Reg ql_image_forensics_methods[] = {

@@ -154,6 +154,37 @@ static int snapshot_open(lua_State *L)
     return 1;
 }
 
+qcow2_image *ql_snapshot_view(lua_State *L, int image_idx, const char *want)
+{
+    ql_image *q = ql_check_image(L, image_idx);
+    uint32_t n = qcow2_snapshot_count(q->img), found = UINT32_MAX;
+    qcow2_snapshot_info info;
+    qcow2_image *view = NULL;
+    ql_image *ud;
+    int rc;
+
+    for (int pass = 0; pass < 2 && found == UINT32_MAX; pass++)
+        for (uint32_t i = 0; i < n && found == UINT32_MAX; i++)
+            if (qcow2_snapshot_get(q->img, i, &info) == 0 &&
+                strcmp(pass == 0 ? info.id : info.name, want) == 0)
+                found = i;
+    if (found == UINT32_MAX) {
+        ql_push_fail(L, QCOW2_E_NOTFOUND, "%s: no snapshot '%s'",
+                     qcow2_path(q->img), want);
+        return NULL;
+    }
+    /* The userdata exists before the engine handle, so a memory error
+     * cannot leak the view. */
+    ud = ql_image_alloc(L, QL_VIEW, image_idx);
+    rc = qcow2_snapshot_open(q->img, found, &view);
+    if (rc < 0) {
+        ql_push_engine_error(L, q->img, rc);
+        return NULL;
+    }
+    ql_image_attach(ud, view);
+    return view;
+}
+
 /* s:map([offset, length]): the ClusterMap of the snapshot's disk, through
  * a view opened and closed for the call. */
 static int snapshot_map(lua_State *L)

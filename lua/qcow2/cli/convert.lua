@@ -34,11 +34,8 @@ on a terminal. A failed convert removes OUT.]==],
     ["-p"] = {}, ["-q"] = {}, ["-U"] = {}, ["-n"] = {},
   },
   run = function(opts, args, ctx)
-    local copts, help = create.create_options(opts["-o"])
-    if help then
-      ctx.out:write(create.options_help, "\n")
-      return 0
-    end
+    local copts = create.create_options(ctx, opts["-o"])
+    if not copts then return 0 end
     if #args ~= 2 then util.usage("convert takes IN OUT") end
     if opts["-n"] then util.fail("-n (an existing output) is not supported") end
     local format = opts["-O"] or "qcow2"

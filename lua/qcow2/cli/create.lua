@@ -111,14 +111,17 @@ local function backing_size(image, backing, fmt)
 end
 
 -- -o texts (qemu-img's syntax and names) into qcow2.create options, for
--- the subcommands that take create options too (convert, measure). The
--- second value is true when one of them asks for help.
-local function create_options(texts)
+-- the subcommands that take create options too (convert, measure); nil
+-- when one of them asks for help, which is then written to ctx.out.
+local function create_options(ctx, texts)
   local given, out = {}, {}
   for _, text in ipairs(texts or {}) do split_options(text, given) end
   for _, kv in ipairs(given) do
     local name, value = kv[1], kv[2]
-    if name == "help" or name == "?" then return out, true end
+    if name == "help" or name == "?" then
+      ctx.out:write(HELP_O, "\n")
+      return nil
+    end
     if name:match("^encrypt") then
       util.fail("encryption needs a secret object: use qemu-img")
     end
@@ -127,12 +130,11 @@ local function create_options(texts)
     if value == nil then util.fail(("Parameter '%s' needs a value"):format(name)) end
     out[o[2]] = (convert(o, value))
   end
-  return out, false
+  return out
 end
 
 return {
   create_options = create_options,
-  options_help = HELP_O,
   summary = "create a qcow2 image, as qemu-img create",
   usage = [[
 usage: qcow2 create [-f qcow2] [-o OPT=VAL,...] [-b BACKING -F FMT] [-u] [-q] IMG [SIZE]

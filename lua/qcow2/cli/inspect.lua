@@ -220,6 +220,18 @@ local function section_error(out, s)
   return false
 end
 
+-- A section of counted bytes: its total (sec[count_key] items of
+-- sec.bytes, in the summary format), then a line per group of
+-- sec[by_key] (count nouns, bytes).
+local function print_tally(out, sec, count_key, summary, by_key, noun)
+  if section_error(out, sec) then return end
+  out:write(summary:format(sec[count_key], hs(sec.bytes)))
+  for _, k in ipairs(sorted_keys(sec[by_key])) do
+    local b = sec[by_key][k]
+    out:write(("  %-18s %6d %s %s\n"):format(k, b.count, noun, hs(b.bytes)))
+  end
+end
+
 --- The report as text, one section after another, on out.
 function M.text(rep, out)
   local im = rep.image
@@ -289,24 +301,10 @@ function M.text(rep, out)
   end
 
   out:write("\nOwners of the file's bytes:\n")
-  local o = rep.owners
-  if not section_error(out, o) then
-    out:write(("  %d ranges covering %s\n"):format(o.ranges, hs(o.bytes)))
-    for _, k in ipairs(sorted_keys(o.by_owner)) do
-      local b = o.by_owner[k]
-      out:write(("  %-18s %6d ranges %s\n"):format(k, b.count, hs(b.bytes)))
-    end
-  end
+  print_tally(out, rep.owners, "ranges", "  %d ranges covering %s\n", "by_owner", "ranges")
 
   out:write("\nResidue (bytes no view reads):\n")
-  local r = rep.residue
-  if not section_error(out, r) then
-    out:write(("  %d regions, %s\n"):format(r.count, hs(r.bytes)))
-    for _, k in ipairs(sorted_keys(r.by_kind)) do
-      local b = r.by_kind[k]
-      out:write(("  %-18s %6d regions %s\n"):format(k, b.count, hs(b.bytes)))
-    end
-  end
+  print_tally(out, rep.residue, "count", "  %d regions, %s\n", "by_kind", "regions")
 
   local d = rep.digests
   out:write(("\nDigests (%s):\n"):format(d.algo or "?"))

@@ -21,11 +21,8 @@ snapshot's). qcow2 with a v3 qcow2 input also prints the bitmaps' size.
     ["-l"] = { arg = true }, ["-f"] = { arg = true }, ["-U"] = {},
   },
   run = function(opts, args, ctx)
-    local mopts, help = create.create_options(opts["-o"])
-    if help then
-      ctx.out:write(create.options_help, "\n")
-      return 0
-    end
+    local mopts = create.create_options(ctx, opts["-o"])
+    if not mopts then return 0 end
     if #args > 1 then util.usage("measure takes at most one IMG") end
     if opts["--size"] and args[1] then
       util.usage("--size N cannot be used together with a filename")

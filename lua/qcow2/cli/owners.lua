@@ -21,11 +21,8 @@ opens an image a running VM holds.]],
   },
   run = function(opts, args, ctx)
     if #args ~= 1 then util.usage("owners takes one image") end
-    local img <close> = util.open(args[1], { force_share = opts["-U"] or nil,
-                                             allow_raw = false })
-    local finish = util.status(ctx, args[1] .. ": walking the metadata ...")
-    local list = util.check(img:owners())
-    finish()
+    local _ <close>, list = util.open_listing(ctx, opts, args[1], "walking the metadata",
+                                             "owners")
     if util.output_format(opts) == "json" then
       ctx.out:write(util.json(list), "\n")
       return 0

@@ -48,11 +48,8 @@ kind, entropy[, file]}. IMG is opened read-only.]],
   },
   run = function(opts, args, ctx)
     if #args ~= 1 then util.usage("residue takes one image") end
-    local img <close> = util.open(args[1], { force_share = opts["-U"] or nil,
-                                             allow_raw = false })
-    local finish = util.status(ctx, args[1] .. ": looking for residue ...")
-    local list = util.check(img:residue())
-    finish()
+    local img <close>, list = util.open_listing(ctx, opts, args[1], "looking for residue",
+                                                "residue")
     local dir = opts["--carve"]
     if dir then
       local ok = os.execute("mkdir -p -- '" .. dir:gsub("'", "'\\''") .. "'")

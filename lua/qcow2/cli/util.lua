@@ -114,6 +114,12 @@ function M.parse(args, spec)
       opts[key] = value
     end
   end
+  -- the next argument, the value of option `name` given apart from it
+  local function next_value(name)
+    i = i + 1
+    if not args[i] then M.usage(("option '%s' needs a value"):format(name)) end
+    return args[i]
+  end
   while i <= #args do
     local a = args[i]
     if a == "--" then
@@ -125,12 +131,7 @@ function M.parse(args, spec)
       local s = spec[name]
       if not s then M.usage(("unknown option '%s'"):format(name)) end
       if s.arg then
-        if not value then
-          i = i + 1
-          value = args[i]
-          if not value then M.usage(("option '%s' needs a value"):format(name)) end
-        end
-        set(name, value)
+        set(name, value or next_value(name))
       else
         if value then M.usage(("option '%s' takes no value"):format(name)) end
         set(name, true)
@@ -144,12 +145,7 @@ function M.parse(args, spec)
         if not s then M.usage(("unknown option '%s'"):format(name)) end
         if s.arg then
           local value = a:sub(j + 1)
-          if value == "" then
-            i = i + 1
-            value = args[i]
-            if not value then M.usage(("option '%s' needs a value"):format(name)) end
-          end
-          set(name, value)
+          set(name, value ~= "" and value or next_value(name))
           break
         end
         set(name, true)
@@ -368,6 +364,21 @@ function M.progress(ctx, label, total)
     if shown then ctx.err:write("\r\27[K") ctx.err:flush() end
   end
   return update, finish
+end
+
+--- The forensic listings (owners, residue): the image at path opened
+-- read-only (-U honoured), img[method](img) run under a status line;
+-- returns the open image (the caller closes it) and the list.
+function M.open_listing(ctx, opts, path, doing, method)
+  local img = M.open(path, { force_share = opts["-U"] or nil, allow_raw = false })
+  local finish = M.status(ctx, path .. ": " .. doing .. " ...")
+  local list, msg = img[method](img)
+  finish()
+  if list == nil then
+    img:close()
+    M.fail(tostring(msg))
+  end
+  return img, list
 end
 
 --- A status line on a terminal's stderr for work that reports no
