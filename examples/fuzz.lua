@@ -28,11 +28,20 @@ summary table and a last line "SUMMARY key=value ..." for scripts.
 
 local script_dir = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
 package.path = script_dir .. "/../lua/?.lua;" .. script_dir .. "/../lua/?/init.lua;" .. package.path
-package.cpath = script_dir .. "/../build/?.so;" .. package.cpath
+-- The checkout's build when the module is not on LUA_CPATH already (make
+-- test and make sanitize point LUA_CPATH at their own build folder).
+if not package.searchpath("qcow2.core", package.cpath) then
+  package.cpath = script_dir .. "/../build/?.so;" .. package.cpath
+end
 
 local qcow2 = require "qcow2"
 
 local LUA = arg[-1] or "lua5.4"
+-- Children load the same module as this process: under make sanitize that
+-- is an ASan build, which needs the runtimes this process was started with
+-- (qemu-img and other tools still run without them).
+local PRELOAD = os.getenv("LD_PRELOAD")
+local CHILD_LUA = (PRELOAD and PRELOAD ~= "") and ("env LD_PRELOAD='" .. PRELOAD:gsub("'", "'\\''") .. "' " .. LUA) or LUA
 local READ_CAP = 8 * 1024 * 1024
 local CHUNK = 1024 * 1024
 local CODES = {
@@ -413,7 +422,7 @@ local function run_children(cases, by_id)
     write_file(manifest, table.concat(lines, "\n") .. "\n")
     local budget = 20 + 2 * #todo
     local p = assert(io.popen(("unset LD_PRELOAD; timeout -s KILL %d %s %s --child %s 2>&1")
-      :format(budget, LUA, q(arg[0]), q(manifest))))
+      :format(budget, CHILD_LUA, q(arg[0]), q(manifest))))
     local current, done, tail = nil, {}, {}
     for line in p:lines() do
       local f = {}

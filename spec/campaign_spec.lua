@@ -7,7 +7,7 @@ local helpers = require("helpers")
 local SEED = tonumber(os.getenv("QCOW2_CAMPAIGN_SEED") or "") or 11
 
 local function campaign(args, env)
-  local ok, out = helpers.sh((env or "") .. " lua5.4 examples/fuzz.lua " .. args, true)
+  local ok, out = helpers.sh((env or "") .. " " .. helpers.LUA .. " examples/fuzz.lua " .. args, true)
   local line = out:match("SUMMARY ([^\n]*)")
   assert(line, "no SUMMARY line:\n" .. out:sub(-3000))
   local s = {}
