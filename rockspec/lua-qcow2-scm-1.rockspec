@@ -98,6 +98,7 @@ build = {
             "csrc/lua/convert.c",
             "csrc/lua/create.c",
             "csrc/lua/diff.c",
+            "csrc/lua/digest.c",
             "csrc/lua/forensics.c",
             "csrc/lua/image.c",
             "csrc/lua/lifecycle.c",

@@ -141,6 +141,7 @@ extern const luaL_Reg ql_module_compare_functions[];
 extern const luaL_Reg ql_image_bitmap_methods[];    /* bitmap.c: bitmaps */
 /* Register the "qcow2.Bitmap" type (bitmap.c). */
 void ql_bitmap_register(lua_State *L);
+extern const luaL_Reg ql_image_digest_methods[];    /* digest.c: digest */
 extern const luaL_Reg ql_image_forensics_methods[]; /* forensics.c:
     owners, residue */
 extern const luaL_Reg ql_image_lifecycle_methods[]; /* lifecycle.c:
