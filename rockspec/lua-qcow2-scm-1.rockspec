@@ -118,6 +118,7 @@ build = {
       ["qcow2"] = "lua/qcow2/init.lua",
       ["qcow2.cli"] = "lua/qcow2/cli.lua",
       ["qcow2.edit"] = "lua/qcow2/edit.lua",
+      ["qcow2.entry"] = "lua/qcow2/entry.lua",
       ["qcow2.mutate"] = "lua/qcow2/mutate.lua",
       -- one module per subcommand of the qcow2 tool (spec/cli_spec.lua
       -- checks that every lua/qcow2/cli/*.lua is listed)
