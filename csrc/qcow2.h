@@ -82,6 +82,11 @@ typedef struct qcow2_open_opts {
     int overlap_check;          /* -1 default ("cached"); else 0 none,
                                    1 constant, 2 cached, 3 all */
     int discard;                /* pass discards down to the file */
+    /* Metadata cache mode: 0 "writeback" (dirty L2 tables and refcount
+     * blocks stay in memory until flush, eviction or close), 1
+     * "writethrough" (every call durable on return), 2 "unsafe" (write-back,
+     * and never synced). Read-only handles ignore it. */
+    int cache_mode;
     /* Fault plan for tests (the Lua `io` option). */
     int64_t fail_after_writes;  /* -1: never */
     int fail_status;            /* QCOW2_E_IO or QCOW2_E_NOSPC */
@@ -530,7 +535,29 @@ int qcow2_discard(qcow2_image *img, uint64_t offset, uint64_t length);
  * cluster is zero padded). */
 int qcow2_write_compressed(qcow2_image *img, uint64_t offset,
                            const void *buf, size_t length);
+/* Metadata caches written back (refcount blocks, then L2 tables), then
+ * the files synced. */
 int qcow2_flush(qcow2_image *img);
+
+/* img:stats(): one metadata cache's counters. */
+typedef struct qcow2_cache_stats {
+    uint64_t hits, misses;      /* lookups */
+    uint64_t evictions;         /* tables pushed out to make room */
+    uint64_t writebacks;        /* dirty tables written whole */
+    uint32_t dirty;             /* tables newer than the disk now */
+    uint32_t cached;            /* tables held now */
+    uint32_t slots;             /* the bound */
+} qcow2_cache_stats;
+
+typedef struct qcow2_stats {
+    qcow2_cache_stats l2, refcount;
+    uint64_t flushes;           /* write-backs of the dirty caches */
+    uint64_t syncs;             /* fsyncs of the image (and data file) */
+    uint64_t reads, bytes_read;         /* image-file preads */
+    uint64_t writes, bytes_written;     /* image-file pwrites */
+} qcow2_stats;
+/* The handle's counters since open (a read-only handle: reads only). */
+int qcow2_stats_get(qcow2_image *img, qcow2_stats *out);
 int qcow2_resize(qcow2_image *img, uint64_t size);
 
 /* The image file itself, bypassing the format (tests, forensics). */

@@ -33,6 +33,7 @@ build = {
             "csrc/engine/bitmap.c",
             "csrc/engine/bitmap_extents.c",
             "csrc/engine/bulk_read.c",
+            "csrc/engine/cache_flush.c",
             "csrc/engine/chain.c",
             "csrc/engine/check.c",
             "csrc/engine/check_state.c",

@@ -64,12 +64,20 @@ function M.judge(path, label)
   return res
 end
 
--- Run cut(plan) for every plan at every index in `indexes`, collecting
--- failures; asserts once at the end naming the first few.
-function M.sweep(indexes, cut)
+-- The plans for a handle that never syncs (cache "unsafe"): writes reach
+-- the disk in the order issued, or the cache loses every one of them; a
+-- seeded coin may lose any subset, and nothing is promised then.
+function M.ordered_plans(k)
+  return { { stop_after_writes = k }, { stop_after_writes = k, volatile = "all" } }
+end
+
+-- Run cut(plan) for every plan (plans_of(k), default M.plans) at every
+-- index in `indexes`, collecting failures; asserts once at the end naming
+-- the first few.
+function M.sweep(indexes, cut, plans_of)
   local failed, tried = {}, 0
   for _, k in ipairs(indexes) do
-    for _, plan in ipairs(M.plans(k)) do
+    for _, plan in ipairs((plans_of or M.plans)(k)) do
       tried = tried + 1
       local ok, err = pcall(cut, plan)
       if not ok then failed[#failed + 1] = M.describe(plan) .. ": " .. tostring(err) end

@@ -142,6 +142,7 @@ local misuse = {
     function(c) return c.ro:raw_write(-1, "x") end,
   },
   io_log = { function(c) return c.img.io_log(c.map) end },
+  stats = { function(c) return c.img.stats(c.map) end },
   owners = {
     function(c) return c.img.owners(c.map) end,
     function(c) return c.ro.owners(c.snap) end,
@@ -263,7 +264,7 @@ local IMAGE_METHODS = {
   "read", "write", "write_zeroes", "discard", "write_compressed", "flush",
   "resize", "close", "info", "info_json", "header", "map", "digest",
   "snapshots", "snapshot", "backing", "l1", "l2", "refcount", "raw_read",
-  "raw_write", "io_log", "check", "amend", "make_empty", "create_snapshot",
+  "raw_write", "io_log", "stats", "check", "amend", "make_empty", "create_snapshot",
   "save_vmstate", "load_vmstate", "diff", "bitmaps", "owners", "residue",
   "rebase", "commit", "convert",
 }

@@ -113,8 +113,11 @@ local function assert_data_refcounts(path, values, cs, snapshot)
     if e.data and e.offset and not e.compressed then
       for at = 0, e.length - 1, cs do
         local guest, host = e.start + at, (e.offset + at) // cs
+        -- extents may start inside a cluster (a hole in the file after
+        -- the written part maps as data+zero): judge the whole cluster
+        local cluster_start = guest - guest % cs
         local want = 1
-        if snapshot and not overlaps(AFTER, guest, cs) then want = 2 end
+        if snapshot and not overlaps(AFTER, cluster_start, cs) then want = 2 end
         assert.are.equal(want, values[host], ("host cluster %d (guest 0x%x)"):format(host, guest))
         seen = seen + 1
       end

@@ -8,14 +8,17 @@
  * this one file, as in QEMU. The reads they build on (spans, lookups,
  * the free-cluster search) are refcount_scan.c, below.
  *
- * Write-through: every update reads the bytes of the refcount block it
- * touches (from the refcount-block cache, refcount_cache.c, which reads
- * each block whole once) and writes back exactly those bytes at once, so
- * the file is always the truth and code elsewhere (check, snapshots) may
- * write refcounts too: qcow2_write_checked keeps cached blocks equal to
- * the disk. Nothing is ever held dirty, so an increase is on disk when
- * qcow2_refcount_update returns and one barrier orders it before the L2
- * entry that depends on it.
+ * Every update reads the bytes of the refcount block it touches from the
+ * refcount-block cache (refcount_cache.c, which reads each block whole
+ * once). A handle that defers refcounts (write-back cache, lazy
+ * refcounts) patches the cached block, left dirty for cache_flush.c to
+ * write before the L2 tables that need it; otherwise, and always while
+ * refcount structures are built (new blocks, table growth: they are
+ * hooked in with synced writes, so what they count must be on disk too),
+ * exactly the changed bytes are written at once, and one barrier orders
+ * an increase before the L2 entry that depends on it. A decrease waits
+ * until the dirty L2 tables (which no longer point at the cluster) are
+ * on disk, so a freed cluster is never reused under a live reference.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -49,10 +52,15 @@ static int reftable_hook(qcow2_image *img, uint64_t index, uint64_t block)
     return 0;
 }
 
-/* Written through: only the bytes that hold the span's entries
- * (qcow2_write_checked patches the cached block too). */
+/* Deferred into the cached block, or written through: only the bytes
+ * that hold the span's entries (qcow2_write_checked patches the cached
+ * block too). */
 static int span_store(qcow2_image *img, const refblock_span *span)
 {
+    if (qcow2_meta_defer_refcounts(img) &&
+        qcow2_refcount_cache_patch(img, span->block_offset, span->byte_start,
+                                   span->bytes, span->byte_len))
+        return 0;
     return qcow2_write_checked(img, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
                                span->block_offset + span->byte_start,
                                span->bytes, span->byte_len);
@@ -205,6 +213,10 @@ int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
 
     /* Check every cluster first: a refused update changes nothing. */
     rc = update_pass(img, first, last, delta, 0, bytes);
+    /* The tables that dropped the reference reach the disk first. */
+    if (rc == 0 && delta < 0)
+        rc = qcow2_meta_flush_l2(img);
+    img->ws->hold++;            /* refcount structures: written through */
     while (rc == 0 && delta > 0) {
         uint64_t needed;
         rc = ensure_refblocks(img, first, last, &needed);
@@ -214,6 +226,7 @@ int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
         img->ws->free_cluster_hint = min_u64(img->ws->free_cluster_hint,
                                              first);
     }
+    img->ws->hold--;
     if (rc == 0)
         rc = update_pass(img, first, last, delta, 1, bytes);
     free(bytes);
@@ -409,10 +422,10 @@ static int write_reftable(qcow2_image *img, const uint64_t *table,
     return rc;
 }
 
-int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
-                        uint64_t additional_clusters, int exact,
-                        uint64_t new_block_index, uint64_t new_block_offset,
-                        uint64_t *end_offset)
+static int refcount_area(qcow2_image *img, uint64_t start_offset,
+                         uint64_t additional_clusters, int exact,
+                         uint64_t new_block_index, uint64_t new_block_offset,
+                         uint64_t *end_offset)
 {
     uint64_t cs = img->cluster_size, per_table_cluster = cs / 8;
     uint64_t start = start_offset >> img->cluster_bits;
@@ -510,6 +523,23 @@ int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
 out:
     free(table);
     free(bytes);
+    return rc;
+}
+
+/* Refcount structures are written through (see the top of the file). */
+int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
+                        uint64_t additional_clusters, int exact,
+                        uint64_t new_block_index, uint64_t new_block_offset,
+                        uint64_t *end_offset)
+{
+    int rc;
+
+    if (img->ws)
+        img->ws->hold++;
+    rc = refcount_area(img, start_offset, additional_clusters, exact,
+                       new_block_index, new_block_offset, end_offset);
+    if (img->ws)
+        img->ws->hold--;
     return rc;
 }
 

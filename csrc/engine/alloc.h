@@ -88,6 +88,12 @@ int qcow2_check_writable(qcow2_image *img);
  * poisoned handle; with lazy refcounts, sets the dirty bit (synced) before
  * the first metadata update. */
 int qcow2_begin_update(qcow2_image *img);
+/* Around each guest write call (write, write_zeroes, discard,
+ * write_compressed): in writethrough mode the outermost call ends with a
+ * sync, so that it is durable on return. call_end returns rc, or the
+ * sync's failure. */
+void qcow2_call_begin(qcow2_image *img);
+int qcow2_call_end(qcow2_image *img, int rc);
 
 /* ---- What refcount_scan.c (reading refcount blocks for the allocator)
  * gives alloc.c (writing them): spans of refcount-block entries, validated

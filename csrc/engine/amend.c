@@ -269,8 +269,8 @@ static int set_backing(qcow2_image *img, const qcow2_amend_opts *opts)
     return 0;
 }
 
-int qcow2_set_backing(qcow2_image *img, const char *backing_file,
-                      const char *backing_format)
+static int set_backing_work(qcow2_image *img, const char *backing_file,
+                            const char *backing_format)
 {
     qcow2_amend_opts opts;
 
@@ -309,7 +309,7 @@ void qcow2_amend_opts_init(qcow2_amend_opts *opts)
     opts->lazy_refcounts = -1;
 }
 
-int qcow2_amend(qcow2_image *img, const qcow2_amend_opts *opts)
+static int amend_work(qcow2_image *img, const qcow2_amend_opts *opts)
 {
     uint32_t old_version = img->hdr.version;
     uint32_t new_version = opts->version ? opts->version : old_version;
@@ -479,7 +479,7 @@ static int discard_everything(qcow2_image *img)
     return rc;
 }
 
-int qcow2_make_empty(qcow2_image *img)
+static int make_empty_work(qcow2_image *img)
 {
     uint64_t l1_clusters;
     int rc = qcow2_check_writable(img);
@@ -499,4 +499,41 @@ int qcow2_make_empty(qcow2_image *img)
         3 + l1_clusters <= img->refblock_entries)
         return make_completely_empty(img, l1_clusters);
     return discard_everything(img);
+}
+
+/* Behind the caches: flushed first, written through meanwhile. */
+int qcow2_set_backing(qcow2_image *img, const char *backing_file,
+                      const char *backing_format)
+{
+    int rc = qcow2_meta_hold(img);
+
+    if (rc < 0)
+        return rc;
+    rc = set_backing_work(img, backing_file, backing_format);
+    qcow2_meta_release(img);
+    return rc;
+}
+
+/* Behind the caches: flushed first, written through meanwhile. */
+int qcow2_amend(qcow2_image *img, const qcow2_amend_opts *opts)
+{
+    int rc = qcow2_meta_hold(img);
+
+    if (rc < 0)
+        return rc;
+    rc = amend_work(img, opts);
+    qcow2_meta_release(img);
+    return rc;
+}
+
+/* Behind the caches: flushed first, written through meanwhile. */
+int qcow2_make_empty(qcow2_image *img)
+{
+    int rc = qcow2_meta_hold(img);
+
+    if (rc < 0)
+        return rc;
+    rc = make_empty_work(img);
+    qcow2_meta_release(img);
+    return rc;
 }

@@ -38,14 +38,18 @@ void qcow2_l2_cache_update(qcow2_l2_cache *cache, uint64_t l2_offset,
                            uint64_t offset, const void *bytes,
                            size_t length);
 void qcow2_l2_cache_mark_clean(qcow2_l2_cache *cache, uint64_t l2_offset);
+/* Write-back: the whole changed table (cluster_size bytes) is kept, most
+ * recently used and dirty (created on first use). 0 or a negative status
+ * (an eviction's write-back failed; nothing kept). */
+int qcow2_l2_cache_store(qcow2_image *img, uint64_t l2_offset,
+                         const uint8_t *table);
 
 /* ---- Refcount-block cache (refcount_cache.c) -------------------------
- * Write-through: cached blocks always hold the bytes on disk; writers
- * keep it so through qcow2_write_checked (overlap.h), whose write
- * observer the cache registers. Nothing dirty, ever: refcount increases
- * are on disk when qcow2_refcount_update returns, so the barrier before a
- * dependent L2 entry is what flushes refcount blocks before the L2 tables
- * that depend on them. */
+ * Clean cached blocks hold the bytes on disk; writers keep it so through
+ * qcow2_write_checked (overlap.h), whose write observer the cache
+ * registers. A handle that defers refcounts patches blocks dirty
+ * (qcow2_refcount_cache_patch); cache_flush.c writes them back before the
+ * L2 tables that depend on them. */
 /* Bytes [byte_start, byte_start+len) of the refcount block at
  * block_offset: from the cache (the whole block read once on a miss), or
  * straight from the file (views, raw images, blocks cut short by the end
@@ -64,5 +68,37 @@ void qcow2_refcount_cache_install(qcow2_image *img, uint64_t block_offset,
  * qcow2_write_checked (raw writes) or a refcount-table switch. */
 void qcow2_refcount_cache_drop(qcow2_image *img, uint64_t block_offset);
 void qcow2_refcount_cache_drop_all(qcow2_image *img);
+/* Deferred update: bytes [byte_start, byte_start+len) of the cached block
+ * at block_offset become `bytes`, the block dirty. 1 when done, 0 when the
+ * block is not cached (the caller writes through). */
+int qcow2_refcount_cache_patch(qcow2_image *img, uint64_t block_offset,
+                               uint64_t byte_start, const void *bytes,
+                               size_t len);
+
+/* ---- Both caches, in order (cache_flush.c) ---------------------------
+ * The generic caches under the two front-ends (NULL until first use). */
+struct qcow2_table_cache *qcow2_l2_cache_tables(const qcow2_image *img);
+struct qcow2_table_cache *qcow2_refcount_cache_blocks(const qcow2_image *img);
+
+/* Dirty tables of either cache (0 when none, or no write state). */
+int qcow2_meta_dirty(const qcow2_image *img);
+/* Does this handle keep L2 tables / refcount blocks dirty right now? */
+int qcow2_meta_defer_l2(const qcow2_image *img);
+int qcow2_meta_defer_refcounts(const qcow2_image *img);
+/* An L2 table was stored dirty after refcount increases it needs: unless
+ * refcounts are lazy, no L2 table is written back before the refcount
+ * blocks (QEMU's qcow2_cache_set_dependency). */
+int qcow2_meta_l2_after_refcounts(qcow2_image *img);
+/* Write back every dirty refcount block, then every dirty L2 table (a
+ * barrier before the tables when data was written, and after each group
+ * written). 0 with nothing to do. */
+int qcow2_meta_flush_refcounts(qcow2_image *img);
+int qcow2_meta_flush_l2(qcow2_image *img);
+int qcow2_meta_flush(qcow2_image *img);
+/* An operation that reads or rewrites metadata behind the caches: the
+ * caches are flushed, and until the matching release the handle writes
+ * through (holds nest). No write state: nothing to do. */
+int qcow2_meta_hold(qcow2_image *img);
+void qcow2_meta_release(qcow2_image *img);
 
 #endif /* QCOW2_CACHE_H */

@@ -395,7 +395,7 @@ static int check_run(qcow2_image *img, int repair, qcow2_check_result *out)
     return 0;
 }
 
-int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
+static int check_work(qcow2_image *img, int repair, qcow2_check_result *out)
 {
     int ret;
 
@@ -407,4 +407,16 @@ int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
     if (repair != QCOW2_REPAIR_NONE)
         qcow2_overlap_index_release(img);
     return ret;
+}
+
+/* Behind the caches: flushed first, written through meanwhile. */
+int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
+{
+    int rc = qcow2_meta_hold(img);
+
+    if (rc < 0)
+        return rc;
+    rc = check_work(img, repair, out);
+    qcow2_meta_release(img);
+    return rc;
 }

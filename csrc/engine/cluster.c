@@ -463,8 +463,8 @@ int qcow2_lookup_run(qcow2_image *img, uint64_t guest_offset,
 
 /* ---- Inspection ------------------------------------------------------------ */
 
-int qcow2_l2_table(qcow2_image *img, uint32_t l1_index, uint64_t *out,
-                   size_t *count)
+static int l2_table_work(qcow2_image *img, uint32_t l1_index, uint64_t *out,
+                         size_t *count)
 {
     uint64_t l2_offset, words, guest_offset;
     file_ends ends;
@@ -492,4 +492,13 @@ int qcow2_l2_table(qcow2_image *img, uint32_t l1_index, uint64_t *out,
         out[i] = be64(table + i * 8);
     *count = (size_t)words;
     return 0;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_l2_table(qcow2_image *img, uint32_t l1_index, uint64_t *out,
+                   size_t *count)
+{
+    int rc = qcow2_meta_flush(img);
+
+    return rc < 0 ? rc : l2_table_work(img, l1_index, out, count);
 }

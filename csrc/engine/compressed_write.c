@@ -83,8 +83,8 @@ static int store_stream(qcow2_image *img, qcow2_l2_work *work,
     return qcow2_l2_work_commit(img, work);
 }
 
-int qcow2_write_compressed(qcow2_image *img, uint64_t offset,
-                           const void *buf, size_t length)
+static int write_compressed_call(qcow2_image *img, uint64_t offset,
+                                 const void *buf, size_t length)
 {
     uint64_t cs = img->cluster_size;
     uint8_t *cluster = NULL, *stream = NULL;
@@ -129,4 +129,14 @@ int qcow2_write_compressed(qcow2_image *img, uint64_t offset,
     free(cluster);
     free(stream);
     return rc;
+}
+
+int qcow2_write_compressed(qcow2_image *img, uint64_t offset,
+                           const void *buf, size_t length)
+{
+    int rc;
+
+    qcow2_call_begin(img);
+    rc = write_compressed_call(img, offset, buf, length);
+    return qcow2_call_end(img, rc);
 }

@@ -123,8 +123,8 @@ static int slot_init(qcow2_convert *cv, slot *s)
     return s->zbuf && s->jobs && s->offsets ? 0 : -1;
 }
 
-int qcow2_convert_begin(qcow2_image *src, qcow2_image *dst,
-                        const qcow2_convert_opts *opts, qcow2_convert **out)
+static int convert_begin_work(qcow2_image *src, qcow2_image *dst,
+                              const qcow2_convert_opts *opts, qcow2_convert **out)
 {
     qcow2_convert *cv;
     int rc = 0;
@@ -549,4 +549,13 @@ int qcow2_convert_step(qcow2_convert *cv)
         return failed(cv, cv->dst, rc);
     cv->done = 1;
     return 0;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_convert_begin(qcow2_image *src, qcow2_image *dst,
+                        const qcow2_convert_opts *opts, qcow2_convert **out)
+{
+    int rc = qcow2_meta_flush(src);
+
+    return rc < 0 ? rc : convert_begin_work(src, dst, opts, out);
 }

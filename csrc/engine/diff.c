@@ -290,8 +290,8 @@ static int diff_run(diff_state *ds)
     return flush_pending(ds);
 }
 
-int qcow2_diff(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn, void *ctx,
-               qcow2_diff_stats *stats)
+static int diff_work(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn, void *ctx,
+                     qcow2_diff_stats *stats)
 {
     diff_state ds;
     int rc;
@@ -310,4 +310,15 @@ int qcow2_diff(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn, void *ctx,
     free(ds.s[0].buf);
     free(ds.s[1].buf);
     return rc;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_diff(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn, void *ctx,
+               qcow2_diff_stats *stats)
+{
+    int rc = qcow2_meta_flush(a);
+
+    if (rc == 0)
+        rc = qcow2_meta_flush(b);
+    return rc < 0 ? rc : diff_work(a, b, fn, ctx, stats);
 }

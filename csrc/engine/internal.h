@@ -93,6 +93,8 @@ struct qcow2_io {
     int read_only;
     int last_errno;         /* errno of the last failed call, for messages */
     uint64_t dev, ino;      /* file identity (loop detection); 0 in memory */
+    /* Calls that reached this backend (img:stats()). */
+    uint64_t reads, bytes_read, writes, bytes_written;
 };
 
 /* Open path O_RDONLY (read_write 0) or O_RDWR. Missing file:

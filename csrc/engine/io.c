@@ -81,6 +81,8 @@ static int64_t file_pread(qcow2_io *io, void *buf, size_t len,
             break;              /* end of file */
         done += (size_t)n;
     }
+    io->reads++;
+    io->bytes_read += done;
     return (int64_t)done;
 }
 
@@ -112,6 +114,8 @@ static int file_pwrite(qcow2_io *io, const void *buf, size_t len,
         }
         done += (size_t)n;
     }
+    io->writes++;
+    io->bytes_written += len;
     return 0;
 }
 
@@ -314,6 +318,8 @@ static int64_t memory_pread(qcow2_io *io, void *buf, size_t len,
     /* An int64_t count cannot say more than INT64_MAX bytes. */
     n = (size_t)min_u64(n, (uint64_t)INT64_MAX);
     memcpy(buf, m->data + offset, n);
+    io->reads++;
+    io->bytes_read += n;
     return (int64_t)n;
 }
 
@@ -365,6 +371,8 @@ static int memory_pwrite(qcow2_io *io, const void *buf, size_t len,
     memcpy(m->data + offset, buf, len);
     if (end > m->len)
         m->len = (size_t)end;
+    io->writes++;
+    io->bytes_written += len;
     return 0;
 }
 

@@ -66,6 +66,10 @@ static int64_t fault_pread(qcow2_io *io, void *buf, size_t len,
     fault_io *f = as_fault(io);
     int64_t n = f->inner->ops->pread(f->inner, buf, len, offset);
     io->last_errno = f->inner->last_errno;
+    if (n >= 0) {
+        io->reads++;
+        io->bytes_read += (uint64_t)n;
+    }
     return n;
 }
 
@@ -253,6 +257,10 @@ static int fault_pwrite(qcow2_io *io, const void *buf, size_t len,
         return rc;
     rc = f->inner->ops->pwrite(f->inner, buf, len, offset);
     io->last_errno = f->inner->last_errno;
+    if (rc == 0) {
+        io->writes++;
+        io->bytes_written += len;
+    }
     if (rc < 0 && f->plan.volatile_cache)
         f->undo[f->undo_len - 1].lost = 1;  /* never redo a failed write */
     return rc;

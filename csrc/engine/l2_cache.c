@@ -2,10 +2,13 @@
  * The L2-table cache of an image handle: the generic table cache
  * (table_cache.c) with QEMU's sizing, reading tables with qcow2_read_meta.
  *
- * Write-through today: the write engine marks a table dirty when it
- * changes it (qcow2_l2_cache_update), writes the changed entries to the
- * file itself and then marks the table clean. A write-back mode installs
- * a writer and lets tables stay dirty.
+ * Write-through (cache "writethrough", or an operation holding the
+ * caches): the write engine marks a table dirty when it changes it
+ * (qcow2_l2_cache_update), writes the changed entries itself and marks
+ * the table clean. Write-back: the engine stores the changed table
+ * (qcow2_l2_cache_store) and it stays dirty until a flush or an eviction
+ * writes it whole; a barrier first when guest data was written since the
+ * last one, so that no entry reaches the disk before its data.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -64,10 +67,31 @@ static int report(void *ctx, int code, const char *msg)
     return qcow2_fail(ctx, code, "%s", msg);
 }
 
+/* A dirty table written back whole: data before the entries. */
+static int write_table(void *ctx, uint64_t offset, const void *table,
+                       size_t len)
+{
+    qcow2_image *img = ctx;
+    int rc = 0;
+
+    if (img->ws && img->ws->data_unsynced)
+        rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2", offset, table,
+                                 len);
+    return rc;
+}
+
+static int barrier(void *ctx)
+{
+    return qcow2_barrier(ctx);
+}
+
 int qcow2_l2_cache_new(qcow2_image *img, uint64_t bytes,
                        qcow2_l2_cache **out)
 {
     qcow2_table_cache_ops ops = { .ctx = img, .read = read_table,
+                                  .write = write_table, .barrier = barrier,
                                   .fail = report };
     qcow2_l2_cache *cache;
 
@@ -142,4 +166,26 @@ void qcow2_l2_cache_mark_clean(qcow2_l2_cache *cache, uint64_t l2_offset)
 {
     if (cache)
         qcow2_table_cache_mark_clean(cache->tables, l2_offset);
+}
+
+int qcow2_l2_cache_store(qcow2_image *img, uint64_t l2_offset,
+                         const uint8_t *table)
+{
+    int rc;
+
+    if (!img->l2_cache) {
+        rc = qcow2_l2_cache_new(img, img->l2_cache_bytes, &img->l2_cache);
+        if (rc < 0)
+            return rc;
+    }
+    rc = qcow2_table_cache_install(img->l2_cache->tables, l2_offset, table);
+    if (rc < 0)
+        return rc;
+    qcow2_table_cache_mark_dirty(img->l2_cache->tables, l2_offset);
+    return 0;
+}
+
+qcow2_table_cache *qcow2_l2_cache_tables(const qcow2_image *img)
+{
+    return img->l2_cache ? img->l2_cache->tables : NULL;
 }

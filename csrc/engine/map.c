@@ -403,8 +403,8 @@ static int map_range(map_state *ms, uint64_t offset, uint64_t length)
     return ms->pending.e.length ? deliver(ms, &ms->pending) : 0;
 }
 
-int qcow2_map(qcow2_image *img, uint64_t offset, uint64_t length,
-              qcow2_extent_fn fn, void *ctx)
+static int map_work(qcow2_image *img, uint64_t offset, uint64_t length,
+                    qcow2_extent_fn fn, void *ctx)
 {
     map_state ms;
     int rc;
@@ -421,4 +421,13 @@ int qcow2_map(qcow2_image *img, uint64_t offset, uint64_t length,
     rc = map_range(&ms, offset, length);
     host_close_all(&ms);
     return rc;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_map(qcow2_image *img, uint64_t offset, uint64_t length,
+              qcow2_extent_fn fn, void *ctx)
+{
+    int rc = qcow2_meta_flush(img);
+
+    return rc < 0 ? rc : map_work(img, offset, length, fn, ctx);
 }

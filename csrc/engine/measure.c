@@ -166,9 +166,9 @@ static int measure_bitmaps(qcow2_image *img, uint64_t disk, uint64_t cs,
     return 0;
 }
 
-int qcow2_measure(const struct qcow2_create_opts *o, qcow2_image *from,
-                  qcow2_image *bitmaps_of, qcow2_measure_result *out,
-                  qcow2_error *err)
+static int measure_work(const struct qcow2_create_opts *o, qcow2_image *from,
+                        qcow2_image *bitmaps_of, qcow2_measure_result *out,
+                        qcow2_error *err)
 {
     uint32_t cluster_bits = 0, refcount_order = 0;
     uint64_t cs = o->cluster_size, virtual_size, required = 0;
@@ -214,4 +214,14 @@ int qcow2_measure(const struct qcow2_create_opts *o, qcow2_image *from,
             return rc;
     }
     return 0;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_measure(const struct qcow2_create_opts *o, qcow2_image *from,
+                  qcow2_image *bitmaps_of, qcow2_measure_result *out,
+                  qcow2_error *err)
+{
+    int rc = qcow2_meta_flush(from);
+
+    return rc < 0 ? rc : measure_work(o, from, bitmaps_of, out, err);
 }

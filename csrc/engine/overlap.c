@@ -522,15 +522,21 @@ int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
 int qcow2_write_data(qcow2_image *img, uint64_t offset, const void *buf,
                      size_t length)
 {
+    int rc;
+
     /* An external data file holds no metadata: nothing to overlap. */
     if (img->data_io && img->data_io != img->io) {
         if (img->ws && img->ws->poisoned) {
             img->err = img->ws->poison;
             return img->ws->poison.code;
         }
-        return write_io(img, img->data_io, "data", offset, buf, length);
+        rc = write_io(img, img->data_io, "data", offset, buf, length);
+    } else {
+        rc = qcow2_write_checked(img, 0, "data", offset, buf, length);
     }
-    return qcow2_write_checked(img, 0, "data", offset, buf, length);
+    if (img->ws)
+        img->ws->data_unsynced = 1;
+    return rc;
 }
 
 static int flush_io(qcow2_image *img, qcow2_io *io, const char *which)
@@ -553,8 +559,10 @@ int qcow2_sync(qcow2_image *img)
 
     /* Unsafe cache mode: the caller gave up durability (a scratch output
      * that a crash makes useless anyway). */
-    if (img->ws && img->ws->no_sync)
+    if (img->ws && img->ws->no_sync) {
+        img->ws->data_unsynced = 0;
         return 0;
+    }
     /* Data first: an L2 entry made durable by the image flush must not
      * point at data the data file has not made durable yet. */
     if (img->data_io && img->data_io != img->io) {
@@ -562,7 +570,12 @@ int qcow2_sync(qcow2_image *img)
         if (rc < 0)
             return rc;
     }
-    return flush_io(img, img->io, "image file");
+    rc = flush_io(img, img->io, "image file");
+    if (rc == 0 && img->ws) {
+        img->ws->data_unsynced = 0;
+        img->ws->syncs++;
+    }
+    return rc;
 }
 
 int qcow2_barrier(qcow2_image *img)

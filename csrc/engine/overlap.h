@@ -46,6 +46,20 @@ typedef struct qcow2_write_state {
     int no_sync;                 /* cache "unsafe" (convert's output, as
                                     qemu-img convert's default -t unsafe):
                                     syncs and barriers do nothing */
+    /* The cache mode (issue 14). meta_write_back: "writeback" or "unsafe":
+     * L2 tables and refcount blocks stay dirty in their caches until a
+     * flush, an eviction or close (cache_flush.c orders them). Lazy
+     * refcounts defer refcount blocks in any mode. hold > 0: an operation
+     * that reads or rewrites metadata behind the caches, or builds
+     * refcount structures, runs write-through (the caches flushed first). */
+    int meta_write_back;
+    int hold;
+    int call_depth;              /* guest write calls in progress */
+    int data_unsynced;           /* data written since the last sync: a
+                                    barrier comes before any L2 table
+                                    write-back (data before the entry) */
+    uint64_t syncs;              /* flush pairs issued (stats) */
+    uint64_t cache_flushes;      /* write-backs of both caches (stats) */
     int poisoned;                /* a metadata write failed midway: every
                                     later call fails with `poison` */
     qcow2_error poison;

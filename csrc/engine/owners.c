@@ -713,7 +713,7 @@ static int raw_owners(uint64_t size, qcow2_owner_range **out, size_t *count)
     return 0;
 }
 
-int qcow2_owners(qcow2_image *img, qcow2_owner_range **out, size_t *count)
+static int owners_work(qcow2_image *img, qcow2_owner_range **out, size_t *count)
 {
     own_walk w = { 0 };
     own_build b = { 0 };
@@ -759,4 +759,12 @@ int qcow2_owners(qcow2_image *img, qcow2_owner_range **out, size_t *count)
     *out = b.out;
     *count = b.n_out;
     return 0;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_owners(qcow2_image *img, qcow2_owner_range **out, size_t *count)
+{
+    int rc = qcow2_meta_flush(img);
+
+    return rc < 0 ? rc : owners_work(img, out, count);
 }

@@ -123,7 +123,7 @@ static int refcount_block_entry(qcow2_image *img, uint64_t refblock_offset,
     return 0;
 }
 
-int qcow2_refcount(qcow2_image *img, uint64_t host_cluster, uint64_t *out)
+static int refcount_work(qcow2_image *img, uint64_t host_cluster, uint64_t *out)
 {
     uint64_t refblock_offset, refblock_index;
     int ret;
@@ -184,4 +184,12 @@ int qcow2_count_used_clusters(qcow2_image *img, uint64_t end_cluster,
     }
     free(block);
     return ret;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_refcount(qcow2_image *img, uint64_t host_cluster, uint64_t *out)
+{
+    int rc = qcow2_meta_flush(img);
+
+    return rc < 0 ? rc : refcount_work(img, host_cluster, out);
 }

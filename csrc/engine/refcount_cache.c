@@ -8,9 +8,12 @@
  * recently used first; block buffers are allocated the first time their
  * slot is used: the generic table cache (table_cache.c), as the L2 cache.
  *
- * WRITE-THROUGH, never write-back: the cache only saves reads. The
- * invariant is "a cached block holds exactly the bytes on disk at its
- * offset", kept at the one write funnel: qcow2_write_checked tells the
+ * Write-through unless the handle defers refcounts (cache "writeback" or
+ * "unsafe", or lazy refcounts): then alloc.c patches a cached block
+ * (qcow2_refcount_cache_patch) and it stays dirty until a flush or an
+ * eviction writes it whole; cache_flush.c orders it before the L2 tables
+ * that depend on it. Clean blocks hold exactly the bytes on disk, kept so
+ * at the one write funnel: qcow2_write_checked tells the
  * cache (the handle's write observer, registered when the cache is made)
  * of every write, and the cache mirrors a successful write of the image
  * file into the cached blocks it overlaps (whoever wrote it: refcount
@@ -87,6 +90,19 @@ static int report(void *ctx, int code, const char *msg)
     return qcow2_fail(ctx, code, "%s", msg);
 }
 
+/* A dirty block written back whole. */
+static int write_block(void *ctx, uint64_t offset, const void *block,
+                       size_t len)
+{
+    return qcow2_write_checked(ctx, OVERLAP_REFCOUNT_BLOCK, "refcount_block",
+                               offset, block, len);
+}
+
+static int barrier(void *ctx)
+{
+    return qcow2_barrier(ctx);
+}
+
 /* The handle's write observer (img->write_observer): mirror a write of
  * the image file into the cached blocks it overlaps (ok), or forget them
  * (!ok: the disk is unknown). */
@@ -102,6 +118,7 @@ static int cache_new(qcow2_image *img, uint64_t bytes,
                      qcow2_refcount_cache **out)
 {
     qcow2_table_cache_ops ops = { .ctx = img, .read = read_block,
+                                  .write = write_block, .barrier = barrier,
                                   .fail = report };
     qcow2_refcount_cache *cache;
     uint64_t blocks;
@@ -197,4 +214,27 @@ void qcow2_refcount_cache_drop_all(qcow2_image *img)
 {
     if (img && img->refcount_cache)
         qcow2_table_cache_drop_all(img->refcount_cache->blocks);
+}
+
+int qcow2_refcount_cache_patch(qcow2_image *img, uint64_t block_offset,
+                               uint64_t byte_start, const void *bytes,
+                               size_t len)
+{
+    uint8_t *block;
+
+    if (!img->refcount_cache || byte_start > img->cluster_size ||
+        len > img->cluster_size - byte_start)
+        return 0;
+    block = qcow2_table_cache_lookup(img->refcount_cache->blocks,
+                                     block_offset);
+    if (!block)
+        return 0;
+    memcpy(block + byte_start, bytes, len);
+    qcow2_table_cache_mark_dirty(img->refcount_cache->blocks, block_offset);
+    return 1;
+}
+
+qcow2_table_cache *qcow2_refcount_cache_blocks(const qcow2_image *img)
+{
+    return img->refcount_cache ? img->refcount_cache->blocks : NULL;
 }

@@ -247,8 +247,8 @@ static int scan_all(scan *s, const qcow2_owner_range *r, size_t n)
     return ret;
 }
 
-int qcow2_residue(qcow2_image *img, qcow2_residue_range **out,
-                  size_t *count)
+static int residue_work(qcow2_image *img, qcow2_residue_range **out,
+                        size_t *count)
 {
     qcow2_owner_range *ranges;
     size_t n;
@@ -277,4 +277,13 @@ int qcow2_residue(qcow2_image *img, qcow2_residue_range **out,
     *out = s.out;
     *count = s.n;
     return 0;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_residue(qcow2_image *img, qcow2_residue_range **out,
+                  size_t *count)
+{
+    int rc = qcow2_meta_flush(img);
+
+    return rc < 0 ? rc : residue_work(img, out, count);
 }

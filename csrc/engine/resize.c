@@ -273,7 +273,7 @@ static int zero_over_backing(qcow2_image *img, uint64_t old_size,
     return qcow2_write_zeroes(img, old_size, end - old_size, 0);
 }
 
-int qcow2_resize(qcow2_image *img, uint64_t size)
+static int resize_work(qcow2_image *img, uint64_t size)
 {
     int rc = qcow2_check_writable(img);
 
@@ -301,5 +301,17 @@ int qcow2_resize(qcow2_image *img, uint64_t size)
         img->size = size;
     if (rc == 0 && size > old_size)
         rc = zero_over_backing(img, old_size, size);
+    return rc;
+}
+
+/* Behind the caches: flushed first, written through meanwhile. */
+int qcow2_resize(qcow2_image *img, uint64_t size)
+{
+    int rc = qcow2_meta_hold(img);
+
+    if (rc < 0)
+        return rc;
+    rc = resize_work(img, size);
+    qcow2_meta_release(img);
     return rc;
 }

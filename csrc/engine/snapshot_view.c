@@ -126,8 +126,8 @@ static int load_view_l1(qcow2_image *view, const qcow2_snapshot *sn)
     return 0;
 }
 
-int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
-                        qcow2_image **out)
+static int snapshot_open_work(qcow2_image *parent, uint32_t index,
+                              qcow2_image **out)
 {
     qcow2_image *view;
     int ret;
@@ -160,4 +160,13 @@ int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
     view->l2_cache_bytes = qcow2_default_l2_cache_bytes(view);
     *out = view;
     return 0;
+}
+
+/* Reads behind the caches: dirty tables written first. */
+int qcow2_snapshot_open(qcow2_image *parent, uint32_t index,
+                        qcow2_image **out)
+{
+    int rc = qcow2_meta_flush(parent);
+
+    return rc < 0 ? rc : snapshot_open_work(parent, index, out);
 }

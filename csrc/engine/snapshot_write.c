@@ -359,9 +359,9 @@ static void now(uint32_t *sec, uint32_t *nsec)
     *nsec = (uint32_t)(ts.tv_nsec / 1000 * 1000);
 }
 
-int qcow2_snapshot_create(qcow2_image *img, const char *name,
-                          const qcow2_snapshot_create_opts *opts,
-                          uint32_t *index)
+static int snapshot_create_work(qcow2_image *img, const char *name,
+                                const qcow2_snapshot_create_opts *opts,
+                                uint32_t *index)
 {
     qcow2_snapshot_create_opts defaults;
     qcow2_snapshot sn, **list = NULL;
@@ -463,7 +463,7 @@ static int load_snapshot_l1(qcow2_image *img, const qcow2_snapshot *sn,
                          "snapshot L1 table", l1);
 }
 
-int qcow2_snapshot_apply(qcow2_image *img, uint32_t index)
+static int snapshot_apply_work(qcow2_image *img, uint32_t index)
 {
     const qcow2_snapshot *sn;
     uint64_t *sn_l1 = NULL, *l1 = NULL, size, needed, entries, l1_offset;
@@ -524,7 +524,7 @@ int qcow2_snapshot_apply(qcow2_image *img, uint32_t index)
 
 /* ---- Delete ------------------------------------------------------------- */
 
-int qcow2_snapshot_delete(qcow2_image *img, uint32_t index)
+static int snapshot_delete_work(qcow2_image *img, uint32_t index)
 {
     qcow2_snapshot **list;
     qcow2_switch sw;
@@ -583,5 +583,43 @@ int qcow2_snapshot_delete(qcow2_image *img, uint32_t index)
     free(list);
     free(l1);
     free(sn_l1);
+    return rc;
+}
+
+/* Behind the caches: flushed first, written through meanwhile. */
+int qcow2_snapshot_create(qcow2_image *img, const char *name,
+                          const qcow2_snapshot_create_opts *opts,
+                          uint32_t *index)
+{
+    int rc = qcow2_meta_hold(img);
+
+    if (rc < 0)
+        return rc;
+    rc = snapshot_create_work(img, name, opts, index);
+    qcow2_meta_release(img);
+    return rc;
+}
+
+/* Behind the caches: flushed first, written through meanwhile. */
+int qcow2_snapshot_apply(qcow2_image *img, uint32_t index)
+{
+    int rc = qcow2_meta_hold(img);
+
+    if (rc < 0)
+        return rc;
+    rc = snapshot_apply_work(img, index);
+    qcow2_meta_release(img);
+    return rc;
+}
+
+/* Behind the caches: flushed first, written through meanwhile. */
+int qcow2_snapshot_delete(qcow2_image *img, uint32_t index)
+{
+    int rc = qcow2_meta_hold(img);
+
+    if (rc < 0)
+        return rc;
+    rc = snapshot_delete_work(img, index);
+    qcow2_meta_release(img);
     return rc;
 }

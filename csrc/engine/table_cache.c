@@ -39,8 +39,16 @@ struct qcow2_table_cache {
     int32_t lru_head;           /* most recently used */
     int32_t lru_tail;           /* least recently used; free slots too */
     qcow2_table_cache *depends; /* flushed before our next write-back */
-    uint64_t hits, misses, writebacks;
+    uint64_t hits, misses, writebacks, evictions;
+    uint32_t n_dirty;           /* slots with dirty set */
 };
+
+static void set_dirty(qcow2_table_cache *cache, table_slot *slot, int dirty)
+{
+    if (slot->dirty != (dirty != 0))
+        cache->n_dirty += dirty ? 1u : (uint32_t)-1;
+    slot->dirty = dirty != 0;
+}
 
 static int cache_fail(qcow2_table_cache *cache, int code, const char *what)
 {
@@ -200,7 +208,7 @@ static void slot_release(qcow2_table_cache *cache, int32_t index)
         cache->n_used--;
     }
     slot->used = 0;
-    slot->dirty = 0;
+    set_dirty(cache, slot, 0);
     lru_unlink(cache, index);
     lru_push_tail(cache, index);
 }
@@ -246,7 +254,7 @@ static int entry_write_back(qcow2_table_cache *cache, int32_t index)
                           (size_t)cache->table_bytes);
     if (rc < 0)
         return rc;      /* still dirty: the disk is older than the table */
-    slot->dirty = 0;
+    set_dirty(cache, slot, 0);
     cache->writebacks++;
     return 0;
 }
@@ -270,6 +278,8 @@ static int take_slot(qcow2_table_cache *cache, int32_t *out)
     rc = entry_write_back(cache, index);
     if (rc < 0)
         return rc;
+    if (cache->slots[index].used)
+        cache->evictions++;
     slot_release(cache, index);
     slot = &cache->slots[index];
     if (!slot->table) {
@@ -331,7 +341,7 @@ int qcow2_table_cache_install(qcow2_table_cache *cache, uint64_t offset,
     }
     if (cache->slots[index].table != table)
         memcpy(cache->slots[index].table, table, (size_t)cache->table_bytes);
-    cache->slots[index].dirty = 0;
+    set_dirty(cache, &cache->slots[index], 0);
     make_recent(cache, index);
     return 0;
 }
@@ -341,7 +351,7 @@ void qcow2_table_cache_mark_dirty(qcow2_table_cache *cache, uint64_t offset)
     int32_t index = hash_find(cache, offset);
 
     if (index != NO_SLOT)
-        cache->slots[index].dirty = 1;
+        set_dirty(cache, &cache->slots[index], 1);
 }
 
 void qcow2_table_cache_mark_clean(qcow2_table_cache *cache, uint64_t offset)
@@ -349,7 +359,7 @@ void qcow2_table_cache_mark_clean(qcow2_table_cache *cache, uint64_t offset)
     int32_t index = hash_find(cache, offset);
 
     if (index != NO_SLOT)
-        cache->slots[index].dirty = 0;
+        set_dirty(cache, &cache->slots[index], 0);
 }
 
 /* Copy the part of [offset, offset+length) that falls in the slot's table
@@ -475,9 +485,9 @@ void qcow2_table_cache_get_stats(const qcow2_table_cache *cache,
     out->hits = cache->hits;
     out->misses = cache->misses;
     out->writebacks = cache->writebacks;
+    out->evictions = cache->evictions;
     out->n_slots = cache->n_slots;
     out->n_used = cache->n_used;
     out->n_buffers = cache->n_buffers;
-    for (uint32_t i = 0; i < cache->n_slots; i++)
-        out->n_dirty += cache->slots[i].used && cache->slots[i].dirty;
+    out->n_dirty = cache->n_dirty;
 }

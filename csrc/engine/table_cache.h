@@ -46,6 +46,7 @@ typedef struct qcow2_table_cache_ops {
 typedef struct qcow2_table_cache_stats {
     uint64_t hits, misses;      /* qcow2_table_cache_get lookups */
     uint64_t writebacks;        /* tables written through ops.write */
+    uint64_t evictions;         /* tables pushed out to make room */
     uint32_t n_slots;           /* the bound */
     uint32_t n_used;            /* slots holding a table */
     uint32_t n_buffers;         /* table buffers allocated (<= n_slots) */

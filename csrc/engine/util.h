@@ -7,6 +7,7 @@
 #define QCOW2_UTIL_H
 
 #include <stdint.h>
+#include <string.h>
 #include <stddef.h>
 
 static inline uint16_t be16(const void *p)
@@ -102,6 +103,12 @@ static inline uint64_t min_u64(uint64_t a, uint64_t b)
 static inline uint64_t max_u64(uint64_t a, uint64_t b)
 {
     return a > b ? a : b;
+}
+
+/* n bytes at p are all zero (memcmp against itself shifted by one). */
+static inline int bytes_all_zero(const uint8_t *p, size_t n)
+{
+    return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
 }
 
 #endif /* QCOW2_UTIL_H */

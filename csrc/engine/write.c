@@ -9,6 +9,12 @@
  *        (-> barrier -> L1 entry, for a new table) -> barrier
  *        -> refcount decreases of what the old entries referenced
  *
+ * With the write-back cache (cache_flush.c) a changed table stays dirty
+ * in the L2 cache instead and the same order is kept at write-back: the
+ * refcount blocks it depends on, a barrier for the data, the tables, a
+ * barrier; decreases wait for the tables (alloc.c). A new table is still
+ * written through, after the refcounts it needs.
+ *
  * The write state itself (open, close, lazy refcounts, repair of a dirty
  * image) lives in write_state.c.
  */
@@ -132,6 +138,7 @@ void qcow2_l2_work_set(qcow2_image *img, qcow2_l2_work *work,
     put_be64(p, entry);
     if (img->extended_l2)
         put_be64(p + 8, bitmap);
+    work->n_set++;
     if (work->dirty_first == work->dirty_end) {
         work->dirty_first = l2_index;
         work->dirty_end = l2_index + 1;
@@ -240,17 +247,20 @@ int qcow2_l1_entry_write(qcow2_image *img, uint32_t l1_index,
  * L1 table; a shared table it replaces loses the active reference last. */
 static int commit_new_table(qcow2_image *img, qcow2_l2_work *work)
 {
-    uint64_t old = work->l2_offset, fresh;
+    uint64_t old = work->l2_offset, fresh, syncs;
     int rc;
 
     rc = qcow2_alloc_clusters(img, 1, &fresh);
-    if (rc == 0)
-        rc = qcow2_barrier(img);
     if (rc < 0)
         return rc;
     rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2", fresh,
                              work->table, img->cluster_size);
+    /* The table, its data and every refcount it needs (deferred ones
+     * written now) are on disk before the L1 entry points at it. */
+    syncs = img->ws->syncs;
     if (rc == 0)
+        rc = qcow2_meta_flush_refcounts(img);
+    if (rc == 0 && (img->ws->syncs == syncs || img->ws->data_unsynced))
         rc = qcow2_barrier(img);
     if (rc < 0) {
         (void)qcow2_free_clusters(img, fresh, img->cluster_size);
@@ -273,7 +283,14 @@ static int commit_in_place(qcow2_image *img, qcow2_l2_work *work)
                       img->l2_entry_bytes;
     int rc;
 
-    rc = qcow2_barrier(img);
+    /* Write-back: kept dirty, after the refcounts it needs. */
+    if (qcow2_meta_defer_l2(img)) {
+        rc = qcow2_l2_cache_store(img, work->l2_offset, work->table);
+        return rc < 0 ? rc : qcow2_meta_l2_after_refcounts(img);
+    }
+    /* Data (and refcounts, unless lazy) before the entries. */
+    rc = img->ws->lazy_refcounts && work->n_released == 0 &&
+         work->n_set == work->n_unordered ? 0 : qcow2_barrier(img);
     if (rc < 0)
         return rc;
     /* The cached table changes (dirty), is written through, then clean. */
@@ -304,8 +321,9 @@ int qcow2_l2_work_commit(qcow2_image *img, qcow2_l2_work *work)
     work->dirty_first = work->dirty_end = 0;
     if (work->n_released == 0)
         return 0;
-    /* The references are gone on disk before any refcount drops. */
-    rc = qcow2_barrier(img);
+    /* The references are gone on disk before any refcount drops (a
+     * dirty table is written first by the decrease itself). */
+    rc = qcow2_meta_defer_l2(img) ? 0 : qcow2_barrier(img);
     if (rc < 0)
         return rc;
     for (size_t i = 0; i < work->n_released; i++)
@@ -428,6 +446,10 @@ typedef struct write_job {
     uint64_t end;               /* offset + length */
     cluster_plan *plans;
     uint64_t chunk_base;        /* guest offset of plans[0]'s cluster */
+    int fresh_past_eof;         /* the run's clusters are new and lie past
+                                   the end of the file: zero COW bytes
+                                   need no write (the file reads zeroes
+                                   there), as QEMU zeroes them by fallocate */
 } write_job;
 
 static int run_continues(const qcow2_image *img, const cluster_plan *prev,
@@ -501,10 +523,19 @@ static int write_range(write_job *job, uint64_t host, uint64_t from,
         rc = qcow2_read_current(img, data_to, bounce + (data_to - from),
                                 to - data_to);
     if (rc == 0) {
+        uint64_t lo = from, hi = to;
+
         memcpy(bounce + (data_from - from),
                job->buf + (data_from - job->offset),
                (size_t)(data_to - data_from));
-        rc = write_guest(img, host, from, bounce, (size_t)(to - from));
+        if (job->fresh_past_eof &&
+            bytes_all_zero(bounce, (size_t)(data_from - from)))
+            lo = data_from;
+        if (job->fresh_past_eof &&
+            bytes_all_zero(bounce + (data_to - from), (size_t)(to - data_to)))
+            hi = data_to;
+        rc = write_guest(img, host + (lo - from), lo, bounce + (lo - from),
+                         (size_t)(hi - lo));
     }
     free(bounce);
     return rc;
@@ -545,6 +576,12 @@ static int write_one_run(write_job *job, qcow2_l2_work *work,
     rc = run_host(job, run, &host, &allocated);
     if (rc < 0)
         return rc;
+    job->fresh_past_eof = 0;
+    if (allocated && !img->crypto) {
+        uint64_t eof;
+        job->fresh_past_eof = img->data_io->ops->size(img->data_io, &eof) == 0
+                              && host >= eof;
+    }
     rc = write_range(job, host + first->copy_from, from, to);
     if (rc < 0) {
         /* Nothing references them yet: give them back. */
@@ -562,6 +599,9 @@ static int write_one_run(write_job *job, qcow2_l2_work *work,
             continue;
         qcow2_l2_work_set(img, work, qcow2_l2_index(img, guest), entry,
                           bitmap);
+        if (job->fresh_past_eof && !p->old.compressed && !p->old.has_host &&
+            !img->backing_name)
+            work->n_unordered++;
         if (!p->keep && (p->old.compressed || p->old.has_host))
             qcow2_l2_work_release(work, p->old.entry);
     }
@@ -682,8 +722,8 @@ static int write_encrypted(qcow2_image *img, uint64_t offset,
     return rc;
 }
 
-int qcow2_write(qcow2_image *img, uint64_t offset, const void *buf,
-                size_t length)
+static int write_call(qcow2_image *img, uint64_t offset, const void *buf,
+                      size_t length)
 {
     int rc = qcow2_check_writable(img);
 
@@ -701,4 +741,14 @@ int qcow2_write(qcow2_image *img, uint64_t offset, const void *buf,
     if (img->crypto)
         return write_encrypted(img, offset, buf, length);
     return write_qcow2(img, offset, buf, length);
+}
+
+int qcow2_write(qcow2_image *img, uint64_t offset, const void *buf,
+                size_t length)
+{
+    int rc;
+
+    qcow2_call_begin(img);
+    rc = write_call(img, offset, buf, length);
+    return qcow2_call_end(img, rc);
 }

@@ -34,6 +34,11 @@ typedef struct qcow2_l2_work {
     uint64_t dirty_first, dirty_end;    /* entries changed */
     uint64_t *released;         /* old entries to drop after commit */
     size_t n_released;
+    /* Entries set, and of those the ones that need no barrier before
+     * them under lazy refcounts (new clusters past the end of the file
+     * for a range that read zeroes: landing before their data, they still
+     * read zeroes). */
+    size_t n_set, n_unordered;
 } qcow2_l2_work;
 int qcow2_l2_work_begin(qcow2_image *img, uint32_t l1_index,
                         qcow2_l2_work *work);

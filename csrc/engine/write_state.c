@@ -55,6 +55,28 @@ int qcow2_begin_update(qcow2_image *img)
     return mark_dirty(img);
 }
 
+/* ---- Guest calls ------------------------------------------------------------ */
+
+void qcow2_call_begin(qcow2_image *img)
+{
+    if (img->ws)
+        img->ws->call_depth++;
+}
+
+int qcow2_call_end(qcow2_image *img, int rc)
+{
+    qcow2_write_state *ws = img->ws;
+
+    if (!ws)
+        return rc;
+    /* Writethrough: durable on return; a nested call leaves it to the
+     * outer one. */
+    if (--ws->call_depth == 0 && rc == 0 && !ws->meta_write_back &&
+        !ws->poisoned && !img->read_only)
+        rc = qcow2_sync(img);
+    return rc;
+}
+
 /* ---- Persistent bitmaps ------------------------------------------------- */
 
 /*
@@ -125,6 +147,9 @@ static int set_options(qcow2_image *img, const qcow2_open_opts *opts)
                           "qcow2 image with at least qemu 1.1 "
                           "compatibility level");
     ws->lazy_refcounts = lazy != 0;
+    /* "writeback" and "unsafe" keep metadata dirty; "unsafe" never syncs. */
+    ws->meta_write_back = opts->cache_mode != 1;
+    ws->no_sync = opts->cache_mode == 2;
     return 0;
 }
 
@@ -175,9 +200,11 @@ int qcow2_write_state_close(qcow2_image *img)
     if (!ws)
         return 0;
     if (!ws->poisoned && !img->is_raw) {
-        rc = qcow2_sync(img);
-        /* Refcounts are never deferred here, so once everything is on
-         * disk the image is clean. */
+        /* The dirty caches, then a sync: once everything is on disk, the
+         * refcounts the dirty bit covered are right again. */
+        rc = qcow2_meta_flush(img);
+        if (rc == 0)
+            rc = qcow2_sync(img);
         if (rc == 0 && ws->dirty_on_disk &&
             (img->hdr.incompatible_features & INCOMPAT_DIRTY))
             rc = qcow2_header_set_feature(img, 0, 0, 0);
@@ -195,6 +222,8 @@ int qcow2_flush(qcow2_image *img)
 {
     int rc = qcow2_check_writable(img);
 
+    if (rc == 0)
+        rc = qcow2_meta_flush(img);
     return rc < 0 ? rc : qcow2_sync(img);
 }
 
@@ -202,7 +231,11 @@ int qcow2_raw_read(qcow2_image *img, uint64_t offset, void *buf,
                    size_t length, size_t *done)
 {
     size_t got = 0;
+    /* The file as the metadata says now: dirty tables written first. */
+    int rc = qcow2_meta_flush(img);
 
+    if (rc < 0)
+        return rc;
     while (got < length) {
         int64_t n = img->io->ops->pread(img->io, (uint8_t *)buf + got,
                                         length - got, offset + got);
@@ -232,6 +265,10 @@ int qcow2_raw_write(qcow2_image *img, uint64_t offset, const void *buf,
     if (!range_inside(offset, length, QCOW2_MAX_HOST_OFFSET + 1))
         return qcow2_fail(img, QCOW2_E_INVALID, "raw write past the largest "
                           "host offset");
+    /* Dirty tables first: the poke must not be overwritten by them. */
+    rc = qcow2_meta_flush(img);
+    if (rc < 0)
+        return rc;
     /* Deliberately past the overlap check: tests poke metadata. */
     qcow2_io_set_label(img->io, "raw");
     rc = img->io->ops->pwrite(img->io, buf, length, offset);

@@ -273,8 +273,8 @@ static int zero_raw_data_file(qcow2_image *img, uint64_t offset,
     return rc;
 }
 
-int qcow2_write_zeroes(qcow2_image *img, uint64_t offset, uint64_t length,
-                       int unmap)
+static int write_zeroes_call(qcow2_image *img, uint64_t offset,
+                             uint64_t length, int unmap)
 {
     uint64_t end = offset + length, granule, head_end, tail_start;
     entry_rule rule = zero_rule;
@@ -311,7 +311,8 @@ int qcow2_write_zeroes(qcow2_image *img, uint64_t offset, uint64_t length,
 
 /* ---- Discard ------------------------------------------------------------------ */
 
-int qcow2_discard(qcow2_image *img, uint64_t offset, uint64_t length)
+static int discard_call(qcow2_image *img, uint64_t offset,
+                        uint64_t length)
 {
     uint64_t first, last;
     int rc = check_range(img, "discard", offset, length);
@@ -329,4 +330,23 @@ int qcow2_discard(qcow2_image *img, uint64_t offset, uint64_t length)
         return 0;
     rc = qcow2_begin_update(img);
     return rc < 0 ? rc : change_range(img, first, last, 0, discard_rule);
+}
+
+int qcow2_write_zeroes(qcow2_image *img, uint64_t offset, uint64_t length,
+                       int unmap)
+{
+    int rc;
+
+    qcow2_call_begin(img);
+    rc = write_zeroes_call(img, offset, length, unmap);
+    return qcow2_call_end(img, rc);
+}
+
+int qcow2_discard(qcow2_image *img, uint64_t offset, uint64_t length)
+{
+    int rc;
+
+    qcow2_call_begin(img);
+    rc = discard_call(img, offset, length);
+    return qcow2_call_end(img, rc);
 }

@@ -126,7 +126,7 @@ void ql_opt_io(lua_State *L, int opts, const char *fn, qcow2_open_opts *o);
  * (a name given twice is a build mistake and raises at load). */
 extern const luaL_Reg ql_image_write_methods[];     /* write.c: write,
     write_zeroes, discard, write_compressed, flush, resize, raw_read,
-    raw_write, io_log */
+    raw_write, io_log, stats */
 extern const luaL_Reg ql_image_check_methods[];     /* check.c: check */
 extern const luaL_Reg ql_image_snapshot_methods[];  /* snapshot_write.c:
     create_snapshot, save_vmstate, load_vmstate */

@@ -185,9 +185,11 @@ int ql_module_create(lua_State *L)
     o.compression_type = compression < 0 ? NULL
                                          : compression_types[compression];
     o.data_file = opt_string(L, 2, "data_file");
-    /* cache: the handle writes metadata through, which keeps each mode's
-     * promise (see open). */
-    ql_opt_choice(L, 2, FN, "cache", ql_cache_modes);
+    /* cache: the returned handle's mode, as open's. */
+    {
+        int mode = ql_opt_choice(L, 2, FN, "cache", ql_cache_modes);
+        open_opts.cache_mode = mode < 0 ? 0 : mode;
+    }
     /* The handle create returns may carry a fault plan (tests). */
     ql_opt_io(L, 2, FN, &open_opts);
 

@@ -324,9 +324,12 @@ static int module_open(lua_State *L)
         if (ql_opt_field(L, 2, "open", "key", LUA_TSTRING) != LUA_TNIL)
             o.key = lua_tolstring(L, -1, &o.key_len);
         lua_pop(L, 1);
-        /* cache: metadata is written through today, which keeps each
-         * mode's promise ("writeback" and "unsafe" promise less). */
-        ql_opt_choice(L, 2, "open", "cache", ql_cache_modes);
+        /* cache: "writeback" (default), "writethrough" or "unsafe", in
+         * the order of ql_cache_modes (the engine's cache_mode). */
+        {
+            int mode = ql_opt_choice(L, 2, "open", "cache", ql_cache_modes);
+            o.cache_mode = mode < 0 ? 0 : mode;
+        }
 
         /* QEMU's runtime options of read-write handles; a read-only
          * handle never writes, so they change nothing there. */

@@ -233,6 +233,43 @@ static int image_io_log(lua_State *L)
     return 1;
 }
 
+static void set_cache_stats(lua_State *L, const char *key,
+                            const qcow2_cache_stats *c)
+{
+    lua_createtable(L, 0, 7);
+    ql_set_int(L, "hits", c->hits);
+    ql_set_int(L, "misses", c->misses);
+    ql_set_int(L, "evictions", c->evictions);
+    ql_set_int(L, "writebacks", c->writebacks);
+    ql_set_int(L, "dirty", c->dirty);
+    ql_set_int(L, "cached", c->cached);
+    ql_set_int(L, "slots", c->slots);
+    lua_setfield(L, -2, key);
+}
+
+/* img:stats() -> {l2 = {hits=, misses=, evictions=, writebacks=, dirty=,
+ * cached=, slots=}, refcount = {...}, flushes=, syncs=, reads=,
+ * bytes_read=, writes=, bytes_written=}: counters since open. */
+static int image_stats(lua_State *L)
+{
+    ql_image *q = ql_check_image(L, 1);
+    qcow2_stats st;
+    int rc = qcow2_stats_get(q->img, &st);
+
+    if (rc < 0)
+        return ql_push_engine_error(L, q->img, rc);
+    lua_createtable(L, 0, 8);
+    set_cache_stats(L, "l2", &st.l2);
+    set_cache_stats(L, "refcount", &st.refcount);
+    ql_set_int(L, "flushes", st.flushes);
+    ql_set_int(L, "syncs", st.syncs);
+    ql_set_int(L, "reads", st.reads);
+    ql_set_int(L, "bytes_read", st.bytes_read);
+    ql_set_int(L, "writes", st.writes);
+    ql_set_int(L, "bytes_written", st.bytes_written);
+    return 1;
+}
+
 const luaL_Reg ql_image_write_methods[] = {
     {"write", image_write},
     {"write_zeroes", image_write_zeroes},
@@ -243,5 +280,6 @@ const luaL_Reg ql_image_write_methods[] = {
     {"raw_read", image_raw_read},
     {"raw_write", image_raw_write},
     {"io_log", image_io_log},
+    {"stats", image_stats},
     {NULL, NULL}
 };
