@@ -207,7 +207,7 @@ int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
                           (unsigned long long)length);
     first = offset >> img->cluster_bits;
     last = (end - 1) >> img->cluster_bits;
-    bytes = malloc(img->cluster_size);
+    bytes = qcow2_spare_take(&img->ws->spare_block, img->cluster_size);
     if (!bytes)
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
 
@@ -229,7 +229,7 @@ int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
     img->ws->hold--;
     if (rc == 0)
         rc = update_pass(img, first, last, delta, 1, bytes);
-    free(bytes);
+    qcow2_spare_give(&img->ws->spare_block, bytes);
     return rc;
 }
 

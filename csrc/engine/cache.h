@@ -38,11 +38,13 @@ void qcow2_l2_cache_update(qcow2_l2_cache *cache, uint64_t l2_offset,
                            uint64_t offset, const void *bytes,
                            size_t length);
 void qcow2_l2_cache_mark_clean(qcow2_l2_cache *cache, uint64_t l2_offset);
-/* Write-back: the whole changed table (cluster_size bytes) is kept, most
- * recently used and dirty (created on first use). 0 or a negative status
- * (an eviction's write-back failed; nothing kept). */
+/* Write-back: `length` bytes at byte `first` of the table at l2_offset
+ * changed to table[first..]: copied into the cached table (read again if
+ * it was evicted), which stays dirty (the cache created on first use). 0
+ * or a negative status (an eviction's write-back or the read failed;
+ * nothing kept). */
 int qcow2_l2_cache_store(qcow2_image *img, uint64_t l2_offset,
-                         const uint8_t *table);
+                         const uint8_t *table, uint64_t first, size_t length);
 
 /* ---- Refcount-block cache (refcount_cache.c) -------------------------
  * Clean cached blocks hold the bytes on disk; writers keep it so through

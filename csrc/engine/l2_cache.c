@@ -169,8 +169,9 @@ void qcow2_l2_cache_mark_clean(qcow2_l2_cache *cache, uint64_t l2_offset)
 }
 
 int qcow2_l2_cache_store(qcow2_image *img, uint64_t l2_offset,
-                         const uint8_t *table)
+                         const uint8_t *table, uint64_t first, size_t length)
 {
+    uint8_t *cached;
     int rc;
 
     if (!img->l2_cache) {
@@ -178,9 +179,19 @@ int qcow2_l2_cache_store(qcow2_image *img, uint64_t l2_offset,
         if (rc < 0)
             return rc;
     }
-    rc = qcow2_table_cache_install(img->l2_cache->tables, l2_offset, table);
+    if (first > img->cluster_size || length > img->cluster_size - first)
+        return qcow2_fail(img, QCOW2_E_INVALID, "L2 cache: change past the "
+                          "table");
+    /* Only the changed bytes are new (the rest of `table` may not even
+     * be a copy); a table evicted meanwhile was written back, so reading
+     * it again gives the rest. */
+    rc = qcow2_table_cache_get(img->l2_cache->tables, l2_offset, &cached);
     if (rc < 0)
         return rc;
+    if (!cached)
+        return qcow2_fail(img, QCOW2_E_IO, "L2 table at 0x%llx could not be "
+                          "cached", (unsigned long long)l2_offset);
+    memcpy(cached + first, table + first, length);
     qcow2_table_cache_mark_dirty(img->l2_cache->tables, l2_offset);
     return 0;
 }

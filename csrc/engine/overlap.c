@@ -553,6 +553,24 @@ static int flush_io(qcow2_image *img, qcow2_io *io, const char *which)
     return 0;
 }
 
+void *qcow2_spare_take(void **slot, size_t size)
+{
+    void *buf = slot ? *slot : NULL;
+
+    if (!buf)
+        return malloc(size);
+    *slot = NULL;
+    return buf;
+}
+
+void qcow2_spare_give(void **slot, void *buf)
+{
+    if (slot && !*slot)
+        *slot = buf;
+    else
+        free(buf);
+}
+
 int qcow2_sync(qcow2_image *img)
 {
     int rc;

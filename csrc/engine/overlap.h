@@ -60,6 +60,10 @@ typedef struct qcow2_write_state {
                                     write-back (data before the entry) */
     uint64_t syncs;              /* flush pairs issued (stats) */
     uint64_t cache_flushes;      /* write-backs of both caches (stats) */
+    /* Buffers a write reuses instead of allocating them per call (a use
+     * nested in another takes a fresh one): an L2 work's table copy and
+     * released list, a refcount update's block bytes. */
+    void *spare_table, *spare_released, *spare_block;
     int poisoned;                /* a metadata write failed midway: every
                                     later call fails with `poison` */
     qcow2_error poison;
@@ -89,6 +93,11 @@ int qcow2_write_checked(qcow2_image *img, int ignore, const char *what,
  * Without memory for them the check simply scans. */
 void qcow2_overlap_index_hold(qcow2_image *img);
 void qcow2_overlap_index_release(qcow2_image *img);
+/* A buffer of `size` bytes: the spare in *slot (always of that size for
+ * the handle) or a new one; NULL without memory. Given back, it becomes
+ * the spare again, or is freed when there is one. */
+void *qcow2_spare_take(void **slot, size_t size);
+void qcow2_spare_give(void **slot, void *buf);
 /* fsync of the data file, then of the image file: what img:flush() and
  * close promise (nothing when ws->no_sync). */
 int qcow2_sync(qcow2_image *img);

@@ -158,6 +158,14 @@ void qcow2_l2_work_release(qcow2_l2_work *work, uint64_t old_entry)
 int qcow2_l2_work_begin(qcow2_image *img, uint32_t l1_index,
                         qcow2_l2_work *work)
 {
+    return qcow2_l2_work_begin_range(img, l1_index, 0, img->l2_entries,
+                                     work);
+}
+
+int qcow2_l2_work_begin_range(qcow2_image *img, uint32_t l1_index,
+                              uint64_t first, uint64_t count,
+                              qcow2_l2_work *work)
+{
     uint64_t l1_entry = l1_index < img->l1_size ? img->l1[l1_index] : 0;
     uint8_t *cached;
     int rc;
@@ -171,8 +179,13 @@ int qcow2_l2_work_begin(qcow2_image *img, uint32_t l1_index,
         return qcow2_fail(img, QCOW2_E_CORRUPT, "L1 entry %u has reserved "
                           "bits set: 0x%016llx", l1_index,
                           (unsigned long long)l1_entry);
-    work->table = malloc(img->cluster_size);
-    work->released = malloc(img->l2_entries * sizeof *work->released);
+    work->table = qcow2_spare_take(img->ws ? &img->ws->spare_table : NULL,
+                                   img->cluster_size);
+    work->released = qcow2_spare_take(img->ws ? &img->ws->spare_released
+                                              : NULL,
+                                      img->l2_entries *
+                                      sizeof *work->released);
+    work->ws = img->ws;
     if (!work->table || !work->released)
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
     work->l2_offset = l1_entry & L1E_OFFSET_MASK;
@@ -191,14 +204,24 @@ int qcow2_l2_work_begin(qcow2_image *img, uint32_t l1_index,
     rc = qcow2_l2_cache_get(img, work->l2_offset, &cached);
     if (rc < 0)
         return rc;
-    memcpy(work->table, cached, img->cluster_size);
+    /* A table changed in place needs only the entries the caller uses;
+     * one copied to new clusters is written whole. */
+    if (work->needs_new || first >= img->l2_entries ||
+        count > img->l2_entries - first) {
+        first = 0;
+        count = img->l2_entries;
+    }
+    memcpy(work->table + first * img->l2_entry_bytes,
+           cached + first * img->l2_entry_bytes,
+           (size_t)(count * img->l2_entry_bytes));
     return 0;
 }
 
 void qcow2_l2_work_end(qcow2_l2_work *work)
 {
-    free(work->table);
-    free(work->released);
+    qcow2_spare_give(work->ws ? &work->ws->spare_table : NULL, work->table);
+    qcow2_spare_give(work->ws ? &work->ws->spare_released : NULL,
+                     work->released);
     work->table = NULL;
     work->released = NULL;
 }
@@ -285,7 +308,8 @@ static int commit_in_place(qcow2_image *img, qcow2_l2_work *work)
 
     /* Write-back: kept dirty, after the refcounts it needs. */
     if (qcow2_meta_defer_l2(img)) {
-        rc = qcow2_l2_cache_store(img, work->l2_offset, work->table);
+        rc = qcow2_l2_cache_store(img, work->l2_offset, work->table, first,
+                                  (size_t)length);
         return rc < 0 ? rc : qcow2_meta_l2_after_refcounts(img);
     }
     /* Data (and refcounts, unless lazy) before the entries. */
@@ -450,6 +474,8 @@ typedef struct write_job {
                                    the end of the file: zero COW bytes
                                    need no write (the file reads zeroes
                                    there), as QEMU zeroes them by fallocate */
+    int cow_is_zero;            /* ... and the guest reads zeroes there
+                                   now: no COW bytes to read or write */
 } write_job;
 
 static int run_continues(const qcow2_image *img, const cluster_plan *prev,
@@ -504,6 +530,10 @@ static int write_range(write_job *job, uint64_t host, uint64_t from,
     if (data_from == from && data_to == to)
         return write_guest(img, host, from, job->buf + (from - job->offset),
                            (size_t)(to - from));
+    if (job->cow_is_zero)
+        return write_guest(img, host + (data_from - from), data_from,
+                           job->buf + (data_from - job->offset),
+                           (size_t)(data_to - data_from));
     if (to - from > BOUNCE_MAX) {
         uint64_t head_end = align_up(from + 1, cs);
         uint64_t tail_start = align_up(to, cs) - cs;
@@ -576,11 +606,19 @@ static int write_one_run(write_job *job, qcow2_l2_work *work,
     rc = run_host(job, run, &host, &allocated);
     if (rc < 0)
         return rc;
-    job->fresh_past_eof = 0;
+    job->fresh_past_eof = job->cow_is_zero = 0;
     if (allocated && !img->crypto) {
         uint64_t eof;
         job->fresh_past_eof = img->data_io->ops->size(img->data_io, &eof) == 0
                               && host >= eof;
+    }
+    if (job->fresh_past_eof && !img->backing_name) {
+        job->cow_is_zero = 1;
+        for (size_t k = 0; k < run->count; k++) {
+            const qcow2_l2_desc *old = &job->plans[run->first + k].old;
+            if (old->compressed || old->has_host)
+                job->cow_is_zero = 0;
+        }
     }
     rc = write_range(job, host + first->copy_from, from, to);
     if (rc < 0) {
@@ -619,7 +657,8 @@ static int write_chunk(write_job *job, uint64_t start, uint64_t end)
     qcow2_l2_work work;
     int rc;
 
-    rc = qcow2_l2_work_begin(img, qcow2_l1_index(img, start), &work);
+    rc = qcow2_l2_work_begin_range(img, qcow2_l1_index(img, start),
+                                   qcow2_l2_index(img, base), n, &work);
     job->plans = rc == 0 ? calloc(n, sizeof *job->plans) : NULL;
     if (rc == 0 && !job->plans)
         rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");

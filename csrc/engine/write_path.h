@@ -39,9 +39,16 @@ typedef struct qcow2_l2_work {
      * for a range that read zeroes: landing before their data, they still
      * read zeroes). */
     size_t n_set, n_unordered;
+    qcow2_write_state *ws;      /* whose spare buffers table and released
+                                   are (NULL: they were allocated) */
 } qcow2_l2_work;
 int qcow2_l2_work_begin(qcow2_image *img, uint32_t l1_index,
                         qcow2_l2_work *work);
+/* The same, for a caller that gets and sets only entries [first,
+ * first+count): of a table changed in place only those are copied. */
+int qcow2_l2_work_begin_range(qcow2_image *img, uint32_t l1_index,
+                              uint64_t first, uint64_t count,
+                              qcow2_l2_work *work);
 /* Decode entry l2_index (QCOW2_E_CORRUPT naming it when invalid). */
 int qcow2_l2_work_get(qcow2_image *img, const qcow2_l2_work *work,
                       uint64_t l2_index, qcow2_l2_desc *desc);

@@ -187,6 +187,10 @@ int qcow2_write_state_init(qcow2_image *img, const qcow2_open_opts *opts)
         if (rc < 0)
             return rc;
     }
+    /* Overlap checks search sorted indexes, not every table entry, on
+     * each write (overlap.c); held for the handle's life. */
+    if (!img->ws->index)
+        qcow2_overlap_index_hold(img);
     /* A dirty image is repaired by the open once the handle is whole
      * (image.c), not from here. */
     return mark_bitmaps_in_use(img);
@@ -211,6 +215,11 @@ int qcow2_write_state_close(qcow2_image *img)
     } else if (img->is_raw) {
         rc = qcow2_sync(img);
     }
+    while (ws->index)
+        qcow2_overlap_index_release(img);
+    free(ws->spare_table);
+    free(ws->spare_released);
+    free(ws->spare_block);
     free(ws);
     img->ws = NULL;
     return rc;
