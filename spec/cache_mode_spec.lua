@@ -182,10 +182,12 @@ describe("the cache modes", function()
     end
   end)
 
-  for _, lazy in ipairs({ false, true }) do
-    it(("writeback with small caches%s: a cut at any write, cache kept or lost, "
+  for _, variant in ipairs({ { "writeback", false }, { "writeback", true },
+                              { "writethrough", false }, { "writethrough", true } }) do
+    local cache, lazy = variant[1], variant[2]
+    it(("%s with small caches%s: a cut at any write, cache kept or lost, "
         .. "leaves no corruption and every block old or new"):format(
-         lazy and " and lazy refcounts" or ""), function()
+         cache, lazy and " and lazy refcounts" or ""), function()
       -- evictions write dirty L2 tables and refcount blocks back mid-run:
       -- only the dependency order and the data barrier keep a cut safe
       local fresh = dir .. "/sweep-fresh.qcow2"
@@ -243,13 +245,14 @@ describe("the cache modes", function()
         end
       end
       local opts = { mode = "rw", l2_cache_size = 1024, refcount_cache_size = 1024,
-                     lazy_refcounts = lazy }
+                     lazy_refcounts = lazy, cache = cache }
       h.copy(fresh, path)
       opts.io = { trace = true }
       local img = assert(qcow2.open(path, opts))
       run(img)
       local s = img:stats()
       assert.is_true(s.l2.evictions > 0 and s.refcount.evictions > 0)
+      if cache == "writethrough" then assert.are.equal(0, s.l2.dirty) end
       assert(img:flush())
       local total = crash.writes(img:io_log())
       img:close()

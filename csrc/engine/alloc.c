@@ -182,7 +182,9 @@ static int ensure_refblocks(qcow2_image *img, uint64_t first, uint64_t last,
             return rc;
         if (block == 0) {
             *needed = max_u64(first, index * entries);
+            img->ws->hold++;    /* refcount structures: written through */
             rc = create_refblock(img, index, *needed, first, last);
+            img->ws->hold--;
             return rc < 0 ? rc : 1;
         }
     }
@@ -216,7 +218,6 @@ int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
     /* The tables that dropped the reference reach the disk first. */
     if (rc == 0 && delta < 0)
         rc = qcow2_meta_flush_l2(img);
-    img->ws->hold++;            /* refcount structures: written through */
     while (rc == 0 && delta > 0) {
         uint64_t needed;
         rc = ensure_refblocks(img, first, last, &needed);
@@ -226,7 +227,6 @@ int qcow2_refcount_update(qcow2_image *img, uint64_t offset, uint64_t length,
         img->ws->free_cluster_hint = min_u64(img->ws->free_cluster_hint,
                                              first);
     }
-    img->ws->hold--;
     if (rc == 0)
         rc = update_pass(img, first, last, delta, 1, bytes);
     qcow2_spare_give(&img->ws->spare_block, bytes);
@@ -545,10 +545,96 @@ int qcow2_refcount_area(qcow2_image *img, uint64_t start_offset,
 
 /* ---- Allocation ------------------------------------------------------------ */
 
+/* A free run of count clusters, each with its refcount block. */
+static int find_run(qcow2_image *img, uint64_t count, uint64_t *start)
+{
+    qcow2_write_state *ws = img->ws;
+    int rc;
+
+    for (;;) {
+        uint64_t needed;
+
+        rc = alloc_find_free_run(img, &ws->free_cluster_hint, count, start);
+        if (rc < 0)
+            return rc;
+        rc = ensure_refblocks(img, *start, *start + count - 1, &needed);
+        if (rc < 0)
+            return rc;
+        if (rc == 0)
+            break;
+        /* A new block may sit where the run was: search again, trying
+         * the same clusters first (QEMU's -EAGAIN restart). */
+        (void)needed;
+        ws->free_cluster_hint = min_u64(ws->free_cluster_hint, *start);
+    }
+    return 0;
+}
+
+/*
+ * Writethrough without lazy refcounts: every allocating write would pay a
+ * sync for its refcount before its L2 entry. Clusters are counted in
+ * batches instead (refcount 1, referenced by nothing yet) and handed out
+ * from the batch; once a sync has followed the batch's refcount write,
+ * its clusters need no barrier for their refcounts. A crash leaks what
+ * is left of the batch (allowed: a leak is not a corruption); a flush,
+ * close or operation behind the caches gives it back first
+ * (ws->give_back, called from cache_flush.c).
+ */
+#define RESERVE_BATCH 64u
+
+static int reserve_wanted(const qcow2_image *img, uint64_t count)
+{
+    const qcow2_write_state *ws = img->ws;
+
+    return ws->reserve_batches && !ws->lazy_refcounts && ws->hold == 0 &&
+           !(img->hdr.incompatible_features & INCOMPAT_DATA_FILE) &&
+           count <= RESERVE_BATCH;
+}
+
+int qcow2_alloc_give_back(qcow2_image *img)
+{
+    qcow2_write_state *ws = img->ws;
+    uint64_t first, count;
+
+    if (!ws || ws->reserved_count == 0)
+        return 0;
+    first = ws->reserved_first;
+    count = ws->reserved_count;
+    ws->reserved_count = 0;
+    return qcow2_refcount_update(img, first << img->cluster_bits,
+                                 count << img->cluster_bits, -1);
+}
+
+static int reserve_take(qcow2_image *img, uint64_t count, uint64_t *start)
+{
+    qcow2_write_state *ws = img->ws;
+    int rc;
+
+    if (ws->reserved_count < count) {
+        rc = qcow2_alloc_give_back(img);
+        if (rc == 0)
+            rc = find_run(img, RESERVE_BATCH, start);
+        if (rc == 0)
+            rc = qcow2_refcount_update(img, *start << img->cluster_bits,
+                                       (uint64_t)RESERVE_BATCH
+                                       << img->cluster_bits, 1);
+        if (rc < 0)
+            return rc;
+        ws->reserved_first = *start;
+        ws->reserved_count = RESERVE_BATCH;
+        ws->reserved_sync_mark = ws->syncs;
+        ws->give_back = qcow2_alloc_give_back;
+    }
+    *start = ws->reserved_first;
+    ws->reserved_first += count;
+    ws->reserved_count -= count;
+    ws->last_alloc_durable = ws->syncs > ws->reserved_sync_mark;
+    return 0;
+}
+
 int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
                          uint64_t *host_offset)
 {
-    qcow2_write_state *ws;
     uint64_t start;
     int rc = need_write_state(img);
 
@@ -557,25 +643,15 @@ int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
     if (count == 0 || count > alloc_max_host_cluster(img))
         return qcow2_fail(img, QCOW2_E_INVALID, "cannot allocate %llu "
                           "clusters", (unsigned long long)count);
-    ws = img->ws;
-    for (;;) {
-        uint64_t needed;
-
-        rc = alloc_find_free_run(img, &ws->free_cluster_hint, count, &start);
-        if (rc < 0)
-            return rc;
-        rc = ensure_refblocks(img, start, start + count - 1, &needed);
-        if (rc < 0)
-            return rc;
+    img->ws->last_alloc_durable = 0;
+    if (reserve_wanted(img, count)) {
+        rc = reserve_take(img, count, &start);
+    } else {
+        rc = find_run(img, count, &start);
         if (rc == 0)
-            break;
-        /* A new block may sit where the run was: search again, trying
-         * the same clusters first (QEMU's -EAGAIN restart). */
-        (void)needed;
-        ws->free_cluster_hint = min_u64(ws->free_cluster_hint, start);
+            rc = qcow2_refcount_update(img, start << img->cluster_bits,
+                                       count << img->cluster_bits, 1);
     }
-    rc = qcow2_refcount_update(img, start << img->cluster_bits,
-                               count << img->cluster_bits, 1);
     if (rc < 0)
         return rc;
     *host_offset = start << img->cluster_bits;

@@ -88,6 +88,9 @@ int qcow2_check_writable(qcow2_image *img);
  * poisoned handle; with lazy refcounts, sets the dirty bit (synced) before
  * the first metadata update. */
 int qcow2_begin_update(qcow2_image *img);
+/* Writethrough's reserved clusters (see alloc.c) given back: 0 or the
+ * refcount update's failure. */
+int qcow2_alloc_give_back(qcow2_image *img);
 /* Around each guest write call (write, write_zeroes, discard,
  * write_compressed): in writethrough mode the outermost call ends with a
  * sync, so that it is durable on return. call_end returns rc, or the

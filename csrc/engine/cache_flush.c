@@ -83,8 +83,14 @@ int qcow2_meta_flush(qcow2_image *img)
 {
     int rc;
 
-    /* A poisoned handle writes nothing more. */
-    if (!qcow2_meta_dirty(img) || img->ws->poisoned)
+    if (!have_write_state(img) || img->ws->poisoned)
+        return 0;           /* a poisoned handle writes nothing more */
+    /* Reserved clusters (writethrough's batch, alloc.c) are no one's:
+     * nothing behind the caches should see them counted. */
+    if (img->ws->give_back && img->ws->hold == 0 &&
+        (rc = img->ws->give_back(img)) < 0)
+        return rc;
+    if (!qcow2_meta_dirty(img))
         return 0;
     img->ws->cache_flushes++;
     rc = qcow2_meta_flush_refcounts(img);

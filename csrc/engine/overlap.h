@@ -64,6 +64,15 @@ typedef struct qcow2_write_state {
      * nested in another takes a fresh one): an L2 work's table copy and
      * released list, a refcount update's block bytes. */
     void *spare_table, *spare_released, *spare_block;
+    /* Writethrough's batch of counted, unreferenced clusters (alloc.c):
+     * reserved_count of them from reserved_first; durable once syncs has
+     * passed reserved_sync_mark. give_back returns them (set once a batch
+     * exists; cache_flush.c calls it before any flush or hold). */
+    int reserve_batches;         /* set by an open in writethrough mode */
+    uint64_t reserved_first, reserved_count, reserved_sync_mark;
+    int last_alloc_durable;      /* the last allocation's refcounts are
+                                    already on disk */
+    int (*give_back)(struct qcow2_image *img);
     int poisoned;                /* a metadata write failed midway: every
                                     later call fails with `poison` */
     qcow2_error poison;

@@ -312,9 +312,12 @@ static int commit_in_place(qcow2_image *img, qcow2_l2_work *work)
                                   (size_t)length);
         return rc < 0 ? rc : qcow2_meta_l2_after_refcounts(img);
     }
-    /* Data (and refcounts, unless lazy) before the entries. */
-    rc = img->ws->lazy_refcounts && work->n_released == 0 &&
-         work->n_set == work->n_unordered ? 0 : qcow2_barrier(img);
+    /* Data and refcounts before the entries: no barrier when every entry
+     * is a new cluster past the end of the file where the guest read
+     * zeroes (landing first, it still reads zeroes) whose refcount needs
+     * none (lazy, or already synced). */
+    rc = work->n_released == 0 && work->n_set == work->n_unordered
+         ? 0 : qcow2_barrier(img);
     if (rc < 0)
         return rc;
     /* The cached table changes (dirty), is written through, then clean. */
@@ -601,11 +604,14 @@ static int write_one_run(write_job *job, qcow2_l2_work *work,
     uint64_t from = run->guest_base + first->copy_from;
     uint64_t to = run->guest_base + (run->count - 1) * cs + last->copy_to;
     uint64_t host;
-    int allocated, rc;
+    int allocated, run_durable, rc;
 
     rc = run_host(job, run, &host, &allocated);
     if (rc < 0)
         return rc;
+    /* No barrier is owed to the run's refcounts: lazy, or reserved and
+     * synced before (alloc.c). */
+    run_durable = img->ws->lazy_refcounts || img->ws->last_alloc_durable;
     job->fresh_past_eof = job->cow_is_zero = 0;
     if (allocated && !img->crypto) {
         uint64_t eof;
@@ -637,8 +643,7 @@ static int write_one_run(write_job *job, qcow2_l2_work *work,
             continue;
         qcow2_l2_work_set(img, work, qcow2_l2_index(img, guest), entry,
                           bitmap);
-        if (job->fresh_past_eof && !p->old.compressed && !p->old.has_host &&
-            !img->backing_name)
+        if (job->cow_is_zero && run_durable)
             work->n_unordered++;
         if (!p->keep && (p->old.compressed || p->old.has_host))
             qcow2_l2_work_release(work, p->old.entry);

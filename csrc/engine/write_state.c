@@ -150,6 +150,7 @@ static int set_options(qcow2_image *img, const qcow2_open_opts *opts)
     /* "writeback" and "unsafe" keep metadata dirty; "unsafe" never syncs. */
     ws->meta_write_back = opts->cache_mode != 1;
     ws->no_sync = opts->cache_mode == 2;
+    ws->reserve_batches = opts->cache_mode == 1;
     return 0;
 }
 
