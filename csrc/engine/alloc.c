@@ -571,14 +571,18 @@ static int find_run(qcow2_image *img, uint64_t count, uint64_t *start)
 }
 
 /*
- * Writethrough without lazy refcounts: every allocating write would pay a
- * sync for its refcount before its L2 entry. Clusters are counted in
- * batches instead (refcount 1, referenced by nothing yet) and handed out
- * from the batch; once a sync has followed the batch's refcount write,
- * its clusters need no barrier for their refcounts. A crash leaks what
- * is left of the batch (allowed: a leak is not a corruption); a flush,
- * close or operation behind the caches gives it back first
- * (ws->give_back, called from cache_flush.c).
+ * Writethrough: every allocating write would pay a sync for its
+ * refcount and its data before its L2 entry. Clusters are counted in
+ * batches instead (refcount 1, referenced by nothing yet; deferred under
+ * lazy refcounts) and handed out from the batch. A batch at the end of
+ * the file is also made part of the file (a hole: it reads zeroes, and
+ * qemu-img check accepts references into it). Once a sync has followed
+ * the batch, an entry for one of its clusters needs no barrier: its
+ * refcount is on disk, and landing before its data it reads zeroes, as
+ * the guest read before the write (write.c decides that). A crash leaks
+ * what is left of the batch (a leak is not a corruption); a flush, close
+ * or operation behind the caches gives it back first (ws->give_back,
+ * called from cache_flush.c).
  */
 #define RESERVE_BATCH 64u
 
@@ -586,7 +590,7 @@ static int reserve_wanted(const qcow2_image *img, uint64_t count)
 {
     const qcow2_write_state *ws = img->ws;
 
-    return ws->reserve_batches && !ws->lazy_refcounts && ws->hold == 0 &&
+    return ws->reserve_batches && ws->hold == 0 &&
            !(img->hdr.incompatible_features & INCOMPAT_DATA_FILE) &&
            count <= RESERVE_BATCH;
 }
@@ -605,6 +609,25 @@ int qcow2_alloc_give_back(qcow2_image *img)
                                  count << img->cluster_bits, -1);
 }
 
+/* A batch at or past the end of the file: the file grows over it, so
+ * its clusters are holes (*holes 1). Elsewhere they may hold old bytes. */
+static int reserve_extend(qcow2_image *img, uint64_t start, int *holes)
+{
+    uint64_t eof, end = (start + RESERVE_BATCH) << img->cluster_bits;
+    int rc;
+
+    *holes = 0;
+    if (img->io->ops->size(img->io, &eof) < 0 ||
+        eof > start << img->cluster_bits)
+        return 0;
+    rc = img->io->ops->truncate(img->io, end);
+    if (rc < 0)
+        return qcow2_fail(img, rc, "growing the file to 0x%llx failed",
+                          (unsigned long long)end);
+    *holes = 1;
+    return 0;
+}
+
 static int reserve_take(qcow2_image *img, uint64_t count, uint64_t *start)
 {
     qcow2_write_state *ws = img->ws;
@@ -618,6 +641,8 @@ static int reserve_take(qcow2_image *img, uint64_t count, uint64_t *start)
             rc = qcow2_refcount_update(img, *start << img->cluster_bits,
                                        (uint64_t)RESERVE_BATCH
                                        << img->cluster_bits, 1);
+        if (rc == 0)
+            rc = reserve_extend(img, *start, &ws->reserved_holes);
         if (rc < 0)
             return rc;
         ws->reserved_first = *start;
@@ -629,6 +654,7 @@ static int reserve_take(qcow2_image *img, uint64_t count, uint64_t *start)
     ws->reserved_first += count;
     ws->reserved_count -= count;
     ws->last_alloc_durable = ws->syncs > ws->reserved_sync_mark;
+    ws->last_alloc_hole = ws->reserved_holes;
     return 0;
 }
 
@@ -643,7 +669,7 @@ int qcow2_alloc_clusters(qcow2_image *img, uint64_t count,
     if (count == 0 || count > alloc_max_host_cluster(img))
         return qcow2_fail(img, QCOW2_E_INVALID, "cannot allocate %llu "
                           "clusters", (unsigned long long)count);
-    img->ws->last_alloc_durable = 0;
+    img->ws->last_alloc_durable = img->ws->last_alloc_hole = 0;
     if (reserve_wanted(img, count)) {
         rc = reserve_take(img, count, &start);
     } else {

@@ -70,8 +70,11 @@ typedef struct qcow2_write_state {
      * exists; cache_flush.c calls it before any flush or hold). */
     int reserve_batches;         /* set by an open in writethrough mode */
     uint64_t reserved_first, reserved_count, reserved_sync_mark;
-    int last_alloc_durable;      /* the last allocation's refcounts are
-                                    already on disk */
+    int reserved_holes;          /* the batch was past the end of the
+                                    file, which grew over it: holes */
+    int last_alloc_durable;      /* the last allocation came from a batch
+                                    a sync has followed */
+    int last_alloc_hole;         /* ... and its clusters are holes */
     int (*give_back)(struct qcow2_image *img);
     int poisoned;                /* a metadata write failed midway: every
                                     later call fails with `poison` */

@@ -474,9 +474,10 @@ typedef struct write_job {
     cluster_plan *plans;
     uint64_t chunk_base;        /* guest offset of plans[0]'s cluster */
     int fresh_past_eof;         /* the run's clusters are new and lie past
-                                   the end of the file: zero COW bytes
-                                   need no write (the file reads zeroes
-                                   there), as QEMU zeroes them by fallocate */
+                                   the end of the file, or in a hole the
+                                   allocator made: zero COW bytes need no
+                                   write (the file reads zeroes there), as
+                                   QEMU zeroes them by fallocate */
     int cow_is_zero;            /* ... and the guest reads zeroes there
                                    now: no COW bytes to read or write */
 } write_job;
@@ -609,14 +610,19 @@ static int write_one_run(write_job *job, qcow2_l2_work *work,
     rc = run_host(job, run, &host, &allocated);
     if (rc < 0)
         return rc;
-    /* No barrier is owed to the run's refcounts: lazy, or reserved and
-     * synced before (alloc.c). */
-    run_durable = img->ws->lazy_refcounts || img->ws->last_alloc_durable;
+    /* No barrier is owed to the run: holes inside the file (its length
+     * synced, so an entry landing before the data reads zeroes and
+     * points inside the file) whose refcounts are synced or lazy. Past
+     * the end of the file an early entry would point outside it. */
+    run_durable = allocated && img->ws->last_alloc_durable &&
+                  img->ws->last_alloc_hole;
     job->fresh_past_eof = job->cow_is_zero = 0;
     if (allocated && !img->crypto) {
         uint64_t eof;
-        job->fresh_past_eof = img->data_io->ops->size(img->data_io, &eof) == 0
-                              && host >= eof;
+        job->fresh_past_eof = img->ws->last_alloc_hole ||
+                              (img->data_io->ops->size(img->data_io,
+                                                       &eof) == 0 &&
+                               host >= eof);
     }
     if (job->fresh_past_eof && !img->backing_name) {
         job->cow_is_zero = 1;
