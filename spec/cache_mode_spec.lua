@@ -104,6 +104,35 @@ describe("the cache modes", function()
     h.assert_clean(path)
   end)
 
+  it("writethrough: a batch's refcounts and file growth are synced before the first entry that uses it, and later entries need no barrier", function()
+    local path = dir .. "/batch.qcow2"
+    h.create(path, "64M", "cluster_size=4096")
+    h.qemu_io(path, { "write -P 0x11 0 4k" })     -- the L2 table exists
+    local img = assert(qcow2.open(path, { mode = "rw", cache = "writethrough",
+                                          io = { trace = true } }))
+    assert(img:write(8192, ("a"):rep(4096)))
+    local first = #img:io_log()
+    assert(img:write(16384, ("b"):rep(4096)))
+    local log = img:io_log()
+    img:close()
+    -- first write: refcount block and truncate, ..., a flush, then the entry
+    local counted, synced, entry
+    for i = 1, first do
+      local w = log[i].what
+      if w == "refcount_block" or w == "truncate" then counted, synced = true, false
+      elseif w == "flush" then synced = true
+      elseif w == "l2" then entry = i; break end
+    end
+    assert.is_true(counted, "no batch was counted")
+    assert.is_not_nil(entry, "no L2 write in the first call")
+    assert.is_true(synced, "the first entry of a batch came before its sync")
+    -- second write: data then the entry, no flush between them
+    local kinds = {}
+    for i = first + 1, #log do kinds[#kinds + 1] = log[i].what end
+    assert.are.same({ "data", "l2", "flush" }, kinds)
+    h.assert_clean(path)
+  end)
+
   it("writethrough: a write is on disk when the call returns, whatever the disk cache loses", function()
     local path = dir .. "/cut.qcow2"
     local fresh = dir .. "/fresh.qcow2"
