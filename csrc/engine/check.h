@@ -33,6 +33,11 @@ static inline uint64_t check_file_length(uint64_t file_size)
     return align_up(file_size, 512);
 }
 
+/* check_read.c's bounds: the L2 tables of one run-read window, and the
+ * refcount blocks kept (at least one of each, whatever the cluster size). */
+#define CHECK_RUN_BYTES         (1u << 20)
+#define CHECK_REFBLOCK_BYTES    (4u << 20)
+
 /* QEMU's CHECK_FRAG_INFO: the walk of the active L1 fills the statistics. */
 #define CHECK_FRAG_INFO         0x2
 
@@ -53,9 +58,15 @@ typedef struct check_state {
     uint64_t *active_l1;        /* the active L1 as read from the file */
     uint32_t active_l1_size;
 
-    /* One refcount block kept for the on-disk reader. */
-    uint8_t *refblock;
-    uint64_t refblock_index;    /* reftable index held, or UINT64_MAX */
+    /* Refcount blocks kept for the on-disk reader (check_read.c): a
+     * direct-mapped set, slot = reftable index % refblock_slots, in one
+     * buffer (a run of blocks next to each other in the file is one read). */
+    uint8_t *refblocks;
+    uint64_t *refblock_tags;    /* reftable index held per slot, or
+                                   UINT64_MAX */
+    uint32_t refblock_slots;    /* a power of two */
+    uint32_t refblock_shift;    /* log2 of img->refblock_entries */
+    uint32_t refblock_order;    /* the refcount order */
     int refcounts_dead;         /* an unaligned refcount block was met:
                                    QEMU then fails every later read */
     /* COPIED mismatches against the on-disk refcounts (reported) and
@@ -68,6 +79,52 @@ typedef struct check_state {
     uint64_t refblocks_outside;
 } check_state;
 
+/* Slots of the refcount-block set: CHECK_REFBLOCK_BYTES of blocks, at
+ * least one, no more than the refcount table has entries. */
+static inline uint32_t check_refblock_slots(const qcow2_image *img)
+{
+    uint64_t slots = img->cluster_size >= CHECK_REFBLOCK_BYTES
+                         ? 1 : CHECK_REFBLOCK_BYTES / img->cluster_size;
+
+    if (slots > img->reftable_entries)
+        slots = img->reftable_entries;
+    while (slots & (slots - 1))     /* a power of two: slot by mask */
+        slots &= slots - 1;
+    return slots ? (uint32_t)slots : 1;
+}
+
+/* 1 when the n bytes at p (a multiple of 8) are all zero: 8 L2 entries
+ * at once, as most of a sparse image's tables are. */
+static inline int check_bytes_zero(const uint8_t *p, size_t n)
+{
+    uint64_t any = 0;
+
+    for (size_t k = 0; k < n; k += 8) {
+        uint64_t word;
+        memcpy(&word, p + k, 8);
+        any |= word;
+    }
+    return any == 0;
+}
+
+/* L2 tables of one L1 table handed out in L1 order, read a window at a
+ * time (check_read.c). */
+typedef struct check_tables {
+    check_state *st;
+    const uint64_t *l1;
+    uint32_t l1_size;
+    int any_bits;               /* an entry is followed when it is not 0
+                                   (else: when its offset is not 0) */
+    uint32_t slots;             /* tables a window holds */
+    uint8_t *buf;               /* slots tables, in host-offset order */
+    struct table_ref *refs;     /* the window sorted by offset */
+    uint32_t *slot_of;          /* per window entry (L1 order): its slot */
+    uint32_t *index_of;         /* per window entry: its L1 index */
+    uint8_t *loaded;            /* per slot: read by the run read */
+    uint32_t first, end;        /* the window's L1 indexes [first, end) */
+    uint32_t count, next;       /* entries in the window, the next one */
+} check_tables;
+
 /* ---- check_state.c: the shared state ------------------------------------ */
 /* Record a finding (kind: enum qcow2_finding_kind); counts are the
  * caller's business. offset is the host offset it is about. */
@@ -79,15 +136,6 @@ void check_corrupt(check_state *st, uint64_t offset, const char *fmt, ...)
 /* QEMU's qcow2_inc_refcounts_imrt: +1 on every cluster [offset,
  * offset+size) touches. Returns 0, or QCOW2_E_NOMEM. */
 int check_inc(check_state *st, uint64_t offset, uint64_t size);
-/* Up to len bytes of the image file at offset, zeroes past its end (the
- * block layer pads short reads so). I/O failure: check_errors++, a
- * finding naming `what`, and a negative status. */
-int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
-                const char *what);
-/* The refcount of host cluster `cluster` as the file says (QEMU's
- * qcow2_get_refcount). 0 or a negative status (no finding made). */
-int check_disk_refcount(check_state *st, uint64_t cluster,
-                        uint64_t *refcount);
 /* A fresh state for img: file size measured, counts and the refcount
  * block buffer allocated. Release st afterwards, even on failure. */
 int check_state_init(check_state *st, qcow2_image *img, int repair,
@@ -99,6 +147,51 @@ void check_append_findings(qcow2_check_result *to, qcow2_check_result *from);
 /* Keep only the findings of kind "repaired" (a pass whose problems were
  * already reported). */
 void check_keep_repairs(qcow2_check_result *res);
+
+/* ---- check_read.c: the file as check reads it ---------------------------- */
+/* Up to len bytes of the image file at offset, zeroes past its end (the
+ * block layer pads short reads so). I/O failure: check_errors++, a
+ * finding naming `what`, and a negative status. */
+int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
+                const char *what);
+/* check_disk_refcount when the block is not kept (or QEMU's refcount
+ * reads have failed for good): checked, read, kept. */
+int check_disk_refcount_load(check_state *st, uint64_t cluster,
+                             uint64_t *refcount);
+/* The refcount of host cluster `cluster` as the file says (QEMU's
+ * qcow2_get_refcount). 0 or a negative status (no finding made). Inline
+ * for the block kept: it is called once per cluster, twice per data
+ * cluster. */
+static inline int check_disk_refcount(check_state *st, uint64_t cluster,
+                                      uint64_t *refcount)
+{
+    uint64_t index = cluster >> st->refblock_shift;
+    uint32_t slot = (uint32_t)(index & (st->refblock_slots - 1));
+    const uint8_t *block;
+    uint64_t entry;
+
+    /* a slot holds only blocks whose offset was found valid */
+    if (st->refcounts_dead || st->refblock_tags[slot] != index)
+        return check_disk_refcount_load(st, cluster, refcount);
+    block = st->refblocks + (size_t)slot * st->img->cluster_size;
+    entry = cluster & (st->img->refblock_entries - 1);
+    *refcount = st->refblock_order == 4
+                    ? be16(block + entry * 2)   /* the default width */
+                    : st->img->refcount_codec->get(block, entry);
+    return 0;
+}
+/* The refcount blocks kept are stale: a refcount was written. */
+void check_refblocks_forget(check_state *st);
+/* L2 tables of l1 (l1_size entries, host order) for check_tables_get;
+ * QCOW2_E_NOMEM (no finding, no count). Close it afterwards, even on
+ * failure. */
+int check_tables_open(check_tables *ct, check_state *st, const uint64_t *l1,
+                      uint32_t l1_size, int any_bits);
+/* *table: the L2 table of L1 entry i (one the walk follows), the indexes
+ * ascending. An I/O error is reported as check_pread reports it
+ * (QCOW2_E_IO). */
+int check_tables_get(check_tables *ct, uint32_t i, uint8_t **table);
+void check_tables_close(check_tables *ct);
 
 /* ---- check_walk.c --------------------------------------------------------- */
 /* Everything QEMU's calculate_refcounts counts, in its order; the findings
