@@ -35,6 +35,7 @@ build = {
             "csrc/engine/bulk_read.c",
             "csrc/engine/chain.c",
             "csrc/engine/check.c",
+            "csrc/engine/check_copied.c",
             "csrc/engine/check_read.c",
             "csrc/engine/check_state.c",
             "csrc/engine/check_walk.c",

@@ -1,9 +1,15 @@
 /*
- * qemu-img check (layer 8), in three floors: check.c (the driver: passes,
- * comparison, COPIED flags, leak repair, repair steps in order) calls
- * check_walk.c (the walk over every structure that references host
- * clusters) and repair.c (the repair steps), and all three call
- * check_state.c (in-memory refcounts, reads, findings). Nothing calls up.
+ * qemu-img check (layer 8), in four floors: check.c (the driver: passes,
+ * comparison, leak repair, repair steps in order) calls check_walk.c (the
+ * walk over every structure that references host clusters) and repair.c
+ * (the repair steps); the driver and the walk call check_copied.c (the
+ * COPIED flags of the active tables); all of them call check_read.c (the
+ * file as check reads it: tables in runs, refcount blocks kept) and
+ * check_state.c (in-memory refcounts, findings). Nothing calls up.
+ *
+ * Memory stays bounded by what the file holds: the in-memory refcounts,
+ * an L1 table at a time, one window of L2 tables (CHECK_RUN_BYTES) and the
+ * refcount blocks kept (CHECK_REFBLOCK_BYTES), whatever the tables say.
  *
  * The in-memory refcount table ("IMRT" in QEMU) is sized by the file, not
  * by the virtual disk: a reference that runs one cluster or more past the
@@ -69,6 +75,11 @@ typedef struct check_state {
     uint32_t refblock_order;    /* the refcount order */
     int refcounts_dead;         /* an unaligned refcount block was met:
                                    QEMU then fails every later read */
+    /* The COPIED check done by the walk of the active tables
+     * (check_copied.c): asked for, given up, its findings set aside. */
+    int copied_in_walk;
+    int copied_given_up;
+    qcow2_check_result copied_aside;
     /* COPIED mismatches against the on-disk refcounts (reported) and
      * against the counted references (what -r all's pass would see once
      * it has fixed the refcounts, as QEMU checks COPIED after fixing). */
@@ -155,9 +166,34 @@ void check_keep_repairs(qcow2_check_result *res);
 int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
                 const char *what);
 /* check_disk_refcount when the block is not kept (or QEMU's refcount
- * reads have failed for good): checked, read, kept. */
+ * reads have failed for good): checked, read, kept. Quiet: a failure
+ * reports nothing and leaves no trace (no read error counted, the
+ * refcounts not marked dead): the caller gives up and leaves it to a
+ * loud read in QEMU's order. */
 int check_disk_refcount_load(check_state *st, uint64_t cluster,
-                             uint64_t *refcount);
+                             uint64_t *refcount, int quiet);
+/* The block of `cluster` when it is kept, else NULL. A slot holds only
+ * blocks whose offset was found valid. */
+static inline const uint8_t *check_refblock_kept(const check_state *st,
+                                                 uint64_t cluster)
+{
+    uint64_t index = cluster >> st->refblock_shift;
+    uint32_t slot = (uint32_t)(index & (st->refblock_slots - 1));
+
+    if (st->refcounts_dead || st->refblock_tags[slot] != index)
+        return NULL;
+    return st->refblocks + (size_t)slot * st->img->cluster_size;
+}
+static inline uint64_t check_refblock_entry(const check_state *st,
+                                            const uint8_t *block,
+                                            uint64_t cluster)
+{
+    uint64_t entry = cluster & (st->img->refblock_entries - 1);
+
+    return st->refblock_order == 4
+               ? be16(block + entry * 2)    /* the default width */
+               : st->img->refcount_codec->get(block, entry);
+}
 /* The refcount of host cluster `cluster` as the file says (QEMU's
  * qcow2_get_refcount). 0 or a negative status (no finding made). Inline
  * for the block kept: it is called once per cluster, twice per data
@@ -165,19 +201,23 @@ int check_disk_refcount_load(check_state *st, uint64_t cluster,
 static inline int check_disk_refcount(check_state *st, uint64_t cluster,
                                       uint64_t *refcount)
 {
-    uint64_t index = cluster >> st->refblock_shift;
-    uint32_t slot = (uint32_t)(index & (st->refblock_slots - 1));
-    const uint8_t *block;
-    uint64_t entry;
+    const uint8_t *block = check_refblock_kept(st, cluster);
 
-    /* a slot holds only blocks whose offset was found valid */
-    if (st->refcounts_dead || st->refblock_tags[slot] != index)
-        return check_disk_refcount_load(st, cluster, refcount);
-    block = st->refblocks + (size_t)slot * st->img->cluster_size;
-    entry = cluster & (st->img->refblock_entries - 1);
-    *refcount = st->refblock_order == 4
-                    ? be16(block + entry * 2)   /* the default width */
-                    : st->img->refcount_codec->get(block, entry);
+    if (!block)
+        return check_disk_refcount_load(st, cluster, refcount, 0);
+    *refcount = check_refblock_entry(st, block, cluster);
+    return 0;
+}
+/* check_disk_refcount, quiet (see check_disk_refcount_load). */
+static inline int check_disk_refcount_quiet(check_state *st,
+                                            uint64_t cluster,
+                                            uint64_t *refcount)
+{
+    const uint8_t *block = check_refblock_kept(st, cluster);
+
+    if (!block)
+        return check_disk_refcount_load(st, cluster, refcount, 1);
+    *refcount = check_refblock_entry(st, block, cluster);
     return 0;
 }
 /* The refcount blocks kept are stale: a refcount was written. */
@@ -192,6 +232,19 @@ int check_tables_open(check_tables *ct, check_state *st, const uint64_t *l1,
  * (QCOW2_E_IO). */
 int check_tables_get(check_tables *ct, uint32_t i, uint8_t **table);
 void check_tables_close(check_tables *ct);
+
+/* ---- check_copied.c: the COPIED flags of the active tables --------------- */
+/* Active L1 entry i (its L2 offset not 0): 1 when the entries of its
+ * table are to be checked, 0 when its refcount cannot be read (the table
+ * skipped; in the walk, the check given up). */
+int check_copied_l1(check_state *st, uint32_t i, uint64_t l1_entry);
+/* Entry j (not 0) of the active table at l2_offset. */
+void check_copied_l2(check_state *st, uint64_t l2_offset, uint64_t j,
+                     uint64_t l2_entry);
+/* After compare_refcounts: the findings the walk set aside appended, or
+ * (not asked of the walk, given up) the active tables read again. An I/O
+ * error is counted and ends it (0); QCOW2_E_NOMEM. */
+int check_copied(check_state *st);
 
 /* ---- check_walk.c --------------------------------------------------------- */
 /* Everything QEMU's calculate_refcounts counts, in its order; the findings

@@ -76,9 +76,10 @@ void check_refblocks_forget(check_state *st)
 }
 
 /* Block `index` (at block_offset, aligned) into its slot, with the blocks
- * after it that follow it in the file and in the set. */
+ * after it that follow it in the file and in the set. Quiet: a failed
+ * read reports nothing. */
 static int refblock_load(check_state *st, uint64_t index,
-                         uint64_t block_offset)
+                         uint64_t block_offset, int quiet)
 {
     qcow2_image *img = st->img;
     uint32_t slot = (uint32_t)(index & (st->refblock_slots - 1));
@@ -96,12 +97,15 @@ static int refblock_load(check_state *st, uint64_t index,
         run++;
     for (uint32_t k = 0; k < run; k++)
         st->refblock_tags[slot + k] = UINT64_MAX;
-    if (run > 1 && pread_quiet(st, block_offset, at,
-                               (size_t)run * img->cluster_size) == 0) {
+    if ((run > 1 || quiet) &&
+        pread_quiet(st, block_offset, at, (size_t)run * img->cluster_size)
+            == 0) {
         for (uint32_t k = 0; k < run; k++)
             st->refblock_tags[slot + k] = index + k;
         return 0;
     }
+    if (quiet)
+        return QCOW2_E_IO;
     ret = check_pread(st, block_offset, at, img->cluster_size,
                       "refcount block");
     if (ret < 0)
@@ -111,7 +115,7 @@ static int refblock_load(check_state *st, uint64_t index,
 }
 
 int check_disk_refcount_load(check_state *st, uint64_t cluster,
-                             uint64_t *refcount)
+                             uint64_t *refcount, int quiet)
 {
     qcow2_image *img = st->img;
     uint64_t reftable_index = cluster >> st->refblock_shift;
@@ -129,13 +133,15 @@ int check_disk_refcount_load(check_state *st, uint64_t cluster,
         return 0;
     if (!is_aligned(block_offset, img->cluster_size)) {
         /* QEMU signals a fatal corruption here and the node is unusable
-         * from then on: every later refcount read fails too. */
-        st->refcounts_dead = 1;
+         * from then on: every later refcount read fails too (a quiet
+         * read leaves that to the loud one that comes in QEMU's order) */
+        if (!quiet)
+            st->refcounts_dead = 1;
         return QCOW2_E_IO;
     }
     slot = (uint32_t)(reftable_index & (st->refblock_slots - 1));
     if (st->refblock_tags[slot] != reftable_index &&
-        (ret = refblock_load(st, reftable_index, block_offset)) < 0)
+        (ret = refblock_load(st, reftable_index, block_offset, quiet)) < 0)
         return ret;
     *refcount = img->refcount_codec->get(
         st->refblocks + (size_t)slot * img->cluster_size,

@@ -211,6 +211,7 @@ static void state_free(check_state *st)
     free(st->counts);
     free(st->refblocks);
     free(st->refblock_tags);
+    qcow2_check_result_free(&st->copied_aside);
     free(st->active_l1);
 }
 

@@ -23,6 +23,7 @@
 typedef struct l2_walk {
     uint64_t l2_offset;
     int flags;                  /* CHECK_FRAG_INFO for the active tables */
+    int copied;                 /* the COPIED check of its entries too */
     uint64_t next_contiguous;   /* QEMU resets it for every L2 table */
 } l2_walk;
 
@@ -132,6 +133,8 @@ static int check_l2(check_state *st, l2_walk *w, const uint8_t *table)
         if (check_bytes_zero(table + i * entry_bytes, entry_bytes))
             continue;
         entry = be64(table + i * entry_bytes);
+        if (w->copied && entry)
+            check_copied_l2(st, w->l2_offset, i, entry);
         bitmap = img->extended_l2
                      ? be64(table + i * entry_bytes + 8) : 0;
         entry_offset = w->l2_offset + i * entry_bytes;
@@ -201,7 +204,7 @@ static int check_l1(check_state *st, uint64_t l1_offset, uint32_t l1_size,
         st->res->check_errors++;
 
     for (uint32_t i = 0; ret == 0 && i < l1_size; i++) {
-        l2_walk w = { l1[i] & L1E_OFFSET_MASK, flags, 0 };
+        l2_walk w = { l1[i] & L1E_OFFSET_MASK, flags, 0, 0 };
         uint64_t entry_offset = l1_offset + (uint64_t)i * 8;
 
         if (l1[i] == 0)
@@ -215,10 +218,14 @@ static int check_l1(check_state *st, uint64_t l1_offset, uint32_t l1_size,
             check_corrupt(st, entry_offset, "ERROR l2_offset=%llx: Table is "
                           "not cluster aligned; L1 entry corrupted",
                           ull(w.l2_offset));
-        if (check_tables_get(&tables, i, &table) < 0)
+        if (check_tables_get(&tables, i, &table) < 0) {
             ret = QCOW2_E_IO;
-        else
-            ret = check_l2(st, &w, table);
+            break;
+        }
+        /* QEMU's COPIED check of the active tables, while they are here */
+        w.copied = (flags & CHECK_FRAG_INFO) && st->copied_in_walk &&
+                   w.l2_offset != 0 && check_copied_l1(st, i, l1[i]);
+        ret = check_l2(st, &w, table);
     }
     check_tables_close(&tables);
     if (ret == 0 && kept) {
