@@ -36,6 +36,8 @@ build = {
             "csrc/engine/cache_flush.c",
             "csrc/engine/chain.c",
             "csrc/engine/check.c",
+            "csrc/engine/check_copied.c",
+            "csrc/engine/check_read.c",
             "csrc/engine/check_state.c",
             "csrc/engine/check_walk.c",
             "csrc/engine/cipher.c",

@@ -2,9 +2,10 @@
  * qemu-img check (QEMU's qcow2_check_refcounts and friends, 7.2), the
  * driver: one pass (the walk, the comparison with the refcounts on disk,
  * the COPIED flags of the active tables, leak repair), the repair steps in
- * QEMU's order, the result. Calls go down: to the walk (check_walk.c) and
- * the repair steps (repair.c), and from all three to the shared state
- * (check_state.c: in-memory refcounts, reads, findings).
+ * QEMU's order, the result. Calls go down: to the walk (check_walk.c),
+ * the COPIED flags (check_copied.c) and the repair steps (repair.c), and
+ * from all of them to the reads (check_read.c) and the shared state
+ * (check_state.c: in-memory refcounts, findings).
  *
  * Read-only unless a repair is asked for: every read goes straight to the
  * image file (no cache is filled or trusted), short reads past the end of
@@ -55,7 +56,7 @@ static int compare_refcounts(check_state *st, uint64_t *highest)
                                             -(int64_t)step);
                 excess -= step;
             }
-            st->refblock_index = UINT64_MAX;    /* the block changed */
+            check_refblocks_forget(st);     /* the block changed */
             if (ret == 0) {
                 res->leaks_fixed++;
                 check_note(st, QCOW2_FINDING_REPAIRED, offset,
@@ -79,81 +80,6 @@ static int compare_refcounts(check_state *st, uint64_t *highest)
     return 0;
 }
 
-/* ---- COPIED flags ----------------------------------------------------------------- */
-
-/* QEMU's check_oflag_copied over the active tables: COPIED must be set
- * exactly when the refcount is 1. A refcount that cannot be read is
- * skipped without a word (compare_refcounts reported it already). */
-/* The COPIED check against the counted references of the cluster at
- * host_offset instead of its on-disk refcount. */
-static void count_copied_vs_counted(check_state *st, uint64_t host_offset,
-                                    uint64_t entry)
-{
-    uint64_t cluster = host_offset >> st->img->cluster_bits;
-    uint64_t counted = cluster < st->capacity ? st->counts[cluster] : 0;
-
-    if ((counted == 1) != ((entry & QCOW_OFLAG_COPIED) != 0))
-        st->copied_vs_counted++;
-}
-
-static int check_copied(check_state *st, uint8_t *table)
-{
-    qcow2_image *img = st->img;
-    uint32_t entry_bytes = img->l2_entry_bytes;
-
-    for (uint32_t i = 0; i < st->active_l1_size; i++) {
-        uint64_t l1_entry = st->active_l1[i];
-        uint64_t l2_offset = l1_entry & L1E_OFFSET_MASK;
-        uint64_t refcount;
-
-        if (l2_offset == 0)
-            continue;
-        if (check_disk_refcount(st, l2_offset >> img->cluster_bits,
-                                &refcount) < 0)
-            continue;
-        count_copied_vs_counted(st, l2_offset, l1_entry);
-        if ((refcount == 1) != ((l1_entry & QCOW_OFLAG_COPIED) != 0) &&
-            ++st->copied_vs_disk)   /* count, then report */
-            check_corrupt(st, img->hdr.l1_table_offset + (uint64_t)i * 8,
-                          "ERROR OFLAG_COPIED L2 cluster: l1_index=%u "
-                          "l1_entry=%llx refcount=%llu", i, ull(l1_entry),
-                          ull(refcount));
-        if (check_pread(st, l2_offset, table, img->cluster_size,
-                        "L2 table") < 0)
-            return QCOW2_E_IO;
-        for (uint64_t j = 0; j < img->l2_entries; j++) {
-            uint64_t l2_entry = be64(table + j * entry_bytes);
-            uint64_t data_offset = l2_entry & L2E_OFFSET_MASK;
-            int zero = (l2_entry & QCOW_OFLAG_ZERO) && !img->extended_l2;
-
-            if (l2_entry & QCOW_OFLAG_COMPRESSED)
-                continue;
-            /* NORMAL or ZERO_ALLOC; offset 0 with COPIED is normal in a
-             * data file */
-            if (data_offset == 0 &&
-                (zero || !st->has_data_file ||
-                 !(l2_entry & QCOW_OFLAG_COPIED)))
-                continue;
-            if (st->has_data_file)
-                refcount = 1;
-            else if (check_disk_refcount(st, data_offset >> img->cluster_bits,
-                                         &refcount) < 0)
-                continue;
-            if (!st->has_data_file)
-                count_copied_vs_counted(st, data_offset, l2_entry);
-            else if (!(l2_entry & QCOW_OFLAG_COPIED))
-                st->copied_vs_counted++;
-            if ((refcount == 1) != ((l2_entry & QCOW_OFLAG_COPIED) != 0) &&
-                ++st->copied_vs_disk)
-                check_corrupt(st, l2_offset + j * entry_bytes,
-                              "ERROR OFLAG_COPIED data cluster: "
-                              "l2_entry=%llx refcount=%llu", ull(l2_entry),
-                              ull(refcount));
-        }
-    }
-    return 0;
-}
-
 /* ---- Driver ------------------------------------------------------------------------- */
 
 /* One pass: qcow2_check_refcounts plus the snapshot table check. */
@@ -162,7 +88,6 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
 {
     check_state st;
     uint64_t highest = 0;
-    uint8_t *table;
     int ret;
 
     memset(res, 0, sizeof *res);
@@ -174,6 +99,10 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
     /* what a virtual disk of this size needs (QEMU counts whole sectors) */
     res->total_clusters = div_round_up(img->hdr.size / 512 * 512,
                                        img->cluster_size);
+    /* the COPIED check in the walk, unless the counted references are
+     * asked of it (-r all's first pass) or a repair changes refcounts */
+    st.copied_in_walk = repair == QCOW2_REPAIR_NONE &&
+                        !repair_pass_corruptions;
     ret = check_walk(&st);
     /* entries whose extra data was cut at a repair-mode open: QEMU counts
      * each as a corruption that -r all fixes by rewriting the table */
@@ -203,14 +132,7 @@ static int check_pass(qcow2_image *img, int repair, qcow2_check_result *res,
          * only this makes go away). */
         ret = repair_copied(img, res);
     } else if (ret == 0) {
-        table = malloc((size_t)img->cluster_size);
-        /* an I/O error in check_copied is counted in check_errors and
-         * ends the pass there, as in QEMU */
-        if (!table)
-            ret = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-        else
-            (void)check_copied(&st, table);
-        free(table);
+        ret = check_copied(&st);
     }
     if (ret == 0)
         ret = check_strict_tail(&st);

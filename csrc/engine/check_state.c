@@ -1,15 +1,9 @@
 /*
  * qemu-img check's shared state (check.h): the in-memory refcount table
- * ("IMRT" in QEMU), the image file's bytes and refcounts as check reads
- * them, and the findings list. The driver (check.c), the walk
- * (check_walk.c) and repair (repair.c) all call down to it; it calls none
- * of them.
- *
- * Read-only: every read goes straight to the image file (no cache is
- * filled or trusted), short reads past the end of the file read as zeroes
- * as QEMU's block layer pads them.
+ * ("IMRT" in QEMU), the buffers check reads into and the findings list.
+ * The driver (check.c), the walk (check_walk.c), the reads (check_read.c)
+ * and repair (repair.c) all call down to it; it calls none of them.
  */
-#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -131,39 +125,6 @@ void check_keep_repairs(qcow2_check_result *res)
     res->finding_count = kept;
 }
 
-/* ---- Reading ---------------------------------------------------------------- */
-
-int check_pread(check_state *st, uint64_t offset, void *buf, size_t len,
-                const char *what)
-{
-    qcow2_io *io = st->img->io;
-    uint8_t *bytes = buf;
-    char text[128];
-    size_t done = 0;
-
-    while (done < len) {
-        uint64_t at;
-        int64_t got;
-        if (add_overflows(offset, done, &at) || at >= st->file_size)
-            break;
-        got = io->ops->pread(io, bytes + done, len - done, at);
-        if (got < 0) {
-            st->res->check_errors++;
-            check_note(st, QCOW2_FINDING_CHECK_ERROR, offset,
-                       "ERROR: I/O error reading the %s at 0x%llx: %s", what,
-                       ull(offset),
-                       qcow2_errno_text(io->last_errno ? io->last_errno : EIO,
-                                        text, sizeof text));
-            return (int)got;
-        }
-        if (got == 0)
-            break;
-        done += (size_t)got;
-    }
-    memset(bytes + done, 0, len - done);
-    return 0;
-}
-
 /* ---- In-memory refcounts ------------------------------------------------------ */
 
 int check_inc(check_state *st, uint64_t offset, uint64_t size)
@@ -201,42 +162,6 @@ int check_inc(check_state *st, uint64_t offset, uint64_t size)
     return 0;
 }
 
-/* ---- Refcounts on disk ---------------------------------------------------------- */
-
-int check_disk_refcount(check_state *st, uint64_t cluster, uint64_t *refcount)
-{
-    qcow2_image *img = st->img;
-    uint64_t reftable_index = cluster / img->refblock_entries;
-    uint64_t block_offset;
-    int ret;
-
-    *refcount = 0;
-    if (st->refcounts_dead)
-        return QCOW2_E_IO;
-    if (reftable_index >= img->reftable_entries)
-        return 0;
-    block_offset = img->reftable[reftable_index] & REFT_OFFSET_MASK;
-    if (block_offset == 0)
-        return 0;
-    if (!is_aligned(block_offset, img->cluster_size)) {
-        /* QEMU signals a fatal corruption here and the node is unusable
-         * from then on: every later refcount read fails too. */
-        st->refcounts_dead = 1;
-        return QCOW2_E_IO;
-    }
-    if (st->refblock_index != reftable_index) {
-        st->refblock_index = UINT64_MAX;
-        ret = check_pread(st, block_offset, st->refblock, img->cluster_size,
-                          "refcount block");
-        if (ret < 0)
-            return ret;
-        st->refblock_index = reftable_index;
-    }
-    *refcount = img->refcount_codec->get(st->refblock,
-                                         cluster % img->refblock_entries);
-    return 0;
-}
-
 /* ---- State ------------------------------------------------------------------------- */
 
 int check_state_init(check_state *st, qcow2_image *img, int repair,
@@ -249,7 +174,6 @@ int check_state_init(check_state *st, qcow2_image *img, int repair,
     st->img = img;
     st->res = res;
     st->repair = repair;
-    st->refblock_index = UINT64_MAX;
     st->has_data_file =
         (img->hdr.incompatible_features & INCOMPAT_DATA_FILE) != 0;
     st->count_max = min_u64(img->refcount_codec->max, UINT32_MAX);
@@ -266,8 +190,16 @@ int check_state_init(check_state *st, qcow2_image *img, int repair,
     st->nb_clusters = file_clusters;
     st->capacity = file_clusters + 1;
     st->counts = calloc((size_t)st->capacity, sizeof *st->counts);
-    st->refblock = malloc((size_t)img->cluster_size);
-    if (!st->counts || !st->refblock)
+    st->refblock_slots = check_refblock_slots(img);
+    st->refblock_shift = (uint32_t)__builtin_ctzll(img->refblock_entries);
+    st->refblock_order = img->refcount_codec->order;
+    st->refblocks = malloc((size_t)st->refblock_slots * img->cluster_size);
+    st->refblock_tags = malloc(st->refblock_slots *
+                               sizeof *st->refblock_tags);
+    if (st->refblock_tags)  /* all-ones: UINT64_MAX, nothing held */
+        memset(st->refblock_tags, 0xff,
+               st->refblock_slots * sizeof *st->refblock_tags);
+    if (!st->counts || !st->refblocks || !st->refblock_tags)
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory for the "
                           "reference counts of %llu clusters",
                           ull(st->capacity));
@@ -277,7 +209,9 @@ int check_state_init(check_state *st, qcow2_image *img, int repair,
 static void state_free(check_state *st)
 {
     free(st->counts);
-    free(st->refblock);
+    free(st->refblocks);
+    free(st->refblock_tags);
+    qcow2_check_result_free(&st->copied_aside);
     free(st->active_l1);
 }
 

@@ -23,6 +23,7 @@
 typedef struct l2_walk {
     uint64_t l2_offset;
     int flags;                  /* CHECK_FRAG_INFO for the active tables */
+    int copied;                 /* the COPIED check of its entries too */
     uint64_t next_contiguous;   /* QEMU resets it for every L2 table */
 } l2_walk;
 
@@ -111,22 +112,34 @@ static int check_allocated_entry(check_state *st, l2_walk *w, uint64_t entry,
 
 /* QEMU's check_refcounts_l2 over one table (read as it lies, even when
  * its offset is unaligned or past the end of the file). */
-static int check_l2(check_state *st, l2_walk *w, uint8_t *table)
+static int check_l2(check_state *st, l2_walk *w, const uint8_t *table)
 {
     qcow2_image *img = st->img;
     uint32_t entry_bytes = img->l2_entry_bytes;
     int ret;
 
-    if (check_pread(st, w->l2_offset, table, img->cluster_size,
-                    "L2 table") < 0)
-        return QCOW2_E_IO;
     for (uint64_t i = 0; i < img->l2_entries; i++) {
-        uint64_t entry = be64(table + i * entry_bytes);
-        uint64_t bitmap = img->extended_l2
-                              ? be64(table + i * entry_bytes + 8) : 0;
-        uint64_t entry_offset = w->l2_offset + i * entry_bytes;
-        uint64_t offset = entry & L2E_OFFSET_MASK;
-        int zero_flag = (entry & QCOW_OFLAG_ZERO) && !img->extended_l2;
+        uint64_t entry, bitmap, entry_offset, offset;
+        int zero_flag;
+
+        /* unused entries (0, bitmap 0) have nothing to check: eight at
+         * once where a sparse table has runs of them */
+        if ((i & 7) == 0 && i + 8 <= img->l2_entries &&
+            check_bytes_zero(table + i * entry_bytes,
+                             8 * (size_t)entry_bytes)) {
+            i += 7;
+            continue;
+        }
+        if (check_bytes_zero(table + i * entry_bytes, entry_bytes))
+            continue;
+        entry = be64(table + i * entry_bytes);
+        if (w->copied && entry)
+            check_copied_l2(st, w->l2_offset, i, entry);
+        bitmap = img->extended_l2
+                     ? be64(table + i * entry_bytes + 8) : 0;
+        entry_offset = w->l2_offset + i * entry_bytes;
+        offset = entry & L2E_OFFSET_MASK;
+        zero_flag = (entry & QCOW_OFLAG_ZERO) && !img->extended_l2;
 
         if (entry & QCOW_OFLAG_COMPRESSED) {
             ret = check_compressed_entry(st, w, i, entry, bitmap,
@@ -158,11 +171,13 @@ static int check_l2(check_state *st, l2_walk *w, uint8_t *table)
 
 /* ---- L1 tables ------------------------------------------------------------------ */
 
-/* QEMU's check_refcounts_l1. *kept (may be NULL) gets the entries read. */
+/* QEMU's check_refcounts_l1. *kept (may be NULL) gets the entries read.
+ * The L2 tables are read in runs (check_tables), walked in L1 order. */
 static int check_l1(check_state *st, uint64_t l1_offset, uint32_t l1_size,
                     int flags, uint64_t **kept)
 {
     qcow2_image *img = st->img;
+    check_tables tables;
     uint8_t *raw, *table;
     uint64_t *l1;
     int ret;
@@ -171,13 +186,12 @@ static int check_l1(check_state *st, uint64_t l1_offset, uint32_t l1_size,
         return 0;
     if ((ret = check_inc(st, l1_offset, (uint64_t)l1_size * 8)) < 0)
         return ret;
+    memset(&tables, 0, sizeof tables);
     raw = malloc((size_t)l1_size * 8);
     l1 = malloc((size_t)l1_size * sizeof *l1);
-    table = malloc((size_t)img->cluster_size);
-    if (!raw || !l1 || !table) {
+    if (!raw || !l1) {
         free(raw);
         free(l1);
-        free(table);
         st->res->check_errors++;
         return QCOW2_E_NOMEM;
     }
@@ -185,9 +199,12 @@ static int check_l1(check_state *st, uint64_t l1_offset, uint32_t l1_size,
     for (uint32_t i = 0; ret == 0 && i < l1_size; i++)
         l1[i] = be64(raw + (uint64_t)i * 8);
     free(raw);
+    if (ret == 0 && (ret = check_tables_open(&tables, st, l1, l1_size,
+                                              1)) < 0)
+        st->res->check_errors++;
 
     for (uint32_t i = 0; ret == 0 && i < l1_size; i++) {
-        l2_walk w = { l1[i] & L1E_OFFSET_MASK, flags, 0 };
+        l2_walk w = { l1[i] & L1E_OFFSET_MASK, flags, 0, 0 };
         uint64_t entry_offset = l1_offset + (uint64_t)i * 8;
 
         if (l1[i] == 0)
@@ -201,9 +218,16 @@ static int check_l1(check_state *st, uint64_t l1_offset, uint32_t l1_size,
             check_corrupt(st, entry_offset, "ERROR l2_offset=%llx: Table is "
                           "not cluster aligned; L1 entry corrupted",
                           ull(w.l2_offset));
+        if (check_tables_get(&tables, i, &table) < 0) {
+            ret = QCOW2_E_IO;
+            break;
+        }
+        /* QEMU's COPIED check of the active tables, while they are here */
+        w.copied = (flags & CHECK_FRAG_INFO) && st->copied_in_walk &&
+                   w.l2_offset != 0 && check_copied_l1(st, i, l1[i]);
         ret = check_l2(st, &w, table);
     }
-    free(table);
+    check_tables_close(&tables);
     if (ret == 0 && kept) {
         *kept = l1;
         return 0;

@@ -394,7 +394,7 @@ static int raise_refcounts(check_state *st, qcow2_check_result *res)
         rc = qcow2_refcount_update(img, i << img->cluster_bits,
                                    img->cluster_size,
                                    (int64_t)(st->counts[i] - on_disk));
-        st->refblock_index = UINT64_MAX;    /* the block changed */
+        check_refblocks_forget(st);     /* the block changed */
         if (rc < 0)
             return rc;
         check_note(&notes, QCOW2_FINDING_REPAIRED, i << img->cluster_bits,
