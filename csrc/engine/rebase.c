@@ -7,9 +7,10 @@
  * leaves an image reading the same; the switch (amend.c) comes after a
  * flush. chain.c opens the new backing and switches.
  *
- * The image's own lookups are walked (not the chain's map: what lies
- * below is read anyway, no file holes are probed); each run of ranges it
- * does not allocate is compared chunk by chunk as soon as it ends. The
+ * The image's own lookups are walked (not the chain's map: no file holes
+ * are probed); each run of ranges it does not allocate is handled as soon
+ * as it ends: the parts the two chains' maps cannot prove equal
+ * (diff.c) are compared chunk by chunk. The
  * writes only touch ranges already walked. The new chain's chunk is read
  * on a helper thread while the calling thread reads the current chain's:
  * the new backing is a handle of its own (caches, error buffer) that
@@ -181,11 +182,49 @@ static int copy_range(qcow2_image *img, new_reader *nr, uint64_t start,
     return rc;
 }
 
+/* What copy_range needs, for qcow2_diff_unproven's callback. */
+typedef struct copy_ctx {
+    qcow2_image *img;
+    new_reader *nr;
+    uint8_t *old, *neu;
+    int failed;                 /* copy_range's failure: on img already */
+} copy_ctx;
+
+static int copy_unproven(void *ctx, uint64_t start, uint64_t length)
+{
+    copy_ctx *cc = ctx;
+    int rc = copy_range(cc->img, cc->nr, start, length, cc->old, cc->neu);
+
+    cc->failed = rc < 0;
+    return rc;
+}
+
+/* One range the image does not hold. With both chains there, only what
+ * their maps cannot prove equal is read (both sides reading the same
+ * host bytes of one file, or zeroes, are equal: a new backing that is
+ * the old one's own backing file is read only where the old one holds
+ * data of its own). */
+static int unowned_range(copy_ctx *cc, qcow2_image *nb, uint64_t from,
+                         uint64_t to)
+{
+    qcow2_image *img = cc->img, *old = img->backing;
+    int rc;
+
+    if (!old || !nb)
+        return copy_range(img, cc->nr, from, to - from, cc->old, cc->neu);
+    rc = qcow2_diff_unproven(old, nb, from, to - from, copy_unproven, cc);
+    if (rc < 0 && !cc->failed)
+        rc = qcow2_fail(img, rc, "comparing the old and new backing "
+                        "chains: %s", qcow2_errmsg(old));
+    return rc;
+}
+
 int qcow2_rebase_copy(qcow2_image *img, qcow2_image *new_backing)
 {
     uint8_t *old = malloc(CHUNK), *neu = malloc(CHUNK);
     uint64_t from = 0, to = 0;      /* unowned range being extended */
     new_reader nr;
+    copy_ctx cc = { img, &nr, old, neu, 0 };
     qcow2_run run;
     int rc = old && neu ? 0 : qcow2_fail(img, QCOW2_E_NOMEM,
                                          "out of memory");
@@ -203,7 +242,7 @@ int qcow2_rebase_copy(qcow2_image *img, qcow2_image *new_backing)
                 continue;
         }
         if (to > from)
-            rc = copy_range(img, &nr, from, to - from, old, neu);
+            rc = unowned_range(&cc, new_backing, from, to);
         from = to;
     }
     reader_stop(&nr);
