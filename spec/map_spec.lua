@@ -110,6 +110,26 @@ describe("Image:map", function()
     agrees((corpus.huge(dir)))
   end)
 
+  -- QEMU asks the file about every data cluster of an image it guesses to
+  -- be metadata-preallocated (SEEK_DATA/SEEK_HOLE; answers are kept for
+  -- the walk): data written in pieces inside clusters, holes between, a
+  -- raw backing file with holes of its own.
+  it("maps a metadata-preallocated image's holes and a sparse raw backing file as qemu-img", function()
+    local pre = dir .. "/prealloc.qcow2"
+    h.create(pre, "8M", "preallocation=metadata,cluster_size=65536")
+    h.qemu_io(pre, { "write -P 0x11 0 4k", "write -P 0x12 12k 4k", "write -P 0x13 64k 64k",
+                     "write -P 0x14 1M 8k", "write -P 0x15 1060k 4k", "write -P 0x16 8188k 4k" })
+    agrees(pre)
+    local raw = dir .. "/holes.raw"
+    h.must("truncate -s 3M " .. h.q(raw))
+    h.must("dd if=/dev/urandom of=" .. h.q(raw) .. " bs=4k seek=3 count=2 conv=notrunc 2>/dev/null")
+    h.must("dd if=/dev/urandom of=" .. h.q(raw) .. " bs=4k seek=300 count=1 conv=notrunc 2>/dev/null")
+    local top = dir .. "/over-holes.qcow2"
+    h.create(top, "4M", "cluster_size=4096", "holes.raw", "raw")
+    h.qemu_io(top, { "write -P 0x21 16k 4k", "write -P 0x22 2M 4k" })
+    agrees(top)
+  end)
+
   it("maps a sub-range at odd offsets like qemu-img map --start-offset --max-length", function()
     local chain = corpus.chain(dir)
     local v512 = corpus.v3(dir, 512)
