@@ -68,4 +68,29 @@ function W.randread(path, list)
   for _, off in ipairs(offsets(list)) do assert(img:read(off, 4096)) end
 end
 
+-- 9: safe rebase onto another backing file, as qemu-img rebase -b (its
+-- default cache mode, writeback)
+function W.rebase(path, backing)
+  local img <close> = assert(qcow2.open(path, { mode = "rw", cache = "writeback" }))
+  assert(img:rebase(backing, { format = "qcow2" }))
+end
+
+-- 9: commit into the backing file, as qemu-img commit (writeback)
+function W.commit(path)
+  local img <close> = assert(qcow2.open(path, { mode = "rw", cache = "writeback" }))
+  assert(img:commit())
+end
+
+-- 9: measure for a new qcow2 image, printed as qemu-img measure's JSON
+local function print_measure(r)
+  io.write(('{\n    "bitmaps": %d,\n    "required": %d,\n    "fully-allocated": %d\n}\n')
+    :format(r.bitmaps or 0, r.required, r.fully_allocated))
+end
+function W.measure_from(path)
+  print_measure(assert(qcow2.measure { from = path }))
+end
+function W.measure_size(size)
+  print_measure(assert(qcow2.measure { size = math.tointeger(tonumber(size)) }))
+end
+
 assert(W[work], "unknown workload " .. tostring(work))(table.unpack(a))

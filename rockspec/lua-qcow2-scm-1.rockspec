@@ -107,6 +107,7 @@ build = {
             "csrc/lua/lifecycle.c",
             "csrc/lua/map.c",
             "csrc/lua/map_json.c",
+            "csrc/lua/map_store.c",
             "csrc/lua/module.c",
             "csrc/lua/result.c",
             "csrc/lua/snapshot.c",

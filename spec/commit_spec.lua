@@ -83,6 +83,20 @@ describe("img:commit", function()
     end)
   end)
 
+  it("clusters written out of guest order, next to zero and compressed ones", function()
+    both(function(d)
+      h.create(d .. "/base.qcow2", 4 * MiB, "cluster_size=4096")
+      h.qemu_io(d .. "/base.qcow2", { "write -P 0x10 0 4M" })
+      h.create(d .. "/top.qcow2", 4 * MiB, "cluster_size=65536", "base.qcow2")
+      -- host clusters allocated backwards: guest-contiguous, host-descending
+      h.qemu_io(d .. "/top.qcow2", { "write -P 0x23 192k 64k", "write -P 0x22 128k 64k",
+                                     "write -P 0x21 64k 64k", "write -P 0x20 0 5k",
+                                     "write -z 256k 128k", "write -P 0x24 384k 1k",
+                                     "write -c -P 0x25 448k 64k", "write -P 0x26 512k 64k",
+                                     "write -P 0x27 4032k 64k" })
+    end)
+  end)
+
   it("takes the writer's lock: refused while another handle reads the backing file", function()
     h.create(dir .. "/base.qcow2", 1 * MiB)
     h.create(dir .. "/top.qcow2", 1 * MiB, "", "base.qcow2")

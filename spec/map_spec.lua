@@ -74,6 +74,9 @@ describe("Image:map", function()
     assert.is_true(m:to_json(f))
     f:close()
     assert.are.equal(json, h.read_file(out))
+    local pieces = {}
+    assert.is_true(m:to_json(function(piece) pieces[#pieces + 1] = piece end))
+    assert.are.equal(json, table.concat(pieces))
     img:close()
   end
 
@@ -105,6 +108,26 @@ describe("Image:map", function()
 
   it("maps a 1 TiB image written near its end", function()
     agrees((corpus.huge(dir)))
+  end)
+
+  -- QEMU asks the file about every data cluster of an image it guesses to
+  -- be metadata-preallocated (SEEK_DATA/SEEK_HOLE; answers are kept for
+  -- the walk): data written in pieces inside clusters, holes between, a
+  -- raw backing file with holes of its own.
+  it("maps a metadata-preallocated image's holes and a sparse raw backing file as qemu-img", function()
+    local pre = dir .. "/prealloc.qcow2"
+    h.create(pre, "8M", "preallocation=metadata,cluster_size=65536")
+    h.qemu_io(pre, { "write -P 0x11 0 4k", "write -P 0x12 12k 4k", "write -P 0x13 64k 64k",
+                     "write -P 0x14 1M 8k", "write -P 0x15 1060k 4k", "write -P 0x16 8188k 4k" })
+    agrees(pre)
+    local raw = dir .. "/holes.raw"
+    h.must("truncate -s 3M " .. h.q(raw))
+    h.must("dd if=/dev/urandom of=" .. h.q(raw) .. " bs=4k seek=3 count=2 conv=notrunc 2>/dev/null")
+    h.must("dd if=/dev/urandom of=" .. h.q(raw) .. " bs=4k seek=300 count=1 conv=notrunc 2>/dev/null")
+    local top = dir .. "/over-holes.qcow2"
+    h.create(top, "4M", "cluster_size=4096", "holes.raw", "raw")
+    h.qemu_io(top, { "write -P 0x21 16k 4k", "write -P 0x22 2M 4k" })
+    agrees(top)
   end)
 
   it("maps a sub-range at odd offsets like qemu-img map --start-offset --max-length", function()
@@ -229,10 +252,80 @@ describe("ClusterMap:to_json", function()
     img:close()
   end)
 
+  -- Thousands of scattered clusters (host offsets going back and forth,
+  -- compressed ones among them): a map of many extents, kept compact.
+  local function scattered(path)
+    local f = io.open(path)
+    if f then f:close(); return path end
+    h.create(path, "4G", "cluster_size=4096")
+    local cmds, x = {}, 12345
+    for i = 1, 3000 do
+      x = (x * 1103515245 + 12345) % 2147483648
+      local off = (x % (1024 * 1024)) * 4096
+      cmds[#cmds + 1] = (i % 50 == 0 and "write -c -P 0x%x %d 4k" or "write -P 0x%x %d 4k")
+        :format(1 + i % 200, off)
+    end
+    cmds[#cmds + 1] = "write -z 1G 64k"
+    h.qemu_io(path, cmds)
+    return path
+  end
+
+  it("to_json(fn) hands qemu-img's text over in pieces, in order; fn's error is raised", function()
+    local path = scattered(dir .. "/scattered.qcow2")
+    local img = assert(qcow2.open(path))
+    local m = img:map()
+    local pieces = {}
+    assert.is_true(m:to_json(function(piece) pieces[#pieces + 1] = piece end))
+    assert.is_true(#pieces > 3, "pieces: " .. #pieces)
+    for i = 1, #pieces - 1 do assert.is_true(#pieces[i] >= 65536 and #pieces[i] < 65536 + 512) end
+    assert.are.equal((h.qemu_img("map --output=json " .. h.q(path)):gsub("\n$", "")),
+      table.concat(pieces))
+    assert.are.equal(table.concat(pieces), m:to_json())
+    local n = 0
+    assert.has_error(function() m:to_json(function() n = n + 1; error("stop here") end) end, "stop here")
+    assert.are.equal(1, n)
+    -- the map is still whole after the error
+    assert.are.equal(table.concat(pieces), m:to_json())
+    img:close()
+  end)
+
+  it("m[i] in any order gives the extents of an in-order walk", function()
+    local path = scattered(dir .. "/scattered.qcow2")
+    local img = assert(qcow2.open(path))
+    local m = img:map()
+    local walk = {}
+    for e in m:extents() do walk[#walk + 1] = e end
+    assert.is_true(#walk > 3000)
+    assert.are.equal(#walk, #m)
+    local compressed = 0
+    for i = #walk, 1, -1 do
+      assert.are.same(walk[i], m[i])
+      if walk[i].type == "compressed" then compressed = compressed + 1 end
+    end
+    assert.is_true(compressed > 0)
+    local x = 7
+    for _ = 1, 2000 do
+      x = (x * 1103515245 + 12345) % 2147483648
+      local i = 1 + x % #walk
+      assert.are.same(walk[i], m[i])
+    end
+    assert.is_nil(m[0])
+    assert.is_nil(m[#walk + 1])
+    -- extents tile the disk
+    local at = 0
+    for _, e in ipairs(walk) do
+      assert.are.equal(at, e.start)
+      at = at + e.length
+    end
+    assert.are.equal(img.size, at)
+    img:close()
+  end)
+
   it("refuses what is not an open file", function()
     local img = assert(qcow2.open(corpus.v3(dir, 4 * KiB)))
     local m = img:map()
     assert.has_error(function() m:to_json(42) end)
+    assert.has_error(function() m:to_json({}) end)
     assert.has_error(function() m:to_json("path") end)
     local f = assert(io.open(dir .. "/closed.json", "w"))
     f:close()

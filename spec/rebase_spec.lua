@@ -90,6 +90,59 @@ describe("img:rebase", function()
     assert.equal(before, export_sha(ours))
   end)
 
+  it("safe, with many scattered ranges owned and not (lookups walked, not the map)", function()
+    h.create(dir .. "/top.qcow2", 4 * MiB, "cluster_size=4096", "old.qcow2")
+    local cmds = {}
+    for i = 0, 60 do cmds[#cmds + 1] = ("write -P 0x%x %d 4k"):format(0x50 + i % 7, i * 61 * 1024) end
+    cmds[#cmds + 1] = "write -z 2052k 12k"
+    h.qemu_io(dir .. "/top.qcow2", cmds)
+    local before, ours = both("-b new.qcow2 -F qcow2", "new.qcow2", { format = "qcow2" })
+    assert.equal(before, export_sha(ours))
+  end)
+
+  it("a new backing file that cannot be read: refused, the image reads as before", function()
+    local p = dir .. "/top.qcow2"
+    local before = export_sha(p)
+    -- new.qcow2's L2 entry for guest 0 (not the image's own) points at an
+    -- unaligned host offset
+    local ed = assert(qcow2.edit(dir .. "/new.qcow2"))
+    local entry = assert(ed:l2(0))
+    assert(ed:l2(0, entry + 512))
+    ed:close()
+    local img = assert(qcow2.open(p, { mode = "rw" }))
+    local ok, msg, code = img:rebase("new.qcow2", { format = "qcow2" })
+    assert.is_nil(ok)
+    assert.equal("corrupt", code)
+    assert.truthy(msg:find(dir .. "/new.qcow2", 1, true), msg)
+    img:close()
+    clean(p)
+    assert.equal(before, export_sha(p))
+    assert.equal("old.qcow2", h.info_json(p)["backing-filename"])
+  end)
+
+  it("a new backing file whose data cannot be read: refused, the image reads as before", function()
+    local p = dir .. "/top.qcow2"
+    local before = export_sha(p)
+    -- a compressed cluster at guest 0 whose stream is garbage: its map is
+    -- fine, its bytes (read on the helper thread) are not
+    local bad = dir .. "/bad.qcow2"
+    h.create(bad, 4 * MiB, "cluster_size=65536")
+    h.qemu_io(bad, { "write -c -P 0x10 0 64k" })
+    local bimg = assert(qcow2.open(bad))
+    local m = bimg:map()
+    bimg:close()
+    assert.equal("compressed", m[1].type)
+    h.poke(bad, m[1].offset, ("\255"):rep(256))
+    local img = assert(qcow2.open(p, { mode = "rw" }))
+    local ok, msg = img:rebase("bad.qcow2", { format = "qcow2" })
+    assert.is_nil(ok)
+    assert.truthy(msg:find("new backing file", 1, true), msg)
+    img:close()
+    clean(p)
+    assert.equal(before, export_sha(p))
+    assert.equal("old.qcow2", h.info_json(p)["backing-filename"])
+  end)
+
   it("safe without a format records the probed one", function()
     local img = assert(qcow2.open(dir .. "/top.qcow2", { mode = "rw" }))
     assert(img:rebase("new.raw"))

@@ -6,50 +6,26 @@
  * backing file grows to the image's size first, as QEMU's commit grows
  * its base. Flushed at the end: chain.c empties the image only then.
  *
- * Windows of the image's own map are collected first (a map callback must
- * not write), then copied a chunk at a time. Memory: one chunk and the
- * extents of one window.
+ * The image's own lookups are walked (its L2 entries, not the chain's
+ * map: what lies below is never asked about, no file holes are probed),
+ * and each run of its own clusters is copied as soon as it is found
+ * (writes go to base, so the image's tables stay as looked up). Runs of
+ * one kind that touch are merged first, so a contiguous range is one
+ * write however its host clusters lie. Memory: one chunk.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "chain_ops.h"
 
-#define WINDOW  ((uint64_t)32 << 20)
 #define CHUNK   ((size_t)1 << 20)
 
+/* A range the image holds itself, not yet copied. */
 typedef struct own_extent {
     uint64_t start;
-    uint64_t length;
+    uint64_t length;            /* 0: none pending */
     int zero;
 } own_extent;
-
-typedef struct own_list {
-    own_extent *e;
-    size_t count, cap;
-} own_list;
-
-/* The extents the image holds itself (depth 0). */
-static int collect_own(void *ctx, const qcow2_extent *e)
-{
-    own_list *l = ctx;
-
-    if (e->depth != 0 || e->type == QCOW2_EXTENT_UNALLOCATED)
-        return 0;
-    if (l->count == l->cap) {
-        size_t cap = l->cap ? l->cap * 2 : 64;
-        own_extent *grown = realloc(l->e, cap * sizeof *grown);
-        if (!grown)
-            return 1;
-        l->e = grown;
-        l->cap = cap;
-    }
-    l->e[l->count].start = e->start;
-    l->e[l->count].length = e->length;
-    l->e[l->count].zero = e->type == QCOW2_EXTENT_ZERO;
-    l->count++;
-    return 0;
-}
 
 /* base's failure, named on img. */
 static int base_failed(qcow2_image *img, qcow2_image *base, int rc)
@@ -97,25 +73,45 @@ static int copy_extent(qcow2_image *img, qcow2_image *base,
     return rc;
 }
 
+/* Merged into the pending range, or the pending range copied first. */
+static int add_own(qcow2_image *img, qcow2_image *base, own_extent *p,
+                   uint64_t start, uint64_t length, int zero, uint8_t *buf)
+{
+    int rc;
+
+    if (p->length && p->zero == zero && p->start + p->length == start) {
+        p->length += length;
+        return 0;
+    }
+    rc = p->length ? copy_extent(img, base, p, buf) : 0;
+    p->start = start;
+    p->length = length;
+    p->zero = zero;
+    return rc;
+}
+
 int qcow2_commit_copy(qcow2_image *img, qcow2_image *base)
 {
     uint8_t *buf = malloc(CHUNK);
-    own_list l = { NULL, 0, 0 };
+    own_extent pend = { 0, 0, 0 };
+    qcow2_run run;
     int rc = buf ? grow_base(img, base)
                  : qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
 
-    for (uint64_t w = 0; rc == 0 && w < img->size; w += WINDOW) {
-        uint64_t n = img->size - w < WINDOW ? img->size - w : WINDOW;
-        l.count = 0;
-        rc = qcow2_map(img, w, n, collect_own, &l);
-        if (rc > 0)
-            rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-        for (size_t i = 0; rc == 0 && i < l.count; i++)
-            rc = copy_extent(img, base, &l.e[i], buf);
+    for (uint64_t g = 0; rc == 0 && g < img->size; g += run.length) {
+        rc = qcow2_lookup_run(img, g, img->size - g, &run);
+        if (rc < 0)
+            break;
+        if (sc_type_is_unallocated(run.type))
+            continue;
+        rc = add_own(img, base, &pend, g, run.length,
+                     run.type == SC_ZERO_PLAIN || run.type == SC_ZERO_ALLOC,
+                     buf);
     }
+    if (rc == 0 && pend.length)
+        rc = copy_extent(img, base, &pend, buf);
     if (rc == 0 && (rc = qcow2_flush(base)) < 0)
         rc = base_failed(img, base, rc);
-    free(l.e);
     free(buf);
     return rc;
 }

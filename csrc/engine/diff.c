@@ -15,6 +15,10 @@
  * Precision: 512-byte sectors. A sector is reported when any byte in it
  * differs; reported ranges are sector aligned (the last one ends at the
  * larger virtual size) and adjacent ones are merged.
+ *
+ * qcow2_diff_unproven is the first half alone, over a part of the disk:
+ * the ranges the maps cannot prove equal, nothing read (safe rebase
+ * compares only those).
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -47,7 +51,10 @@ typedef struct side {
 typedef struct diff_state {
     qcow2_image *a;             /* failures are reported on a */
     side s[2];
-    uint64_t total;             /* the larger virtual size */
+    uint64_t begin;             /* where the walk starts */
+    uint64_t total;             /* where it ends: the larger virtual size,
+                                   or the end of the range asked about */
+    int maps_only;              /* report what the maps cannot prove */
     qcow2_range_fn fn;
     void *ctx;
     uint64_t pend_start, pend_end;  /* a differing range being merged */
@@ -168,7 +175,7 @@ static int flush_pending(diff_state *ds)
  * with the range before them when they touch. */
 static int differs(diff_state *ds, uint64_t start, uint64_t end)
 {
-    start -= start % DIFF_SECTOR;
+    start = max_u64(start - start % DIFF_SECTOR, ds->begin);
     end = min_u64(align_up(end, DIFF_SECTOR), ds->total);
     if (ds->pend_end != ds->pend_start && start <= ds->pend_end) {
         ds->pend_end = max_u64(ds->pend_end, end);
@@ -252,6 +259,8 @@ static int compare_segment(diff_state *ds, uint64_t g, uint64_t n)
             ds->stats->bytes_by_map += n;
         return 0;
     }
+    if (ds->maps_only)
+        return differs(ds, g, end);
     while (g < end) {
         size_t len = (size_t)min_u64(end - g, DIFF_CHUNK);
         rc = compare_chunk(ds, g, len);
@@ -264,7 +273,7 @@ static int compare_segment(diff_state *ds, uint64_t g, uint64_t n)
 
 static int diff_run(diff_state *ds)
 {
-    uint64_t g = 0;
+    uint64_t g = ds->begin;
     int rc;
 
     while (g < ds->total) {
@@ -290,8 +299,8 @@ static int diff_run(diff_state *ds)
     return flush_pending(ds);
 }
 
-static int diff_work(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn, void *ctx,
-                     qcow2_diff_stats *stats)
+static int diff_work(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn,
+                     void *ctx, qcow2_diff_stats *stats)
 {
     diff_state ds;
     int rc;
@@ -321,4 +330,21 @@ int qcow2_diff(qcow2_image *a, qcow2_image *b, qcow2_range_fn fn, void *ctx,
     if (rc == 0)
         rc = qcow2_meta_flush(b);
     return rc < 0 ? rc : diff_work(a, b, fn, ctx, stats);
+}
+
+int qcow2_diff_unproven(qcow2_image *a, qcow2_image *b, uint64_t start,
+                        uint64_t length, qcow2_range_fn fn, void *ctx)
+{
+    diff_state ds;
+
+    memset(&ds, 0, sizeof ds);
+    ds.a = a;
+    ds.s[0].top = a;
+    ds.s[1].top = b;
+    ds.begin = start;
+    ds.total = start + length;
+    ds.maps_only = 1;
+    ds.fn = fn;
+    ds.ctx = ctx;
+    return diff_run(&ds);
 }

@@ -34,10 +34,18 @@
 /* QEMU's block layer counts lengths in 512-byte sectors. */
 #define SECTOR_SIZE 512u
 
-/* A file whose holes we ask about, opened once per qcow2_map call. */
+/* A file whose holes we ask about, opened once per qcow2_map call. No
+ * one writes during the call (a map callback must not), so what the file
+ * said stays true until it ends: its size, and the last data and hole
+ * regions SEEK_DATA/SEEK_HOLE found (a metadata-preallocated image asks
+ * about every cluster, several times for one split by a hole). */
 typedef struct host_file {
     const qcow2_io *io;
     int fd;                     /* -1: holes unknown, all data */
+    int has_size;
+    uint64_t size;
+    uint64_t data_start, data_end;  /* known data, empty when equal */
+    uint64_t hole_start, hole_end;  /* known hole */
 } host_file;
 
 /* QEMU's per-image guess that the image was made with
@@ -114,24 +122,43 @@ static int open_same_file(const qcow2_image *img, const qcow2_io *io)
     return fd;
 }
 
-static int host_fd(map_state *ms, const qcow2_image *img, const qcow2_io *io)
+/* io's entry, opened on first use; NULL when the table is full (holes
+ * then unknown). */
+static host_file *host_entry(map_state *ms, const qcow2_image *img,
+                             const qcow2_io *io)
 {
-    int fd;
+    host_file *hf;
 
     for (int i = 0; i < ms->n_files; i++) {
         if (ms->files[i].io == io)
-            return ms->files[i].fd;
+            return &ms->files[i];
     }
-    fd = open_same_file(img, io);
-    if (ms->n_files == (int)(sizeof ms->files / sizeof ms->files[0])) {
-        if (fd >= 0)
-            close(fd);
-        return -1;
+    if (ms->n_files == (int)(sizeof ms->files / sizeof ms->files[0]))
+        return NULL;
+    hf = &ms->files[ms->n_files++];
+    memset(hf, 0, sizeof *hf);
+    hf->io = io;
+    hf->fd = open_same_file(img, io);
+    return hf;
+}
+
+/* io's size, asked once per walk. */
+static int host_size(map_state *ms, const qcow2_image *img, qcow2_io *io,
+                     uint64_t *size)
+{
+    host_file *hf = host_entry(ms, img, io);
+    int rc;
+
+    if (hf && hf->has_size) {
+        *size = hf->size;
+        return 0;
     }
-    ms->files[ms->n_files].io = io;
-    ms->files[ms->n_files].fd = fd;
-    ms->n_files++;
-    return fd;
+    rc = io->ops->size(io, size);
+    if (rc == 0 && hf) {
+        hf->size = *size;
+        hf->has_size = 1;
+    }
+    return rc;
 }
 
 static void host_close_all(map_state *ms)
@@ -145,9 +172,10 @@ static void host_close_all(map_state *ms)
 
 /* file-posix's block status: SEEK_DATA/SEEK_HOLE within the file's length
  * rounded up to whole sectors; no hole information means all data. */
-static void host_status(int fd, uint64_t total, uint64_t offset,
+static void host_status(host_file *hf, uint64_t total, uint64_t offset,
                         uint64_t bytes, file_status *st)
 {
+    int fd = hf ? hf->fd : -1;
     off_t data, hole;
 
     memset(st, 0, sizeof *st);
@@ -156,17 +184,30 @@ static void host_status(int fd, uint64_t total, uint64_t offset,
         return;
     }
     st->length = min_u64(bytes, total - offset);
-    if (fd >= 0 && offset <= (uint64_t)INT64_MAX) {
+    if (fd >= 0 && offset >= hf->data_start && offset < hf->data_end) {
+        st->length = min_u64(st->length, hf->data_end - offset);
+    } else if (fd >= 0 && offset >= hf->hole_start &&
+               offset < hf->hole_end) {
+        st->zero = 1;
+        st->length = min_u64(st->length, hf->hole_end - offset);
+    } else if (fd >= 0 && offset <= (uint64_t)INT64_MAX) {
         data = lseek(fd, (off_t)offset, SEEK_DATA);
         if (data < 0 && errno == ENXIO) {
             st->zero = 1;       /* a trailing hole */
+            hf->hole_start = offset;
+            hf->hole_end = UINT64_MAX;
         } else if (data > (off_t)offset) {
             st->zero = 1;
             st->length = min_u64(st->length, (uint64_t)data - offset);
+            hf->hole_start = offset;
+            hf->hole_end = (uint64_t)data;
         } else if (data == (off_t)offset) {
             hole = lseek(fd, (off_t)offset, SEEK_HOLE);
-            if (hole > (off_t)offset)
+            if (hole > (off_t)offset) {
                 st->length = min_u64(st->length, (uint64_t)hole - offset);
+                hf->data_start = offset;
+                hf->data_end = (uint64_t)hole;
+            }
         }
     }
     st->eof = offset + st->length == total;
@@ -191,7 +232,7 @@ static void raw_status(map_state *ms, const qcow2_image *img,
 {
     file_status st;
 
-    host_status(host_fd(ms, img, img->io), level_length(img), offset,
+    host_status(host_entry(ms, img, img->io), level_length(img), offset,
                 max_len, &st);
     me->e.type = st.zero ? QCOW2_EXTENT_ZERO : QCOW2_EXTENT_DATA;
     me->e.length = st.length ? st.length : max_len;
@@ -255,9 +296,9 @@ static void recurse_into_file(map_state *ms, qcow2_image *img,
     uint64_t file_length;
     file_status st;
 
-    if (io->ops->size(io, &file_length) < 0)
+    if (host_size(ms, img, io, &file_length) < 0)
         return;
-    host_status(host_fd(ms, img, io), sector_length(file_length),
+    host_status(host_entry(ms, img, io), sector_length(file_length),
                 me->e.offset, me->e.length, &st);
     if (st.eof && (st.length == 0 || st.zero)) {
         me->data_zero = 1;

@@ -1,6 +1,7 @@
 /*
  * Operations (layer 8) other engine files call: whole-state switches
- * (switch.c) and the layout of a new image (create.c). check.h holds
+ * (switch.c), the layout of a new image (create.c) and the ranges two
+ * maps cannot prove equal (diff.c). check.h holds
  * check's and repair's. The rest (snapshots, amend, resize) is public,
  * in csrc/qcow2.h.
  */
@@ -13,6 +14,13 @@
  * image.c, opens it). Errors as qcow2_create's, in err (not NULL). */
 int qcow2_create_layout(const char *path, const qcow2_create_opts *opts,
                         qcow2_error *err);
+
+/* ---- diff.c: the ranges of guest [start, start + length) that the maps
+ * of a and b (each through its chain, zeroes past its size) cannot prove
+ * to hold the same bytes, sector aligned and merged, to fn in order;
+ * nothing is read. 0, fn's non-zero value, or a failure (on a). */
+int qcow2_diff_unproven(qcow2_image *a, qcow2_image *b, uint64_t start,
+                        uint64_t length, qcow2_range_fn fn, void *ctx);
 
 /* ---- switch.c: whole-state switches (snapshot create/apply/delete) ---- */
 /* One synced 36-byte write of header bytes 36..71: the active L1, the

@@ -7,77 +7,136 @@
  * leaves an image reading the same; the switch (amend.c) comes after a
  * flush. chain.c opens the new backing and switches.
  *
- * The disk is walked in windows: the image's own map of a window is
- * collected first (a map callback must not write), then each range it
- * does not allocate is compared chunk by chunk. Memory: two chunks and
- * the extents of one window.
+ * The image's own lookups are walked (not the chain's map: no file holes
+ * are probed); each run of ranges it does not allocate is handled as soon
+ * as it ends: the parts the two chains' maps cannot prove equal
+ * (diff.c) are compared chunk by chunk. The
+ * writes only touch ranges already walked. The new chain's chunk is read
+ * on a helper thread while the calling thread reads the current chain's:
+ * the new backing is a handle of its own (caches, error buffer) that
+ * only the helper touches between a request and its answer. Memory: two
+ * chunks.
  */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "chain_ops.h"
 
-#define WINDOW  ((uint64_t)32 << 20)    /* guest bytes mapped at a time */
 #define CHUNK   ((size_t)1 << 20)       /* compared at a time */
 #define SECTOR  512u
 
-typedef struct range_list {
-    uint64_t *start;
-    uint64_t *length;
-    size_t count, cap;
-    int nomem;
-} range_list;
+/* The new chain's reads, on a helper thread when one could be started. */
+typedef struct new_reader {
+    qcow2_image *nb;            /* NULL: zeroes */
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int running;                /* the helper exists */
+    int pending, stop;          /* under mu */
+    uint64_t at;
+    uint8_t *buf;
+    size_t n;
+    int rc;                     /* the last read's, nb's error behind it */
+} new_reader;
 
-static int add_range(range_list *l, uint64_t start, uint64_t length)
-{
-    if (l->count && l->start[l->count - 1] + l->length[l->count - 1] ==
-                    start) {
-        l->length[l->count - 1] += length;
-        return 0;
-    }
-    if (l->count == l->cap) {
-        size_t cap = l->cap ? l->cap * 2 : 64;
-        uint64_t *s = realloc(l->start, cap * sizeof *s);
-        if (s)
-            l->start = s;
-        uint64_t *n = s ? realloc(l->length, cap * sizeof *n) : NULL;
-        if (!n) {
-            l->nomem = 1;
-            return 1;
-        }
-        l->length = n;
-        l->cap = cap;
-    }
-    l->start[l->count] = start;
-    l->length[l->count] = length;
-    l->count++;
-    return 0;
-}
-
-/* Ranges the image does not hold itself: they show the backing chain. */
-static int collect_unowned(void *ctx, const qcow2_extent *e)
-{
-    if (e->depth == 0 && e->type != QCOW2_EXTENT_UNALLOCATED)
-        return 0;
-    return add_range(ctx, e->start, e->length);
-}
-
-/* The new chain's bytes: zeroes without one or past its end. */
-static int read_new(qcow2_image *img, qcow2_image *nb, uint64_t at,
-                    uint8_t *buf, size_t n)
+/* The new chain's bytes: zeroes without one or past its end. Only nb's
+ * error buffer is written (this may run on the helper). */
+static int read_new_bytes(qcow2_image *nb, uint64_t at, uint8_t *buf,
+                          size_t n)
 {
     size_t have = 0;
     int rc = 0;
 
     if (nb && at < nb->size)
         have = (size_t)(nb->size - at < n ? nb->size - at : n);
-    if (have) {
+    if (have)
         rc = qcow2_read(nb, at, buf, have);
-        if (rc < 0)
-            return qcow2_fail(img, rc, "new backing file: %s",
-                              qcow2_errmsg(nb));
-    }
     memset(buf + have, 0, n - have);
+    return rc < 0 ? rc : 0;
+}
+
+static void *reader_main(void *arg)
+{
+    new_reader *r = arg;
+
+    pthread_mutex_lock(&r->mu);
+    for (;;) {
+        while (!r->pending && !r->stop)
+            pthread_cond_wait(&r->cv, &r->mu);
+        if (!r->pending)
+            break;
+        pthread_mutex_unlock(&r->mu);
+        int rc = read_new_bytes(r->nb, r->at, r->buf, r->n);
+        pthread_mutex_lock(&r->mu);
+        r->rc = rc;
+        r->pending = 0;
+        pthread_cond_broadcast(&r->cv);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+/* Without a new backing there is nothing to read: no helper. A helper
+ * that cannot be started means reads on the calling thread. */
+static void reader_start(new_reader *r, qcow2_image *nb)
+{
+    memset(r, 0, sizeof *r);
+    r->nb = nb;
+    if (!nb || pthread_mutex_init(&r->mu, NULL) != 0)
+        return;
+    if (pthread_cond_init(&r->cv, NULL) != 0) {
+        pthread_mutex_destroy(&r->mu);
+        return;
+    }
+    r->running = pthread_create(&r->thread, NULL, reader_main, r) == 0;
+    if (!r->running) {
+        pthread_cond_destroy(&r->cv);
+        pthread_mutex_destroy(&r->mu);
+    }
+}
+
+static void reader_stop(new_reader *r)
+{
+    if (!r->running)
+        return;
+    pthread_mutex_lock(&r->mu);
+    r->stop = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    pthread_join(r->thread, NULL);
+    pthread_cond_destroy(&r->cv);
+    pthread_mutex_destroy(&r->mu);
+}
+
+/* Start reading the new chain's n bytes at at into buf. */
+static void reader_post(new_reader *r, uint64_t at, uint8_t *buf, size_t n)
+{
+    if (!r->running) {
+        r->rc = read_new_bytes(r->nb, at, buf, n);
+        return;
+    }
+    pthread_mutex_lock(&r->mu);
+    r->at = at;
+    r->buf = buf;
+    r->n = n;
+    r->pending = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* The posted read's result, its failure named on img. */
+static int reader_wait(qcow2_image *img, new_reader *r)
+{
+    if (r->running) {
+        pthread_mutex_lock(&r->mu);
+        while (r->pending)
+            pthread_cond_wait(&r->cv, &r->mu);
+        pthread_mutex_unlock(&r->mu);
+    }
+    if (r->rc < 0)
+        return qcow2_fail(img, r->rc, "new backing file: %s",
+                          qcow2_errmsg(r->nb));
     return 0;
 }
 
@@ -91,7 +150,7 @@ static size_t unit(uint64_t at, size_t left)
 
 /* One range the image does not hold: the current chain's bytes written
  * over every run of differing sectors. */
-static int copy_range(qcow2_image *img, qcow2_image *nb, uint64_t start,
+static int copy_range(qcow2_image *img, new_reader *nr, uint64_t start,
                       uint64_t length, uint8_t *old, uint8_t *neu)
 {
     uint64_t end = start + length;
@@ -99,9 +158,11 @@ static int copy_range(qcow2_image *img, qcow2_image *nb, uint64_t start,
 
     for (uint64_t at = start; rc == 0 && at < end;) {
         size_t n = (size_t)(end - at < CHUNK ? end - at : CHUNK);
+        reader_post(nr, at, neu, n);
         rc = qcow2_read(img, at, old, n);
+        int rc_new = reader_wait(img, nr);   /* always waited for */
         if (rc == 0)
-            rc = read_new(img, nb, at, neu, n);
+            rc = rc_new;
         for (size_t i = 0; rc == 0 && i < n;) {
             size_t u = unit(at + i, n - i), j;
             if (memcmp(old + i, neu + i, u) == 0) {
@@ -121,27 +182,72 @@ static int copy_range(qcow2_image *img, qcow2_image *nb, uint64_t start,
     return rc;
 }
 
+/* What copy_range needs, for qcow2_diff_unproven's callback. */
+typedef struct copy_ctx {
+    qcow2_image *img;
+    new_reader *nr;
+    uint8_t *old, *neu;
+    int failed;                 /* copy_range's failure: on img already */
+} copy_ctx;
+
+static int copy_unproven(void *ctx, uint64_t start, uint64_t length)
+{
+    copy_ctx *cc = ctx;
+    int rc = copy_range(cc->img, cc->nr, start, length, cc->old, cc->neu);
+
+    cc->failed = rc < 0;
+    return rc;
+}
+
+/* One range the image does not hold. With both chains there, only what
+ * their maps cannot prove equal is read (both sides reading the same
+ * host bytes of one file, or zeroes, are equal: a new backing that is
+ * the old one's own backing file is read only where the old one holds
+ * data of its own). */
+static int unowned_range(copy_ctx *cc, qcow2_image *nb, uint64_t from,
+                         uint64_t to)
+{
+    qcow2_image *img = cc->img, *old = img->backing;
+    int rc;
+
+    if (!old || !nb)
+        return copy_range(img, cc->nr, from, to - from, cc->old, cc->neu);
+    rc = qcow2_diff_unproven(old, nb, from, to - from, copy_unproven, cc);
+    if (rc < 0 && !cc->failed)
+        rc = qcow2_fail(img, rc, "comparing the old and new backing "
+                        "chains: %s", qcow2_errmsg(old));
+    return rc;
+}
+
 int qcow2_rebase_copy(qcow2_image *img, qcow2_image *new_backing)
 {
     uint8_t *old = malloc(CHUNK), *neu = malloc(CHUNK);
-    range_list l = { NULL, NULL, 0, 0, 0 };
+    uint64_t from = 0, to = 0;      /* unowned range being extended */
+    new_reader nr;
+    copy_ctx cc = { img, &nr, old, neu, 0 };
+    qcow2_run run;
     int rc = old && neu ? 0 : qcow2_fail(img, QCOW2_E_NOMEM,
                                          "out of memory");
 
-    for (uint64_t w = 0; rc == 0 && w < img->size; w += WINDOW) {
-        uint64_t n = img->size - w < WINDOW ? img->size - w : WINDOW;
-        l.count = 0;
-        rc = qcow2_map(img, w, n, collect_unowned, &l);
-        if (rc > 0 || l.nomem)
-            rc = qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
-        for (size_t i = 0; rc == 0 && i < l.count; i++)
-            rc = copy_range(img, new_backing, l.start[i], l.length[i], old,
-                            neu);
+    reader_start(&nr, new_backing);
+    for (uint64_t g = 0; rc == 0 && g < img->size; g += run.length) {
+        rc = qcow2_lookup_run(img, g, img->size - g, &run);
+        if (rc < 0)
+            break;
+        if (sc_type_is_unallocated(run.type)) {
+            if (to != g)
+                from = g;
+            to = g + run.length;
+            if (to < img->size)
+                continue;
+        }
+        if (to > from)
+            rc = unowned_range(&cc, new_backing, from, to);
+        from = to;
     }
+    reader_stop(&nr);
     if (rc == 0)
         rc = qcow2_flush(img);
-    free(l.start);
-    free(l.length);
     free(old);
     free(neu);
     return rc;

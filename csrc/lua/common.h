@@ -78,6 +78,41 @@ void ql_snapshot_register(lua_State *L);
  * handle, or NULL with fail, message, code pushed (3 values). */
 qcow2_image *ql_snapshot_view(lua_State *L, int image_idx, const char *want);
 
+/* --- A map's extents, compact (map_store.c) ------------------------------- */
+typedef struct ql_store_mark {
+    size_t pos;                 /* a record's first byte */
+    uint64_t start, off_base;   /* the decoder's state there */
+} ql_store_mark;
+typedef struct ql_store_cursor {
+    size_t index, pos;          /* the next record */
+    uint64_t start, off_base;
+} ql_store_cursor;
+typedef struct ql_extent_store {
+    uint8_t *bytes;             /* the records */
+    size_t len, cap;
+    size_t count;               /* extents */
+    ql_store_mark *marks;       /* one per STORE_MARK extents */
+    size_t nmarks, marks_cap;
+    char **reasons;             /* corrupt extents' reasons, copied */
+    size_t nreasons, reasons_cap;
+    uint64_t next_start, off_base;  /* the encoder's state */
+    ql_store_cursor cursor;     /* ql_store_get's, for in-order access */
+    int cursor_set;
+} ql_extent_store;
+/* Append a copy of e (its reason copied too). 0 or QCOW2_E_NOMEM (the
+ * store unchanged). */
+int ql_store_add(ql_extent_store *s, const qcow2_extent *e);
+/* Extent index (0-based) into e: 1, or 0 past the end. e->reason points
+ * into the store. */
+int ql_store_get(ql_extent_store *s, size_t index, qcow2_extent *e);
+/* A cursor at extent index (0 for a walk from the start), and the next
+ * extent from it: 1, or 0 at the end. */
+void ql_store_begin(const ql_extent_store *s, size_t index,
+                    ql_store_cursor *c);
+int ql_store_next(const ql_extent_store *s, ql_store_cursor *c,
+                  qcow2_extent *e);
+void ql_store_free(ql_extent_store *s);
+
 /* --- Cluster maps (map.c) -------------------------------------------------- */
 typedef struct ql_map ql_map;
 /* Push an empty ClusterMap. It keeps no reference to the image it is
@@ -94,14 +129,19 @@ int ql_map_fill(ql_map *m, qcow2_image *h, uint64_t offset, uint64_t length,
 int ql_map_push(lua_State *L, qcow2_image *h, uint64_t offset,
                 uint64_t length);
 void ql_map_register(lua_State *L);
-/* The records of `qemu-img map --output=json` for count extents, merged
- * as qemu-img merges them, in its layout (no final newline); a corrupt
- * extent is a record of its own with "corrupt": true and its "reason".
- * file NULL: the text goes to a malloc'd *out (caller frees, *out_len
- * bytes); otherwise it is written to file in pieces. Calls no Lua.
- * Returns 0, QCOW2_E_NOMEM, or QCOW2_E_IO (errno set) (map_json.c). */
-int ql_map_json(const qcow2_extent *extents, size_t count, FILE *file,
-                char **out, size_t *out_len);
+/* A piece of to_json's text handed on: 0, or a status that stops it. */
+typedef int (*ql_json_sink)(void *ctx, const char *text, size_t len);
+/* The records of `qemu-img map --output=json` for the store's extents,
+ * merged as qemu-img merges them, in its layout (no final newline); a
+ * corrupt extent is a record of its own with "corrupt": true and its
+ * "reason". The text is built in *out (NULL on entry; realloc'd there,
+ * so a sink that raises leaves it for the caller to free). With neither
+ * file nor sink it stays in *out (caller frees, *out_len bytes);
+ * otherwise it goes to file, or to sink, in pieces of about 64 KiB, and
+ * *out is freed. Calls no Lua itself. Returns 0, QCOW2_E_NOMEM,
+ * QCOW2_E_IO (errno set) or the sink's status (map_json.c). */
+int ql_map_json(const ql_extent_store *store, FILE *file, ql_json_sink sink,
+                void *ctx, char **out, size_t *out_len);
 
 /* --- Module functions and options (module.c, create.c) ------------------- */
 /* qcow2.create(path, opts) (create.c). */

@@ -2,13 +2,14 @@
  * lua-qcow2 binding: the ClusterMap userdata ("qcow2.ClusterMap").
  *
  * The engine's extents (already merged as qemu-img merges them) are copied
- * into one C array while qcow2_map runs: the callback allocates with
- * realloc and never calls Lua, so no Lua error can unwind through the
- * engine. m[i] builds the extent's table on demand. A map holds no
+ * into a compact store (map_store.c: a few bytes per extent) while
+ * qcow2_map runs: the callback allocates with realloc and never calls
+ * Lua, so no Lua error can unwind through the engine. m[i] builds the extent's table on demand. A map holds no
  * reference to the Image it came from: it never reads it again, so the
  * Image (and its file descriptor) may be closed or collected first.
- * m:to_json() turns the array into qemu-img map's JSON in C (map_json.c),
- * with no Lua table per extent.
+ * m:to_json() turns the store into qemu-img map's JSON in C (map_json.c),
+ * with no Lua table per extent: a string, or pieces to a file or a
+ * function.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -18,9 +19,7 @@
 #include "common.h"
 
 struct ql_map {
-    qcow2_extent *extents;      /* malloc'd; freed by __gc */
-    size_t count;
-    size_t capacity;
+    ql_extent_store store;      /* malloc'd; freed by __gc */
     int out_of_memory;          /* the collector could not grow the array */
     char *json;                 /* to_json's text while Lua copies it;
                                    freed after, or by __gc if that raised */
@@ -50,33 +49,12 @@ static int collect_extent(void *ctx, const qcow2_extent *extent)
 {
     ql_map *m = ctx;
 
-    if (m->count == m->capacity) {
-        size_t capacity = m->capacity ? m->capacity * 2 : 64;
-        qcow2_extent *grown;
-        if (capacity > SIZE_MAX / sizeof *grown) {
-            m->out_of_memory = 1;
-            return 1;
-        }
-        grown = realloc(m->extents, capacity * sizeof *grown);
-        if (grown == NULL) {
-            m->out_of_memory = 1;
-            return 1;   /* stop the walk; reported as "nomem" */
-        }
-        m->extents = grown;
-        m->capacity = capacity;
-    }
-    m->extents[m->count] = *extent;
-    /* the engine's reason lives only during the call: the map keeps a
+    /* the engine's reason lives only during the call: the store keeps a
      * copy (freed by __gc) */
-    if (extent->reason) {
-        char *reason = strdup(extent->reason);
-        if (reason == NULL) {
-            m->out_of_memory = 1;
-            return 1;
-        }
-        m->extents[m->count].reason = reason;
+    if (ql_store_add(&m->store, extent) < 0) {
+        m->out_of_memory = 1;
+        return 1;   /* stop the walk; reported as "nomem" */
     }
-    m->count++;
     return 0;
 }
 
@@ -152,12 +130,14 @@ static void push_extent(lua_State *L, const qcow2_extent *e)
 static int map_fields(lua_State *L)
 {
     ql_map *m = check_map(L, 1);
+    qcow2_extent e;
     lua_Integer i;
     int is_int = 0;
 
     i = lua_tointegerx(L, 2, &is_int);
-    if (is_int && i >= 1 && (uint64_t)i <= m->count)
-        push_extent(L, &m->extents[i - 1]);
+    if (is_int && i >= 1 && (uint64_t)i <= m->store.count &&
+        ql_store_get(&m->store, (size_t)i - 1, &e))
+        push_extent(L, &e);
     else
         lua_pushnil(L);
     return 1;
@@ -166,7 +146,7 @@ static int map_fields(lua_State *L)
 static int map_len(lua_State *L)
 {
     ql_map *m = check_map(L, 1);
-    lua_pushinteger(L, (lua_Integer)m->count);
+    lua_pushinteger(L, (lua_Integer)m->store.count);
     return 1;
 }
 
@@ -174,12 +154,14 @@ static int map_iter(lua_State *L)
 {
     ql_map *m = check_map(L, lua_upvalueindex(1));
     lua_Integer next = lua_tointeger(L, lua_upvalueindex(2));
+    qcow2_extent e;
 
-    if (next < 0 || (uint64_t)next >= m->count)
+    if (next < 0 || (uint64_t)next >= m->store.count ||
+        !ql_store_get(&m->store, (size_t)next, &e))
         return 0;
     lua_pushinteger(L, next + 1);
     lua_replace(L, lua_upvalueindex(2));
-    push_extent(L, &m->extents[next]);
+    push_extent(L, &e);
     return 1;
 }
 
@@ -199,11 +181,13 @@ static int map_stats(lua_State *L)
 {
     ql_map *m = check_map(L, 1);
     uint64_t bytes[5] = {0, 0, 0, 0, 0};
+    ql_store_cursor c;
+    qcow2_extent e;
 
-    for (size_t i = 0; i < m->count; i++) {
-        int type = m->extents[i].type;
-        if (type >= 0 && type <= QCOW2_EXTENT_CORRUPT)
-            bytes[type] += m->extents[i].length;
+    ql_store_begin(&m->store, 0, &c);
+    while (ql_store_next(&m->store, &c, &e)) {
+        if (e.type >= 0 && e.type <= QCOW2_EXTENT_CORRUPT)
+            bytes[e.type] += e.length;
     }
     lua_createtable(L, 0, 5);
     for (int type = 0; type <= QCOW2_EXTENT_CORRUPT; type++)
@@ -211,25 +195,42 @@ static int map_stats(lua_State *L)
     return 1;
 }
 
-/* m:to_json([file]) -> the JSON text of `qemu-img map --output=json`
- * (its layout, without the final newline), or with an open io file:
- * written to it in pieces, true | nil, message, "io". */
+/* A piece for to_json's function (the function at index 2). A Lua error
+ * it raises unwinds through ql_map_json, whose text buffer is m->json:
+ * freed by the next to_json or by __gc. */
+static int call_sink(void *ctx, const char *text, size_t len)
+{
+    lua_State *L = ctx;
+
+    lua_pushvalue(L, 2);
+    lua_pushlstring(L, text, len);
+    lua_call(L, 1, 0);
+    return 0;
+}
+
+/* m:to_json([file | fn]) -> the JSON text of `qemu-img map --output=json`
+ * (its layout, without the final newline); with an open io file: written
+ * to it in pieces, true | nil, message, "io"; with a function: called
+ * with the text in pieces of about 64 KiB, in order, then true (an error
+ * it raises is raised). A file or a function keeps only one piece in
+ * memory at a time. */
 static int map_to_json(lua_State *L)
 {
     ql_map *m = check_map(L, 1);
     luaL_Stream *file = NULL;
+    int sink = lua_type(L, 2) == LUA_TFUNCTION;
     size_t len = 0;
     int rc;
 
-    if (!lua_isnoneornil(L, 2)) {
+    if (!sink && !lua_isnoneornil(L, 2)) {
         file = luaL_checkudata(L, 2, LUA_FILEHANDLE);
         if (file->closef == NULL)
             return luaL_argerror(L, 2, "attempt to use a closed file");
     }
     free(m->json);
     m->json = NULL;
-    rc = ql_map_json(m->extents, m->count, file ? file->f : NULL,
-                     &m->json, &len);
+    rc = ql_map_json(&m->store, file ? file->f : NULL,
+                     sink ? call_sink : NULL, L, &m->json, &len);
     if (rc == QCOW2_E_NOMEM)
         return ql_push_fail(L, rc, "out of memory writing the map's JSON");
     if (rc < 0) {
@@ -238,7 +239,7 @@ static int map_to_json(lua_State *L)
         return ql_push_fail(L, rc, "writing the map's JSON failed: %s",
                             strerror_r(errno, text, sizeof text));
     }
-    if (file) {
+    if (file || sink) {
         lua_pushboolean(L, 1);
         return 1;
     }
@@ -253,11 +254,7 @@ static int map_gc(lua_State *L)
     ql_map *m = check_map(L, 1);
     free(m->json);
     m->json = NULL;
-    for (size_t i = 0; i < m->count; i++)
-        free((char *)m->extents[i].reason);
-    free(m->extents);
-    m->extents = NULL;
-    m->count = m->capacity = 0;
+    ql_store_free(&m->store);
     return 0;
 }
 
@@ -265,7 +262,7 @@ static int map_tostring(lua_State *L)
 {
     ql_map *m = check_map(L, 1);
     lua_pushfstring(L, "qcow2.ClusterMap (%I extents)",
-                    (lua_Integer)m->count);
+                    (lua_Integer)m->store.count);
     return 1;
 }
 

@@ -6,7 +6,8 @@
  * per type, adjacent records merged as qemu-img merges them) in
  * qemu-img's own layout (qemu-img.c dump_map_entry), so that a big map
  * costs one growing buffer or a file written in pieces, never a Lua
- * table per extent.
+ * table per extent (the extents decoded one at a time from the map's
+ * compact store, map_store.c).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -26,9 +27,12 @@ typedef struct record {
 } record;
 
 typedef struct json_out {
-    char *buf;
+    char **buf;                 /* the caller's: a sink that raises leaves
+                                   it there for the caller to free */
     size_t len, cap;
     FILE *file;
+    ql_json_sink sink;
+    void *ctx;
 } json_out;
 
 static int reserve(json_out *o, size_t more)
@@ -45,19 +49,24 @@ static int reserve(json_out *o, size_t more)
             return QCOW2_E_NOMEM;
         cap *= 2;
     }
-    grown = realloc(o->buf, cap);
+    grown = realloc(*o->buf, cap);
     if (!grown)
         return QCOW2_E_NOMEM;
-    o->buf = grown;
+    *o->buf = grown;
     o->cap = cap;
     return 0;
 }
 
 static int drain(json_out *o)
 {
-    if (!o->file || o->len == 0)
+    if (o->len == 0 || (!o->file && !o->sink))
         return 0;
-    if (fwrite(o->buf, 1, o->len, o->file) != o->len) {
+    if (o->sink) {
+        int rc = o->sink(o->ctx, *o->buf, o->len);
+        o->len = 0;
+        return rc;
+    }
+    if (fwrite(*o->buf, 1, o->len, o->file) != o->len) {
         if (errno == 0)
             errno = EIO;
         return QCOW2_E_IO;
@@ -71,7 +80,7 @@ static int put(json_out *o, const char *text, size_t n)
     int rc = reserve(o, n);
 
     if (rc == 0) {
-        memcpy(o->buf + o->len, text, n);
+        memcpy(*o->buf + o->len, text, n);
         o->len += n;
     }
     return rc;
@@ -180,15 +189,18 @@ static int merges(const record *last, const record *r)
     return !r->has_offset || last->offset + last->length == r->offset;
 }
 
-int ql_map_json(const qcow2_extent *extents, size_t count, FILE *file,
-                char **out, size_t *out_len)
+int ql_map_json(const ql_extent_store *store, FILE *file, ql_json_sink sink,
+                void *ctx, char **out, size_t *out_len)
 {
-    json_out o = { NULL, 0, 0, file };
+    json_out o = { out, 0, 0, file, sink, ctx };
+    ql_store_cursor c;
+    qcow2_extent e;
     record last;
     int rc = put(&o, "[", 1), have = 0, first = 1;
 
-    for (size_t i = 0; rc == 0 && i < count; i++) {
-        record r = to_record(&extents[i]);
+    ql_store_begin(store, 0, &c);
+    while (rc == 0 && ql_store_next(store, &c, &e)) {
+        record r = to_record(&e);
         if (have && merges(&last, &r)) {
             last.length += r.length;
             continue;
@@ -208,12 +220,11 @@ int ql_map_json(const qcow2_extent *extents, size_t count, FILE *file,
         rc = drain(&o);
     if (rc == 0 && file && fflush(file) != 0)
         rc = QCOW2_E_IO;
-    if (rc != 0 || file) {
-        free(o.buf);
-        o.buf = NULL;
+    if (rc != 0 || file || sink) {
+        free(*out);
+        *out = NULL;
         o.len = 0;
     }
-    *out = o.buf;
     *out_len = o.len;
     return rc;
 }

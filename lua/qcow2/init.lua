@@ -16,10 +16,18 @@ for k, v in pairs(core) do M[k] = v end
 -- "%.14g", so offsets and sizes of 1e14 bytes and more come out as
 -- 1.2345678901235e+17. dkjson prints Lua integers exactly. cjson is used
 -- whenever it keeps the numbers in hand exact; dkjson otherwise.
+-- dkjson (pure Lua) costs more to load than the C module itself: it is
+-- loaded the first time it is needed (qcow2.measure in a fresh process,
+-- say, never needs it).
 local cjson_ok, cjson = pcall(require, "cjson")
-local dkjson_ok, dkjson = pcall(require, "dkjson")
--- Reading images needs no JSON library; only JSON output does.
-local no_json = not cjson_ok and not dkjson_ok
+local dkjson_state -- nil: not tried yet; false: not installed
+local function dkjson()
+  if dkjson_state == nil then
+    local ok, mod = pcall(require, "dkjson")
+    dkjson_state = ok and mod or false
+  end
+  return dkjson_state or nil
+end
 
 -- Largest integer cjson prints exactly (%.14g keeps 14 digits).
 local CJSON_EXACT_MAX = 99999999999999
@@ -29,7 +37,11 @@ local cjson_exact = cjson_ok and
 
 --- The JSON library in use for output that must be exact: dkjson unless
 -- this lua-cjson prints large integers exactly.
-M.json = (cjson_exact or not dkjson_ok) and cjson or dkjson
+-- (M.json, resolved on first use: see the module's __index below.)
+local function json_library()
+  if cjson_exact then return cjson end
+  return dkjson() or (cjson_ok and cjson or nil)
+end
 
 -- Largest absolute integer in a value (tables walked), for choosing the
 -- fast encoder when it is exact for the value at hand.
@@ -61,12 +73,13 @@ end
 --- Encode a Lua value as JSON. `hint_max`, when known, is the largest
 -- integer in the value (saves a walk over big maps).
 function M.json_encode(value, hint_max)
-  if no_json then error("qcow2: JSON output needs lua-cjson or dkjson", 2) end
-  if not cjson_ok then return dkjson.encode(value) end
-  if cjson_exact or not dkjson_ok then return cjson.encode(value) end
+  -- Reading images needs no JSON library; only JSON output does.
+  if not cjson_ok and not dkjson() then error("qcow2: JSON output needs lua-cjson or dkjson", 2) end
+  if not cjson_ok then return dkjson().encode(value) end
+  if cjson_exact then return cjson.encode(value) end
   local biggest = hint_max or max_integer(value)
-  if biggest <= CJSON_EXACT_MAX then return cjson.encode(value) end
-  return dkjson.encode(value)
+  if biggest <= CJSON_EXACT_MAX or not dkjson() then return cjson.encode(value) end
+  return dkjson().encode(value)
 end
 
 -- ClusterMap in Lua ---------------------------------------------------------
@@ -133,9 +146,9 @@ function ImageMethods:info_json()
   -- only say {} for an empty table, dkjson honours __jsontype.
   local data = info["format-specific"] and info["format-specific"].data
   for _, b in ipairs(data and data.bitmaps or {}) do
-    if next(b.flags) == nil and dkjson_ok then
+    if next(b.flags) == nil and dkjson() then
       b.flags = setmetatable({}, { __jsontype = "array" })
-      return dkjson.encode(info)
+      return dkjson().encode(info)
     end
   end
   return M.json_encode(info)
@@ -172,9 +185,21 @@ end
 
 M.empty_array = empty_array
 
--- Test tooling (API.md, "Test tooling"): pure Lua, no engine validation.
-M.edit = require "qcow2.edit"
-M.mutate = require("qcow2.mutate").mutate
+-- Fields loaded on first use: the JSON library, and the test tooling
+-- (API.md, "Test tooling": pure Lua, no engine validation), which is
+-- most of what loading the module would otherwise cost.
+local lazy = {
+  json = json_library,
+  edit = function() return require "qcow2.edit" end,
+  mutate = function() return require("qcow2.mutate").mutate end,
+}
+setmetatable(M, { __index = function(t, k)
+  local load = lazy[k]
+  if not load then return nil end
+  local v = load()
+  rawset(t, k, v)
+  return v
+end })
 
 -- CheckResult in Lua (check work) ---------------------------------------------
 
