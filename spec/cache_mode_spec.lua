@@ -343,6 +343,30 @@ describe("the cache modes", function()
     end)())
   end)
 
+  it("close reports a failed write-back, and leaves the image consistent", function()
+    local path = dir .. "/closefail.qcow2"
+    local fresh = dir .. "/closefail-fresh.qcow2"
+    h.create(fresh, "64M")
+    h.qemu_io(fresh, { "write -P 0x22 0 64k" })   -- an L2 table to keep dirty
+    -- count the writes before close: data only (metadata stays dirty)
+    h.copy(fresh, path)
+    local img = assert(qcow2.open(path, { mode = "rw", io = { trace = true } }))
+    for i = 1, 8 do assert(img:write(i * 64 * KiB, ("c"):rep(4 * KiB))) end
+    local n = crash.writes(img:io_log())
+    img:close()
+    h.copy(fresh, path)
+    img = assert(qcow2.open(path, { mode = "rw", io = { fail_after_writes = n, errno = "EIO" } }))
+    for i = 1, 8 do assert(img:write(i * 64 * KiB, ("c"):rep(4 * KiB))) end
+    assert.are.equal(1, img:stats().l2.dirty)
+    local ok, msg, code = img:close()
+    assert.is_nil(ok)
+    assert.is_string(msg)
+    assert.are.equal("io", code, msg)
+    assert.is_false(pcall(img.read, img, 0, 1), "the handle is closed")
+    local r = h.check_json(path)
+    assert.are.equal(0, r.corruptions or 0)
+  end)
+
   it("counts reads and writes on read-only handles too", function()
     local path = dir .. "/ro.qcow2"
     h.create(path, "8M")

@@ -687,6 +687,19 @@ static int image_backing(lua_State *L)
 static int image_close(lua_State *L)
 {
     ql_image *q = ql_to_image(L, 1);
+    int rc = 0;
+
+    /* The write-back cache reaches the file here: a failure is the
+     * caller's to know (the handle is released all the same, and the
+     * image is left consistent, at worst with leaked clusters). */
+    if (ql_image_live(q) && q->kind == QL_OWNED &&
+        !qcow2_is_read_only(q->img))
+        rc = qcow2_flush(q->img);
+    if (rc < 0) {
+        int n = ql_push_engine_error(L, q->img, rc);
+        ql_image_close(q);
+        return n;
+    }
     ql_image_close(q);
     lua_pushboolean(L, 1);
     return 1;
