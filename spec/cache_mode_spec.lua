@@ -30,15 +30,18 @@ local function expected_of(list)
   return e
 end
 
--- Every written block reads back through qemu-io (the oracle), all at once.
+-- Every written block reads back through qemu-img (the oracle): the
+-- guest disk converted to a sparse raw file, each block peeked from it.
 local function assert_qemu_reads(path, expected)
-  local cmds = {}
-  local raw = h.raw_bytes(path)
+  local raw = path .. ".oracle.raw"
+  h.qemu_img("convert -O raw " .. h.q(path) .. " " .. h.q(raw))
+  local n = 0
   for off, data in pairs(expected) do
-    cmds[#cmds + 1] = off
-    assert.are.equal(data, raw:sub(off + 1, off + #data), ("block at %d"):format(off))
+    assert.are.equal(data, h.peek(raw, off, #data), ("block at %d"):format(off))
+    n = n + 1
   end
-  assert.is_true(#cmds > 0)
+  os.remove(raw)
+  assert.is_true(n > 0)
 end
 
 describe("the cache modes", function()
