@@ -5,10 +5,14 @@ local qcow2 = require "qcow2"
 
 local work, a = arg[1], { table.unpack(arg, 2) }
 
+-- The offsets listed in a file, one by one (streamed, as qemu-io reads
+-- its commands: no table of them all in memory).
 local function offsets(path)
-  local list = {}
-  for line in io.lines(path) do list[#list + 1] = math.tointeger(tonumber(line)) end
-  return list
+  local lines = io.lines(path)
+  return function()
+    local line = lines()
+    return line and math.tointeger(tonumber(line))
+  end
 end
 
 local W = {}
@@ -31,7 +35,7 @@ function W.writes(path, list, cache, lazy)
   local img <close> = assert(qcow2.open(path, { mode = "rw", cache = cache,
     lazy_refcounts = lazy == "lazy" or nil }))
   local block = ("\x5a"):rep(4096)
-  for _, off in ipairs(offsets(list)) do assert(img:write(off, block)) end
+  for off in offsets(list) do assert(img:write(off, block)) end
   assert(img:flush())
 end
 
@@ -65,7 +69,7 @@ end
 -- 8: 4 KiB reads at the offsets listed in a file
 function W.randread(path, list)
   local img <close> = assert(qcow2.open(path))
-  for _, off in ipairs(offsets(list)) do assert(img:read(off, 4096)) end
+  for off in offsets(list) do assert(img:read(off, 4096)) end
 end
 
 -- 9: safe rebase onto another backing file, as qemu-img rebase -b (its
