@@ -505,35 +505,17 @@ static int make_empty_work(qcow2_image *img)
 int qcow2_set_backing(qcow2_image *img, const char *backing_file,
                       const char *backing_format)
 {
-    int rc = qcow2_meta_hold(img);
-
-    if (rc < 0)
-        return rc;
-    rc = set_backing_work(img, backing_file, backing_format);
-    qcow2_meta_release(img);
-    return rc;
+    QCOW2_HELD(img, set_backing_work(img, backing_file, backing_format));
 }
 
 /* Behind the caches: flushed first, written through meanwhile. */
 int qcow2_amend(qcow2_image *img, const qcow2_amend_opts *opts)
 {
-    int rc = qcow2_meta_hold(img);
-
-    if (rc < 0)
-        return rc;
-    rc = amend_work(img, opts);
-    qcow2_meta_release(img);
-    return rc;
+    QCOW2_HELD(img, amend_work(img, opts));
 }
 
 /* Behind the caches: flushed first, written through meanwhile. */
 int qcow2_make_empty(qcow2_image *img)
 {
-    int rc = qcow2_meta_hold(img);
-
-    if (rc < 0)
-        return rc;
-    rc = make_empty_work(img);
-    qcow2_meta_release(img);
-    return rc;
+    QCOW2_HELD(img, make_empty_work(img));
 }

@@ -102,5 +102,16 @@ int qcow2_meta_flush(qcow2_image *img);
  * through (holds nest). No write state: nothing to do. */
 int qcow2_meta_hold(qcow2_image *img);
 void qcow2_meta_release(qcow2_image *img);
+/* The body of a public operation that works behind the caches: `call`
+ * (an int expression) between a hold and its release. */
+#define QCOW2_HELD(img, call)                                           \
+    do {                                                                \
+        int held_rc_ = qcow2_meta_hold(img);                            \
+        if (held_rc_ < 0)                                               \
+            return held_rc_;                                            \
+        held_rc_ = (call);                                              \
+        qcow2_meta_release(img);                                        \
+        return held_rc_;                                                \
+    } while (0)
 
 #endif /* QCOW2_CACHE_H */

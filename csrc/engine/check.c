@@ -334,11 +334,5 @@ static int check_work(qcow2_image *img, int repair, qcow2_check_result *out)
 /* Behind the caches: flushed first, written through meanwhile. */
 int qcow2_check(qcow2_image *img, int repair, qcow2_check_result *out)
 {
-    int rc = qcow2_meta_hold(img);
-
-    if (rc < 0)
-        return rc;
-    rc = check_work(img, repair, out);
-    qcow2_meta_release(img);
-    return rc;
+    QCOW2_HELD(img, check_work(img, repair, out));
 }

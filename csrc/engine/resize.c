@@ -307,11 +307,5 @@ static int resize_work(qcow2_image *img, uint64_t size)
 /* Behind the caches: flushed first, written through meanwhile. */
 int qcow2_resize(qcow2_image *img, uint64_t size)
 {
-    int rc = qcow2_meta_hold(img);
-
-    if (rc < 0)
-        return rc;
-    rc = resize_work(img, size);
-    qcow2_meta_release(img);
-    return rc;
+    QCOW2_HELD(img, resize_work(img, size));
 }

@@ -591,35 +591,17 @@ int qcow2_snapshot_create(qcow2_image *img, const char *name,
                           const qcow2_snapshot_create_opts *opts,
                           uint32_t *index)
 {
-    int rc = qcow2_meta_hold(img);
-
-    if (rc < 0)
-        return rc;
-    rc = snapshot_create_work(img, name, opts, index);
-    qcow2_meta_release(img);
-    return rc;
+    QCOW2_HELD(img, snapshot_create_work(img, name, opts, index));
 }
 
 /* Behind the caches: flushed first, written through meanwhile. */
 int qcow2_snapshot_apply(qcow2_image *img, uint32_t index)
 {
-    int rc = qcow2_meta_hold(img);
-
-    if (rc < 0)
-        return rc;
-    rc = snapshot_apply_work(img, index);
-    qcow2_meta_release(img);
-    return rc;
+    QCOW2_HELD(img, snapshot_apply_work(img, index));
 }
 
 /* Behind the caches: flushed first, written through meanwhile. */
 int qcow2_snapshot_delete(qcow2_image *img, uint32_t index)
 {
-    int rc = qcow2_meta_hold(img);
-
-    if (rc < 0)
-        return rc;
-    rc = snapshot_delete_work(img, index);
-    qcow2_meta_release(img);
-    return rc;
+    QCOW2_HELD(img, snapshot_delete_work(img, index));
 }
