@@ -132,10 +132,12 @@ int check_disk_refcount_load(check_state *st, uint64_t cluster,
     if (block_offset == 0)
         return 0;
     if (!is_aligned(block_offset, img->cluster_size)) {
-        /* QEMU signals a fatal corruption here and the node is unusable
-         * from then on: every later refcount read fails too (a quiet
+        /* QEMU signals a fatal corruption here. Its check goes on reading
+         * the other blocks (qcow2_get_refcount does not look at the dead
+         * node), so only this block's reads fail; a repair cannot write
+         * to the dead node, so there every later read fails too (a quiet
          * read leaves that to the loud one that comes in QEMU's order) */
-        if (!quiet)
+        if (!quiet && st->repair)
             st->refcounts_dead = 1;
         return QCOW2_E_IO;
     }
