@@ -215,10 +215,6 @@ const char *qcow2_convert_errmsg(const qcow2_convert *cv)
 
 /* ---- Writing one chunk ----------------------------------------------------- */
 
-static int all_zero(const uint8_t *p, size_t n)
-{
-    return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
-}
 
 /* The L2 entry of a compressed stream (format doc 3.4). */
 static uint64_t compressed_entry(const qcow2_image *img, uint64_t coffset,
@@ -281,7 +277,7 @@ static int queue_compressed(qcow2_convert *cv, slot *s)
         size_t len = (size_t)min_u64(cs, s->n - u);
         qcow2_cjob *j = &s->jobs[s->count];
 
-        if (all_zero(s->buf + u, len)) {
+        if (bytes_all_zero(s->buf + u, len)) {
             if (cv->base) {
                 rc = qcow2_write_zeroes(cv->dst, s->start + u, len, 0);
                 if (rc < 0)
@@ -353,12 +349,12 @@ static int write_plain(void *ctx)
 
     while (u < n) {
         uint64_t len = min_u64(cv->unit, n - u), end = u + len;
-        int zero = all_zero(s->buf + u, (size_t)len);
+        int zero = bytes_all_zero(s->buf + u, (size_t)len);
 
         /* Extend the run over units of the same kind. */
         while (end < n) {
             uint64_t l2 = min_u64(cv->unit, n - end);
-            if (all_zero(s->buf + end, (size_t)l2) != zero)
+            if (bytes_all_zero(s->buf + end, (size_t)l2) != zero)
                 break;
             end += l2;
         }

@@ -191,10 +191,6 @@ static int differs(diff_state *ds, uint64_t start, uint64_t end)
     return 0;
 }
 
-static int all_zero(const uint8_t *p, size_t n)
-{
-    return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
-}
 
 /* Guest bytes of one side into its buffer (NULL: the side reads zeroes). */
 static int side_bytes(diff_state *ds, side *sd, uint64_t g, size_t n,
@@ -238,7 +234,7 @@ static int compare_chunk(diff_state *ds, uint64_t g, size_t n)
                                           DIFF_SECTOR);
         size_t at = (size_t)(pos - g), len = (size_t)(piece_end - pos);
         int same = x && y ? memcmp(x + at, y + at, len) == 0
-                          : all_zero(x ? x + at : y + at, len);
+                          : bytes_all_zero(x ? x + at : y + at, len);
         if (!same) {
             rc = differs(ds, pos, piece_end);
             if (rc != 0)
