@@ -201,10 +201,13 @@ int qcow2_read_salvage(qcow2_image *img, uint64_t offset, void *buf,
  * clusters of the chunk ahead (digests, exports). The workers never touch
  * the handle or any caller state: the calling thread reads the compressed
  * streams, the workers only inflate them into the stream's own buffers.
- * threads: 0 = one per online CPU, > 0 that many, < 0 none (everything on
- * the calling thread). fn and ctx as qcow2_read_salvage (NULL: damage fails
- * the read); fn is called on the calling thread, in guest order.
- * Until qcow2_bulk_close, the handle is used by the stream only.
+ * threads: 0 = one per online CPU besides the calling thread (which
+ * inflates too while it waits), > 0 that many, < 0 none (everything on
+ * the calling thread); they start with the first compressed cluster. fn
+ * and ctx as qcow2_read_salvage (NULL: damage fails the read); fn is
+ * called on the calling thread, in guest order.
+ * Until qcow2_bulk_close, the handle is used by the stream only (between
+ * qcow2_bulk_read calls, the caller may use it).
  */
 typedef struct qcow2_bulk qcow2_bulk;
 int qcow2_bulk_open(qcow2_image *img, uint64_t offset, uint64_t length,
@@ -214,6 +217,11 @@ int qcow2_bulk_open(qcow2_image *img, uint64_t offset, uint64_t length,
  * *len == 0 at the end), a negative status (message in qcow2_errmsg), or
  * fn's non-zero stop value. After a failure every call returns it again. */
 int qcow2_bulk_next(qcow2_bulk *b, const void **data, size_t *len);
+/* Guest [offset, offset+len) into buf, as qcow2_read_salvage with the
+ * stream's fn, its compressed clusters inflated by the stream's workers
+ * and the calling thread (convert reads its source so). A stream opened
+ * with length 0 serves only these reads; failures are not kept. */
+int qcow2_bulk_read(qcow2_bulk *b, uint64_t offset, void *buf, size_t len);
 /* Stops the workers and frees the stream. NULL: nothing. */
 void qcow2_bulk_close(qcow2_bulk *b);
 

@@ -211,6 +211,32 @@ function M.random_bytes(n, seed)
 end
 
 -- The library, with the LUA_CPATH the Makefile exports.
+-- A raw file of `size` bytes that compresses unevenly: licence text, an
+-- incompressible block (QEMU leaves it uncompressed), runs of zeroes.
+function M.compressible_file(path, size)
+  local text = M.must("cat /usr/share/common-licenses/*")
+  local rnd = M.must("head -c 65536 /dev/urandom")
+  local f = assert(io.open(path, "wb"))
+  local n, i = 0, 0
+  while n < size do
+    local piece = (i % 5 == 3) and rnd or (i % 7 == 4) and ("\0"):rep(150000) or text
+    piece = piece:sub(1, size - n)
+    f:write(piece)
+    n, i = n + #piece, i + 1
+  end
+  f:close()
+  return path
+end
+
+-- qemu-img convert -c of such a file: the image and its source.
+function M.compressed_image(dir, name, size, cs, ctype)
+  local src = M.compressible_file(dir .. "/" .. name .. ".src", size)
+  local p = dir .. "/" .. name .. ".qcow2"
+  M.qemu_img(("convert -q -c -f raw -O qcow2 -o compression_type=%s,cluster_size=%d %s %s")
+    :format(ctype, cs, M.q(src), M.q(p)))
+  return p, src
+end
+
 function M.qcow2() return require("qcow2") end
 
 return M

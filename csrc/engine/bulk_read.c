@@ -5,11 +5,15 @@
  * Two chunk slots: while the caller consumes one (hashes it), the
  * calling thread has already filled the other (lookups, preads of
  * compressed streams, plain reads of everything else through
- * qcow2_read_salvage) and the workers inflate its clusters. Workers see
+ * qcow2_read_salvage) and the workers inflate its clusters; the calling
+ * thread inflates too while it waits for the chunk it needs. Workers see
  * only jobs (input bytes, an output place) and their own decoder: the
  * handle, its caches and its error buffer stay on the calling thread.
  * Damage and failures are replayed in guest order when a slot is handed
  * out, so a caller sees what qcow2_read_salvage would have shown.
+ *
+ * qcow2_bulk_read uses the same machinery for one range at a time, into
+ * the caller's buffer (a third slot), for callers that skip around.
  *
  * Memory is per stream, reused for every chunk: no allocation per
  * cluster (the job array and input arena only grow to the largest chunk).
@@ -27,6 +31,10 @@
  * faster and cost 1.8 MiB more peak RSS), at least two clusters, so that
  * big clusters are not inflated once per piece. */
 #define BULK_CHUNK      ((size_t)1 << 19)
+/* Chunks in flight (a ring; more were no faster), and one more slot for
+ * qcow2_bulk_read's reads into the caller's buffer. */
+#define BULK_SLOTS      2
+#define BULK_DIRECT     BULK_SLOTS
 #define BULK_MAX_THREADS 16
 
 typedef struct bulk_job {
@@ -68,15 +76,17 @@ struct qcow2_bulk {
     void *ctx;
     int parallel;               /* compressed runs become jobs */
     int started, cur, failed;
-    bulk_slot slots[2];
+    bulk_slot slots[BULK_SLOTS + 1];
     pthread_t threads[BULK_MAX_THREADS];
-    int nthreads;
+    int nthreads, want_threads; /* started with the first job */
     pthread_mutex_t mu;
     pthread_cond_t work, done;
     int stop;
     unsigned long seq;
     uint64_t cluster_size;
     int compression_type;
+    qcow2_codec *codec;         /* the calling thread's decoder, on first use */
+    uint8_t *scratch;
 };
 
 /* ---- Jobs ---------------------------------------------------------------- */
@@ -107,7 +117,7 @@ static bulk_slot *claimable(struct qcow2_bulk *b)
 {
     bulk_slot *best = NULL;
 
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i <= BULK_SLOTS; i++) {
         bulk_slot *s = &b->slots[i];
         if (s->published && s->claimed < s->njobs &&
             (!best || s->seq < best->seq))
@@ -265,17 +275,29 @@ static int walk(struct qcow2_bulk *b, bulk_slot *s)
     return read_plain(b, s, plain, end);
 }
 
-static void fill(struct qcow2_bulk *b, bulk_slot *s)
+/* The workers start with the first compressed cluster: a stream over
+ * plain clusters never has any. A thread that cannot start leaves fewer
+ * (or none: the calling thread inflates everything). */
+static void start_workers(struct qcow2_bulk *b)
 {
-    s->guest = b->next;
-    s->len = (size_t)min_u64(b->end - b->next, b->chunk);
-    b->next += s->len;
+    for (int i = 0; i < b->want_threads; i++) {
+        if (pthread_create(&b->threads[b->nthreads], NULL, worker, b) != 0)
+            break;
+        b->nthreads++;
+    }
+    b->want_threads = 0;
+}
+
+/* Slot s (guest, len and buf set) walked and its jobs published. */
+static void publish(struct qcow2_bulk *b, bulk_slot *s)
+{
     s->njobs = s->claimed = s->done = 0;
     s->input_len = 0;
-    s->active = 1;
     s->rc = walk(b, s);
     if (s->rc != 0)
         s->err = b->img->err;
+    if (s->njobs > 0 && b->want_threads > 0)
+        start_workers(b);
     pthread_mutex_lock(&b->mu);
     s->published = 1;
     s->seq = ++b->seq;
@@ -283,23 +305,31 @@ static void fill(struct qcow2_bulk *b, bulk_slot *s)
     pthread_mutex_unlock(&b->mu);
 }
 
+static void fill(struct qcow2_bulk *b, bulk_slot *s)
+{
+    s->guest = b->next;
+    s->len = (size_t)min_u64(b->end - b->next, b->chunk);
+    b->next += s->len;
+    s->active = 1;
+    publish(b, s);
+}
+
 /* ---- Handing a slot out ------------------------------------------------------- */
 
 static void wait_jobs(struct qcow2_bulk *b, bulk_slot *s)
 {
-    qcow2_codec *codec = NULL;
-    uint8_t *scratch = NULL;
-
     pthread_mutex_lock(&b->mu);
-    /* Without workers the calling thread inflates. */
-    while (b->nthreads == 0 && s->claimed < s->njobs) {
+    /* The calling thread inflates what no worker has taken yet: with no
+     * workers that is everything, with workers it keeps both cores busy
+     * while the chunk it needs next is still being inflated. */
+    while (s->claimed < s->njobs) {
         bulk_job *j = &s->jobs[s->claimed++];
         pthread_mutex_unlock(&b->mu);
-        if (!codec) {
-            codec = qcow2_decoder_new(b->cluster_size);
-            scratch = malloc((size_t)b->cluster_size);
+        if (!b->codec && !b->scratch) {
+            b->codec = qcow2_decoder_new(b->cluster_size);
+            b->scratch = malloc((size_t)b->cluster_size);
         }
-        run_job(b, s, j, codec, scratch);
+        run_job(b, s, j, b->codec, b->scratch);
         pthread_mutex_lock(&b->mu);
         s->done++;
     }
@@ -307,8 +337,6 @@ static void wait_jobs(struct qcow2_bulk *b, bulk_slot *s)
         pthread_cond_wait(&b->done, &b->mu);
     s->published = 0;
     pthread_mutex_unlock(&b->mu);
-    qcow2_codec_free(codec);
-    free(scratch);
 }
 
 static int job_failed(struct qcow2_bulk *b, const bulk_job *j)
@@ -358,7 +386,7 @@ static int replay(struct qcow2_bulk *b, bulk_slot *s)
 
 int qcow2_bulk_next(qcow2_bulk *b, const void **data, size_t *len)
 {
-    bulk_slot *s, *other;
+    bulk_slot *s;
     int rc;
 
     *data = NULL;
@@ -367,16 +395,16 @@ int qcow2_bulk_next(qcow2_bulk *b, const void **data, size_t *len)
         return b->failed;
     if (!b->started) {
         b->started = 1;
-        if (b->next < b->end)
-            fill(b, &b->slots[0]);
+        for (int i = 0; i + 1 < BULK_SLOTS && b->next < b->end; i++)
+            fill(b, &b->slots[i]);
     }
     s = &b->slots[b->cur];
-    other = &b->slots[b->cur ^ 1];
     if (!s->active)
         return 0;
-    /* the chunk after this one goes to the workers first */
+    /* the slot handed out last is free again: the next chunk goes to the
+     * workers before this one is waited for */
     if (b->next < b->end)
-        fill(b, other);
+        fill(b, &b->slots[(b->cur + BULK_SLOTS - 1) % BULK_SLOTS]);
     wait_jobs(b, s);
     s->active = 0;
     rc = replay(b, s);
@@ -386,7 +414,38 @@ int qcow2_bulk_next(qcow2_bulk *b, const void **data, size_t *len)
     }
     *data = s->buf;
     *len = s->len;
-    b->cur ^= 1;
+    b->cur = (b->cur + 1) % BULK_SLOTS;
+    return 0;
+}
+
+int qcow2_bulk_read(qcow2_bulk *b, uint64_t offset, void *buf, size_t len)
+{
+    bulk_slot *s = &b->slots[BULK_DIRECT];
+    int rc;
+
+    if (!range_inside(offset, len, b->img->size))
+        return qcow2_fail(b->img, QCOW2_E_INVALID,
+                          "read of %zu bytes at 0x%" PRIx64
+                          " is outside the disk (size 0x%" PRIx64 ")",
+                          len, offset, b->img->size);
+    /* In pieces of a chunk that end on cluster boundaries: the compressed
+     * streams of one piece are held at a time (a 2 MiB read held 1.5 MiB
+     * of them), and no cluster is inflated once per piece. */
+    for (size_t done = 0; done < len; done += s->len) {
+        uint64_t g = offset + done;
+        uint64_t e = g + max_u64(BULK_CHUNK, 2 * b->cluster_size);
+
+        e -= e % b->cluster_size;
+        s->guest = g;
+        s->len = (size_t)(min_u64(e, offset + len) - g);
+        s->buf = (uint8_t *)buf + done;
+        publish(b, s);
+        wait_jobs(b, s);
+        rc = replay(b, s);
+        s->buf = NULL;          /* the caller's */
+        if (rc != 0)
+            return rc;
+    }
     return 0;
 }
 
@@ -425,10 +484,11 @@ int qcow2_bulk_open(qcow2_image *img, uint64_t offset, uint64_t length,
     b->compression_type = img->compression_type;
     /* Raw and encrypted images read as they always do (one at a time). */
     b->parallel = !img->is_raw && img->hdr.crypt_method == CRYPT_NONE;
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < BULK_SLOTS; i++) {
         b->slots[i].buf = malloc(chunk ? chunk : 1);
         if (!b->slots[i].buf) {
-            free(b->slots[0].buf);
+            while (i-- > 0)
+                free(b->slots[i].buf);
             free(b);
             return qcow2_fail(img, QCOW2_E_NOMEM,
                               "out of memory (bulk read)");
@@ -437,19 +497,14 @@ int qcow2_bulk_open(qcow2_image *img, uint64_t offset, uint64_t length,
     pthread_mutex_init(&b->mu, NULL);
     pthread_cond_init(&b->work, NULL);
     pthread_cond_init(&b->done, NULL);
+    /* one worker per CPU besides the calling thread, which hashes (or
+     * copies) each chunk and inflates while it waits for the next */
     if (threads == 0)
-        threads = online_cpus();
+        threads = online_cpus() - 1;
     if (threads > BULK_MAX_THREADS)
         threads = BULK_MAX_THREADS;
     /* no compressed clusters to hand out: no workers either */
-    if (!b->parallel || chunk == 0)
-        threads = 0;
-    /* A thread that cannot start leaves fewer (or none: inline). */
-    for (int i = 0; i < threads; i++) {
-        if (pthread_create(&b->threads[b->nthreads], NULL, worker, b) != 0)
-            break;
-        b->nthreads++;
-    }
+    b->want_threads = b->parallel && threads > 0 ? threads : 0;
     *out = b;
     return 0;
 }
@@ -467,7 +522,9 @@ void qcow2_bulk_close(qcow2_bulk *b)
     pthread_mutex_destroy(&b->mu);
     pthread_cond_destroy(&b->work);
     pthread_cond_destroy(&b->done);
-    for (int i = 0; i < 2; i++) {
+    qcow2_codec_free(b->codec);
+    free(b->scratch);
+    for (int i = 0; i <= BULK_SLOTS; i++) {
         bulk_slot *s = &b->slots[i];
         for (size_t k = 0; k < s->ndamage; k++)
             free(s->damage[k].reason);

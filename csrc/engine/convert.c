@@ -66,6 +66,7 @@ struct qcow2_convert {
     uint64_t chunk;             /* bytes per step (a multiple of unit) */
     slot slots[2];
     int cur;                    /* the slot the next chunk goes to */
+    qcow2_bulk *reader;         /* the source's reads (parallel inflate) */
     qcow2_cpool *pool;          /* compressed output */
     qcow2_writer *writer;       /* plain output */
     uint64_t (*ranges)[2];      /* -B: unit-aligned ranges to write */
@@ -162,6 +163,12 @@ static int convert_begin_work(qcow2_image *src, qcow2_image *dst,
     cv->chunk = align_up(CONVERT_CHUNK, cv->unit);
     if (slot_init(cv, &cv->slots[0]) < 0 || slot_init(cv, &cv->slots[1]) < 0)
         rc = QCOW2_E_NOMEM;
+    /* The source's compressed clusters are inflated by workers as well
+     * (threads as for compression: the caller is one of them). */
+    else if (qcow2_bulk_open(src, 0, 0, opts->threads == 1 ? -1 :
+                             opts->threads > 1 ? opts->threads - 1 : 0,
+                             NULL, NULL, &cv->reader) < 0)
+        rc = QCOW2_E_NOMEM;
     /* At most two chunks' clusters are queued: the one being written
      * and the one just read. */
     else if (cv->compress)
@@ -185,6 +192,7 @@ void qcow2_convert_free(qcow2_convert *cv)
     /* Threads first: they may still use the slots' buffers and dst. */
     qcow2_cpool_free(cv->pool);
     qcow2_writer_free(cv->writer);
+    qcow2_bulk_close(cv->reader);
     for (int i = 0; i < 2; i++) {
         free(cv->slots[i].buf);
         free(cv->slots[i].zbuf);
@@ -377,7 +385,7 @@ static int write_plain(void *ctx)
 static int convert_range(qcow2_convert *cv, uint64_t g, uint64_t n)
 {
     slot *s = &cv->slots[cv->cur], *prev = &cv->slots[cv->cur ^ 1];
-    int rc = qcow2_read(cv->src, g, s->buf, (size_t)n);
+    int rc = qcow2_bulk_read(cv->reader, g, s->buf, (size_t)n);
 
     if (rc < 0)
         return failed(cv, cv->src, rc);

@@ -34,9 +34,11 @@ static const char *const convert_keys[] = {
     "extended_l2", "compression_type", "data_file", "data_file_raw",
     "overwrite", "cache", "io", NULL
 };
-/* What a raw output takes of the create options. */
+/* What a raw output takes of the create options (threads inflate a
+ * compressed source). */
 static const char *const raw_keys[] = {
-    "format", "snapshot", "progress", "overwrite", "cache", "io", NULL
+    "format", "snapshot", "progress", "threads", "overwrite", "cache", "io",
+    NULL
 };
 
 /* The converter and what it holds, freed on every path (a userdata whose
