@@ -41,6 +41,9 @@
  * the read and the write (8 MiB ones made every copy a memory round
  * trip). */
 #define CONVERT_CHUNK       ((uint64_t)2 << 20)
+/* Compressed output holds each chunk twice (its bytes and its streams):
+ * 1 MiB chunks keep the peak RSS under qemu-img's, at the same speed. */
+#define CONVERT_ZCHUNK      ((uint64_t)1 << 20)
 #define CONVERT_HUGE_PAGE   ((size_t)2 << 20)
 #define CONVERT_RAW_UNIT    4096u                   /* raw: hole grain */
 #define CONVERT_MAP_WINDOW  ((uint64_t)16 << 30)    /* map looked at per step */
@@ -160,7 +163,8 @@ static int convert_begin_work(qcow2_image *src, qcow2_image *dst,
     cv->threads = opts->threads > 0 ? opts->threads : online_cpus() + 1;
     cv->size = src->size;
     cv->unit = dst->is_raw ? CONVERT_RAW_UNIT : dst->cluster_size;
-    cv->chunk = align_up(CONVERT_CHUNK, cv->unit);
+    cv->chunk = align_up(cv->compress ? CONVERT_ZCHUNK : CONVERT_CHUNK,
+                         cv->unit);
     if (slot_init(cv, &cv->slots[0]) < 0 || slot_init(cv, &cv->slots[1]) < 0)
         rc = QCOW2_E_NOMEM;
     /* The source's compressed clusters are inflated by workers as well
