@@ -72,14 +72,7 @@ describe("convert of compressed sources (parallel inflate)", function()
   end
 
   it("converts compressed clusters mixed with data, zeroes, discards and a backing file", function()
-    h.compressed_image(dir, "base", 6 * MiB, 64 * KiB, "zstd")
-    local top = dir .. "/top.qcow2"
-    h.create(top, 6 * MiB, "cluster_size=65536,compression_type=zlib", "base.qcow2")
-    h.qemu_io(top, {
-      "write -c -P 0x21 0 128k", "write -P 0x33 100k 50k", "write -z 1m 192k",
-      "write -c -P 0x44 2m 64k", "discard 2m 64k", "write -c -s /usr/share/common-licenses/GPL-3 4m 64k",
-      "write -P 0x55 6029312 1000",
-    })
+    local top = h.mixed_compressed_chain(dir)
     converts_as(top, export_sha(top), dir)
   end)
 

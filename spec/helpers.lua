@@ -237,6 +237,21 @@ function M.compressed_image(dir, name, size, cs, ctype)
   return p, src
 end
 
+-- A zlib overlay over a zstd-compressed base, holding compressed and
+-- plain data, zero clusters, a discard and a partial last cluster: the
+-- mixed chain the bulk reader must read as qemu-img does. Returns both.
+function M.mixed_compressed_chain(dir)
+  local base = M.compressed_image(dir, "base", 6 * 1048576, 65536, "zstd")
+  local top = dir .. "/top.qcow2"
+  M.create(top, 6 * 1048576, "cluster_size=65536,compression_type=zlib", "base.qcow2")
+  M.qemu_io(top, {
+    "write -c -P 0x21 0 128k", "write -P 0x33 100k 50k", "write -z 1m 192k",
+    "write -c -P 0x44 2m 64k", "discard 2m 64k", "write -c -s /usr/share/common-licenses/GPL-3 4m 64k",
+    "write -P 0x55 6029312 1000",
+  })
+  return top, base
+end
+
 function M.qcow2() return require("qcow2") end
 
 return M
