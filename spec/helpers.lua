@@ -64,13 +64,16 @@ function M.create(path, size, opts, backing, backing_fmt)
 end
 
 -- A LUKS image. qemu-img times PBKDF2 to pick iteration counts and fails
--- with "Unable to get accurate CPU usage" when the machine is busy and the
--- timing window is short: try a few times, with a longer window each time.
+-- with "Unable to get accurate CPU usage" when its thread's CPU time reads
+-- the same before and after a short run (tick-based accounting on a busy
+-- machine; it failed three tries in a row once): try up to 8 times, with a
+-- pause and a longer window each time.
 -- extra: more -o options ("encrypt.cipher-alg=aes-128,..."), or nil.
 function M.create_luks(path, size, secret, extra)
   local out
-  for _, iter_ms in ipairs({ 10, 50, 200 }) do
+  for try, iter_ms in ipairs({ 10, 50, 200, 200, 200, 200, 200, 200 }) do
     local ok
+    if try > 1 then os.execute("sleep 0.3") end
     ok, out = M.sh(("qemu-img create -q -f qcow2 --object secret,id=s0,data=%s -o "
       .. "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=%d%s %s %s")
       :format(M.q(secret), iter_ms, extra and ("," .. extra) or "", M.q(path), tostring(size)), true)
