@@ -6,7 +6,7 @@ local h = require("helpers")
 local model = require("model")
 local qcow2 = require("qcow2")
 
-local MiB = 1024 * 1024
+local KiB, MiB = 1024, 1024 * 1024
 
 -- Create with the library in a fresh folder; returns the path, the folder
 -- and the open Image.
@@ -190,6 +190,18 @@ describe("qcow2.create", function()
       end)
     end
   end
+
+  -- prealloc.c writes a group of up to 512 tables per barrier: 641 tables
+  -- of 512-byte clusters (32 KiB each) make two groups.
+  it("with preallocation=metadata over more than one group of tables, writes the same bytes as qemu-img", function()
+    local mine, other = h.tmpdir(), h.tmpdir()
+    local size = 641 * 32 * KiB - 512
+    assert(qcow2.create(mine .. "/disk.qcow2", { size = size, cluster_size = 512, preallocation = "metadata" })):close()
+    h.create(other .. "/disk.qcow2", size, "cluster_size=512,preallocation=metadata")
+    local same, out = h.sh("cmp " .. h.q(mine .. "/disk.qcow2") .. " " .. h.q(other .. "/disk.qcow2"), true)
+    assert.is_true(same, out)
+    h.assert_clean(mine .. "/disk.qcow2")
+  end)
 
   -- ---- Refusals ------------------------------------------------------------------------
   -- Options, the same request to qemu-img (-o string, extra arguments),

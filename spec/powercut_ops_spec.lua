@@ -120,6 +120,34 @@ describe("a power cut during", function()
       end)
   end)
 
+  it("a growing resize over a raw data file (the new range preallocated, two groups of tables)", function()
+    -- 512-byte clusters: an L2 table maps 32 KiB, so 513 new tables, more
+    -- than one group (prealloc.c writes up to 512 tables per barrier)
+    local grow = dir .. "/grow.qcow2"
+    h.create(grow, 64 * KiB, "cluster_size=512,data_file_raw=on,data_file=" .. dir .. "/grow.data")
+    h.qemu_io(grow, { "write -P 0x5c 0 40k", "write -P 0x6d 50k 14k" })
+    local old, new = 64 * KiB, 64 * KiB + 513 * 32 * KiB
+    sweep("resize grow, raw data file", grow, function(img) return img:resize(new) end,
+      function(path)
+        local _, size = digest(path)
+        local ro <close> = assert(qcow2.open(path))
+        return digest(path, old) == digest(grow, old)
+          and (size == old or size == new and ro:read(old, new - old) == ("\0"):rep(new - old))
+      end)
+    -- and the grown image maps the new range 1:1 as qemu-img's would
+    local fresh = dir .. "/fresh.qcow2"
+    h.copy(grow, fresh)
+    do
+      local img <close> = assert(qcow2.open(fresh, { mode = "rw" }))
+      assert(img:resize(new))
+    end
+    h.assert_clean(fresh)
+    local m = h.map_json(fresh)
+    local last = m[#m]
+    assert.are.equal(new, last.start + last.length)
+    assert.are.equal(last.start, last.offset)
+  end)
+
   it("make_empty", function()
     sweep("make_empty", base, function(img) return img:make_empty() end,
       function(path)

@@ -1,8 +1,8 @@
 /*
  * QEMU's metadata preallocation (preallocation=metadata/falloc/full, and
  * the 1:1 mapping of a raw external data file): L2 tables and their
- * entries written for a guest range, in crash-safe order. Shared by
- * create.c and resize.c.
+ * entries written for a guest range, in crash-safe order, a group of
+ * tables at a time. Shared by create.c and resize.c.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -71,12 +71,82 @@ static int prealloc_entries(qcow2_image *img, uint8_t *table,
     return 0;
 }
 
+/* Tables prepared before they are written: up to 1 MiB of them (and at
+ * most 512), so that one barrier orders a group's refcounts before its
+ * tables and one its tables before their L1 entries, where a table at a
+ * time made three syncs per table (7,000 for a 1 TiB image). 1 MiB keeps
+ * the peak RSS of a 1 TiB create under qemu-img's (4 MiB did not). */
+#define GROUP_BYTES     ((uint64_t)1 << 20)
+#define GROUP_TABLES    512u
+
+typedef struct prealloc_group {
+    uint8_t *tables;            /* count clusters, one table each */
+    uint64_t offsets[GROUP_TABLES];
+    int is_new[GROUP_TABLES];
+    uint32_t first_l1;          /* the tables of L1 entries first_l1.. */
+    uint32_t count, capacity;
+} prealloc_group;
+
+/* The L1 entries of the group's new tables, written as one range (the
+ * old entries between them written again unchanged), then synced. */
+static int hook_new_tables(qcow2_image *img, const prealloc_group *g)
+{
+    uint32_t lo = g->count, hi = 0;
+    uint8_t bytes[8 * GROUP_TABLES];
+    int rc;
+
+    for (uint32_t k = 0; k < g->count; k++)
+        if (g->is_new[k]) {
+            lo = lo < k ? lo : k;
+            hi = k + 1;
+        }
+    if (lo >= hi)
+        return 0;
+    for (uint32_t k = lo; k < hi; k++)
+        put_be64(bytes + 8 * (k - lo), g->is_new[k]
+                     ? g->offsets[k] | QCOW_OFLAG_COPIED
+                     : img->l1[g->first_l1 + k]);
+    rc = qcow2_barrier(img);
+    if (rc == 0)
+        rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1, "l1",
+                                 img->hdr.l1_table_offset +
+                                     8ull * (g->first_l1 + lo),
+                                 bytes, 8u * (hi - lo));
+    if (rc == 0)
+        rc = qcow2_barrier(img);
+    if (rc < 0)
+        return qcow2_poison(img, rc);
+    for (uint32_t k = lo; k < hi; k++)
+        if (g->is_new[k])
+            img->l1[g->first_l1 + k] = g->offsets[k] | QCOW_OFLAG_COPIED;
+    return 0;
+}
+
+/* Refcounts first (every cluster of the group is allocated by now), then
+ * the tables, then the L1 entries. */
+static int write_group(qcow2_image *img, prealloc_group *g)
+{
+    uint64_t cs = img->cluster_size;
+    int rc = g->count ? qcow2_barrier(img) : 0;
+
+    for (uint32_t k = 0; rc == 0 && k < g->count; k++) {
+        rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2", g->offsets[k],
+                                 g->tables + k * cs, cs);
+        if (rc == 0 && img->l2_cache)
+            qcow2_l2_cache_drop(img->l2_cache, g->offsets[k]);
+    }
+    if (rc == 0)
+        rc = hook_new_tables(img, g);
+    g->count = 0;
+    return rc;
+}
+
 int qcow2_preallocate_metadata(qcow2_image *img, uint64_t from, uint64_t to,
                                uint64_t reserved_host)
 {
     uint64_t cs = img->cluster_size, coverage = qcow2_l2_coverage(img);
     uint64_t last_host = 0, file_end;
-    uint8_t *table;
+    prealloc_group *g;
     int rc = 0;
 
     if (from >= to)
@@ -84,40 +154,44 @@ int qcow2_preallocate_metadata(qcow2_image *img, uint64_t from, uint64_t to,
     if (to > img->l1_size * coverage)
         return qcow2_fail(img, QCOW2_E_INVALID, "preallocation past the L1 "
                           "table");
-    table = malloc(cs);
-    if (!table)
+    g = calloc(1, sizeof *g);
+    if (g) {
+        uint64_t fit = GROUP_BYTES / cs;
+        g->capacity = fit < 1 ? 1 : fit > GROUP_TABLES ? GROUP_TABLES
+                                                       : (uint32_t)fit;
+        g->tables = malloc((size_t)(g->capacity * cs));
+    }
+    if (!g || !g->tables) {
+        free(g);
         return qcow2_fail(img, QCOW2_E_NOMEM, "out of memory");
+    }
     for (uint64_t guest = from & ~(cs - 1); guest < to;) {
         uint32_t l1_index = (uint32_t)(guest / coverage);
         uint64_t base = (uint64_t)l1_index * coverage;
         uint64_t first = (guest - base) >> img->cluster_bits;
         uint64_t end = div_round_up(min_u64(to, base + coverage) - base, cs);
-        uint64_t l2_offset;
-        int is_new;
+        uint32_t k;
 
-        rc = prealloc_l2_table(img, l1_index, table, &l2_offset, &is_new);
+        if (g->count == g->capacity && (rc = write_group(img, g)) < 0)
+            break;
+        if (g->count == 0)
+            g->first_l1 = l1_index;
+        k = g->count;
+        rc = prealloc_l2_table(img, l1_index, g->tables + k * cs,
+                               &g->offsets[k], &g->is_new[k]);
         if (rc == 0)
-            rc = prealloc_entries(img, table, base, first, end,
+            rc = prealloc_entries(img, g->tables + k * cs, base, first, end,
                                   &reserved_host, &last_host);
-        /* Refcounts first, then the table, then the L1 entry. */
-        if (rc == 0)
-            rc = qcow2_barrier(img);
-        if (rc == 0)
-            rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L2, "l2", l2_offset,
-                                     table, cs);
-        if (rc == 0 && img->l2_cache)
-            qcow2_l2_cache_drop(img->l2_cache, l2_offset);
-        if (rc == 0 && is_new) {
-            rc = qcow2_barrier(img);
-            if (rc == 0)
-                rc = qcow2_l1_entry_write(img, l1_index,
-                                    l2_offset | QCOW_OFLAG_COPIED);
-        }
         if (rc < 0)
             break;
+        g->count++;
         guest = base + end * cs;
     }
-    free(table);
+    /* A failure leaves the group unwritten: its clusters leak. */
+    if (rc == 0)
+        rc = write_group(img, g);
+    free(g->tables);
+    free(g);
     if (rc < 0 || qcow2_has_data_file(img) || last_host == 0)
         return rc;
     /* Reads past the end of the file must find the clusters: the file
