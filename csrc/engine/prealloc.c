@@ -87,39 +87,30 @@ typedef struct prealloc_group {
     uint32_t count, capacity;
 } prealloc_group;
 
-/* The L1 entries of the group's new tables, written as one range (the
- * old entries between them written again unchanged), then synced. */
+/* The L1 entries of the group's new tables, each run of adjacent ones
+ * one write, after a barrier (the tables on disk first). */
 static int hook_new_tables(qcow2_image *img, const prealloc_group *g)
 {
-    uint32_t lo = g->count, hi = 0;
-    uint8_t bytes[8 * GROUP_TABLES];
-    int rc;
+    uint64_t entries[GROUP_TABLES];
+    int synced = 0, rc = 0;
 
-    for (uint32_t k = 0; k < g->count; k++)
-        if (g->is_new[k]) {
-            lo = lo < k ? lo : k;
-            hi = k + 1;
+    for (uint32_t k = 0; rc == 0 && k < g->count;) {
+        uint32_t n = 0;
+        while (k + n < g->count && g->is_new[k + n]) {
+            entries[n] = g->offsets[k + n] | QCOW_OFLAG_COPIED;
+            n++;
         }
-    if (lo >= hi)
-        return 0;
-    for (uint32_t k = lo; k < hi; k++)
-        put_be64(bytes + 8 * (k - lo), g->is_new[k]
-                     ? g->offsets[k] | QCOW_OFLAG_COPIED
-                     : img->l1[g->first_l1 + k]);
-    rc = qcow2_barrier(img);
-    if (rc == 0)
-        rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1, "l1",
-                                 img->hdr.l1_table_offset +
-                                     8ull * (g->first_l1 + lo),
-                                 bytes, 8u * (hi - lo));
-    if (rc == 0)
-        rc = qcow2_barrier(img);
-    if (rc < 0)
-        return qcow2_poison(img, rc);
-    for (uint32_t k = lo; k < hi; k++)
-        if (g->is_new[k])
-            img->l1[g->first_l1 + k] = g->offsets[k] | QCOW_OFLAG_COPIED;
-    return 0;
+        if (n == 0) {
+            k++;
+            continue;
+        }
+        if (!synced && (rc = qcow2_barrier(img)) < 0)
+            return qcow2_poison(img, rc);
+        synced = 1;
+        rc = qcow2_l1_entries_write(img, g->first_l1 + k, entries, n);
+        k += n;
+    }
+    return rc;
 }
 
 /* Refcounts first (every cluster of the group is allocated by now), then

@@ -248,22 +248,32 @@ static void release_entry(qcow2_image *img, uint64_t entry)
                               img->cluster_size);
 }
 
-int qcow2_l1_entry_write(qcow2_image *img, uint32_t l1_index,
-                         uint64_t entry)
+int qcow2_l1_entries_write(qcow2_image *img, uint32_t first,
+                           const uint64_t *entries, uint32_t count)
 {
-    uint8_t bytes[8];
+    uint8_t bytes[8 * 512];
     int rc;
 
-    put_be64(bytes, entry);
+    if (count == 0 || count > 512)
+        return qcow2_fail(img, QCOW2_E_INVALID, "%u L1 entries in one write",
+                          count);
+    for (uint32_t k = 0; k < count; k++)
+        put_be64(bytes + 8 * k, entries[k]);
     rc = qcow2_write_checked(img, OVERLAP_ACTIVE_L1, "l1",
-                             img->hdr.l1_table_offset + 8ull * l1_index,
-                             bytes, sizeof bytes);
+                             img->hdr.l1_table_offset + 8ull * first,
+                             bytes, 8u * count);
     if (rc == 0)
         rc = qcow2_barrier(img);
     if (rc < 0)
         return qcow2_poison(img, rc);
-    img->l1[l1_index] = entry;
+    memcpy(img->l1 + first, entries, 8u * count);
     return 0;
+}
+
+int qcow2_l1_entry_write(qcow2_image *img, uint32_t l1_index,
+                         uint64_t entry)
+{
+    return qcow2_l1_entries_write(img, l1_index, &entry, 1);
 }
 
 /* A table at fresh clusters: written whole, synced, then hooked into the

@@ -70,8 +70,12 @@ uint64_t qcow2_l2_index(const qcow2_image *img, uint64_t guest_offset);
 uint64_t qcow2_l2_coverage(const qcow2_image *img);
 int qcow2_has_data_file(const qcow2_image *img);
 
-/* write.c: one active L1 entry written (synced) and mirrored in memory; a
- * failure poisons the handle, the metadata update being half done. */
+/* write.c: active L1 entries [first, first+count) written as one write
+ * (synced) and mirrored in memory; a failure poisons the handle, the
+ * metadata update being half done. count is at most 512. */
+int qcow2_l1_entries_write(qcow2_image *img, uint32_t first,
+                           const uint64_t *entries, uint32_t count);
+/* The same for one entry. */
 int qcow2_l1_entry_write(qcow2_image *img, uint32_t l1_index,
                          uint64_t entry);
 
